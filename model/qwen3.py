@@ -1,0 +1,144 @@
+"""Qwen3, hand-written: the whole forward pass over a paged KV cache in one file.
+
+The batch is plain tensors (see `ForwardBatch`): the new tokens of every sequence concatenated,
+their positions, the cache slot each one's K/V goes to, and each sequence's block table and
+context length. A step is either a decode step (every sequence brings one token; attention is
+`paged_decode_attention` over the cache) or a prefill step (attention over the new tokens and
+whatever prefix the cache already holds). Every op beyond matmuls and the embedding lookup goes
+through `kernels`, so the same code runs Triton kernels on CUDA and torch references on CPU.
+
+Weights are stored fused where that saves launches: `qkv_proj` is q, k and v stacked by rows,
+`gate_up_proj` is gate and up stacked (the loader fills the row ranges from the HF tensors).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import apply_rope, build_cos_sin_cache, fused_add_rms_norm, paged_decode_attention, rms_norm, store_kv
+from model.batch import ForwardBatch
+from model.config import Qwen3Config
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), each [blocks, block_size, Hk, D]
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Qwen3Layer(nn.Module):
+    def __init__(self, config: Qwen3Config, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        c = config
+        self.input_norm = _param(c.hidden_size, dtype=dtype, device=device)
+        self.qkv_proj = _param(c.q_size + 2 * c.kv_size, c.hidden_size, dtype=dtype, device=device)
+        self.q_norm = _param(c.head_dim, dtype=dtype, device=device)
+        self.k_norm = _param(c.head_dim, dtype=dtype, device=device)
+        self.o_proj = _param(c.hidden_size, c.q_size, dtype=dtype, device=device)
+        self.post_attention_norm = _param(c.hidden_size, dtype=dtype, device=device)
+        self.gate_up_proj = _param(2 * c.intermediate_size, c.hidden_size, dtype=dtype, device=device)
+        self.down_proj = _param(c.hidden_size, c.intermediate_size, dtype=dtype, device=device)
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config: Qwen3Config, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        c = config
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.embed_tokens = _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Qwen3Layer(c, dtype, device) for _ in range(c.num_layers))
+        self.norm = _param(c.hidden_size, dtype=dtype, device=device)
+        self.lm_head = self.embed_tokens if c.tie_word_embeddings else _param(
+            c.vocab_size, c.hidden_size, dtype=dtype, device=device
+        )
+        self.cos_sin_cache = build_cos_sin_cache(c.max_position_embeddings, c.head_dim, c.rope_theta, self.device)
+        self.scale = c.head_dim**-0.5
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        c = self.config
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return [
+            (torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(c.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Stores the batch's K/V in `kv_cache` and returns fp32 logits [N, vocab] for `logits_indices`."""
+        eps = self.config.rms_norm_eps
+        hidden = F.embedding(batch.token_ids, self.embed_tokens)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+            if residual is None:
+                residual = hidden
+                x = rms_norm(hidden, layer.input_norm, eps)
+            else:
+                x, residual = fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
+            hidden = self._attention(layer, x, batch, k_cache, v_cache)
+            x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
+            hidden = self._mlp(layer, x)
+        # Only the rows that need logits go through the final norm and the LM head.
+        rows = batch.logits_indices
+        x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _attention(
+        self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        c = self.config
+        num_tokens = x.shape[0]
+        q, k, v = F.linear(x, layer.qkv_proj).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = rms_norm(q.view(num_tokens, c.num_heads, c.head_dim), layer.q_norm, c.rms_norm_eps)
+        k = rms_norm(k.view(num_tokens, c.num_kv_heads, c.head_dim), layer.k_norm, c.rms_norm_eps)
+        v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, k, batch.positions, self.cos_sin_cache)
+        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        if batch.is_decode:
+            out = paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
+        else:
+            out = self._prefill_attention(q, k, v, batch, k_cache, v_cache)
+        return F.linear(out.reshape(num_tokens, c.q_size), layer.o_proj)
+
+    def _prefill_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
+        block_size = k_cache.shape[1]
+        out = torch.empty_like(q)
+        start = 0
+        for seq, (num_new, num_cached) in enumerate(zip(batch.query_lens, batch.cached_lens)):
+            end = start + num_new
+            if num_cached == 0:
+                keys, values, mask, causal = k[start:end], v[start:end], None, True
+            else:
+                # The new K/V are already stored, so the whole context comes from the cache.
+                context = num_cached + num_new
+                blocks = batch.block_tables[seq, : (context + block_size - 1) // block_size].long()
+                keys = k_cache[blocks].flatten(0, 1)[:context]
+                values = v_cache[blocks].flatten(0, 1)[:context]
+                query_pos = torch.arange(num_cached, context, device=q.device)
+                mask = query_pos[:, None] >= torch.arange(context, device=q.device)[None, :]
+                causal = False
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1),
+                keys.transpose(0, 1),
+                values.transpose(0, 1),
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=True,
+            ).transpose(0, 1)
+            start = end
+        return out
+
+    def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.down_proj)

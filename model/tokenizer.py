@@ -1,0 +1,58 @@
+"""The checkpoint's own tokenizer and chat template, through `transformers.AutoTokenizer`."""
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
+            raise FileNotFoundError(f"no tokenizer files (tokenizer.json or vocab.json) in {model_dir}")
+        self._hf = AutoTokenizer.from_pretrained(str(model_dir))
+        self.eos_token_ids: tuple[int, ...] = _eos_token_ids(model_dir, self._hf.eos_token_id)
+
+    def __len__(self) -> int:
+        return len(self._hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary entries of `token_ids` (byte-level BPE spelling, as OpenAI logprobs show)."""
+        return self._hf.convert_ids_to_tokens(token_ids)
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        return set(self._hf.all_special_ids)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool | None = None
+    ) -> str:
+        """Render `messages` ([{role, content}, ...]) with the checkpoint's chat template."""
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        return self._hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+        )
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _eos_token_ids(model_dir: Path, tokenizer_eos: int | None) -> tuple[int, ...]:
+    """EOS ids from generation_config.json, config.json and the tokenizer, in that order, deduplicated."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            ids += _as_list(json.loads(path.read_text()).get("eos_token_id"))
+    ids += _as_list(tokenizer_eos)
+    return tuple(dict.fromkeys(ids))

@@ -1,0 +1,62 @@
+"""`nanoserve` command line: `generate` (one prompt, printed) and `serve` (the OpenAI server)."""
+
+import argparse
+import os
+import sys
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="Qwen3 checkpoint directory (HF layout); default: the embedded demo")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights and activations; auto = the checkpoint's (float16 runs as float32 on CPU)",
+    )
+    g.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="auto: Triton on CUDA, torch ops on CPU; triton on CPU runs the Triton interpreter (slow)",
+    )
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible output")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion of PROMPT and print it")
+    _add_model_flags(gen)
+    _add_sampling_flags(gen)
+    gen.add_argument("prompt", metavar="PROMPT")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Must be set before `kernels` is imported: the Triton interpreter is chosen at import time.
+    os.environ["NANOSERVE_KERNELS"] = args.kernels
+    from server.generate import generate_main
+
+    try:
+        return generate_main(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"nanoserve: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""`nanoserve generate` end to end, as a user runs it."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import Qwen3ForCausalLM
+
+from model.tokenizer import Tokenizer
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "generate", *args],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+
+
+def test_generate_equals_hf_greedy_text(chat_checkpoint):
+    prompt = "The capital of France is"
+    tokenizer = Tokenizer(chat_checkpoint)
+    hf = Qwen3ForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
+    prompt_ids = tokenizer.encode(prompt)
+    out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False)[0, len(prompt_ids):]
+    expected = tokenizer.decode(out.tolist())
+
+    result = _run("--model", str(chat_checkpoint), "--max-tokens", "24", prompt)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert expected.strip()
+
+
+def test_generate_on_demo_without_model_flag(demo_dir):
+    result = _run("--max-tokens", "8", "--ignore-eos", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert len(Tokenizer(demo_dir).encode(result.stdout.rstrip("\n"))) >= 4
+
+
+def test_generate_reports_bad_model_dir_cleanly(tmp_path):
+    result = _run("--model", str(tmp_path), "hi")
+    assert result.returncode == 2
+    assert "config.json not found" in result.stderr
+    assert "Traceback" not in result.stderr
