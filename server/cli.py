@@ -23,6 +23,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Scheduler and KV-cache flags shared by `generate` and `serve` (the engine's own)."""
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
@@ -33,13 +37,22 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")
 
 
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    """HTTP server flags (the OpenAI app's own)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a completion of PROMPT and print it")
     _add_model_flags(gen)
+    _add_engine_flags(gen)
     _add_sampling_flags(gen)
     gen.add_argument("prompt", metavar="PROMPT")
+    serve = sub.add_parser("serve", help="serve the OpenAI API over HTTP")
+    _add_model_flags(serve)
+    _add_engine_flags(serve)
+    _add_server_flags(serve)
     return parser
 
 
@@ -47,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Must be set before `kernels` is imported: the Triton interpreter is chosen at import time.
     os.environ["NANOSERVE_KERNELS"] = args.kernels
-    from server.generate import generate_main
-
     try:
-        return generate_main(args)
+        if args.command == "generate":
+            from server.generate import generate_main
+
+            return generate_main(args)
+        from server.app import serve_main
+
+        return serve_main(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, RuntimeError, FileNotFoundError) as err:

@@ -1,0 +1,83 @@
+"""What crosses between the protocol layer and the engine: requests in, incremental outputs out.
+
+The protocol layer (OpenAI shapes) builds a `GenerationRequest` from validated JSON; the engine
+streams back `RequestOutput`s, each holding what every choice gained since the previous one.
+Nothing here knows HTTP or tensors.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # independent choices generated for the one prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass, (0, 1]
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # drop tokens below min_p * p(best); 0 = off
+    seed: int | None = None  # same seed + same prompt => same text, whatever shares the batch
+    presence_penalty: float = 0.0  # OpenAI: subtract once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # HF/vLLM: divide positive (multiply negative) logits of prompt+generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    max_tokens: int | None = None  # None = until the context (max_model_len) is full
+    min_tokens: int = 0  # EOS and stop token ids are suppressed before this many tokens
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)  # stop strings; never part of the returned text
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the checkpoint's EOS ids
+    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob + top-k alternatives
+    skip_special_tokens: bool = True  # drop special tokens (e.g. <|im_end|>) from the text
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float  # log-softmax of the raw logits (before temperature, penalties and filters)
+    top: list[tuple[int, float]]  # the `logprobs` most likely (token id, logprob), best first
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained since the previous output."""
+
+    index: int  # 0 .. n-1
+    text: str  # new text; never ends inside a UTF-8 character or a possible stop string
+    token_ids: list[int]  # new tokens (including ones whose text is still held back)
+    logprobs: list[TokenLogprob] | None  # one per new token when logprobs were asked for
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or token id that ended the choice
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    choices: list[ChoiceDelta]  # only choices that advanced
+    prompt_tokens: int
+    completion_tokens: int  # generated so far, summed over choices
+    finished: bool  # every choice has a finish_reason: this is the last output
+
+
+class RequestRejected(ValueError):
+    """The request can never be served (e.g. longer than the model's context or the whole KV cache).
+
+    `code` is the OpenAI error code to report (e.g. "context_length_exceeded"), `param` the field."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (`--max-queue`); the client should retry later."""
+
+
+class EngineDead(RuntimeError):
+    """The engine's step loop has stopped; no request can be served."""
