@@ -4,6 +4,7 @@
 Triton kernels everywhere; on CPU tensors that only works through the Triton interpreter, which
 reads `TRITON_INTERPRET=1` when the kernel modules are imported, so the variable is set here,
 before any of them is. `torch` forces the references (useful to A/B a kernel on a GPU).
+Without the triton package (it is Linux-only) every op runs its reference.
 """
 
 import os
@@ -18,6 +19,8 @@ if _backend not in BACKENDS:
 if _backend == "triton" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernels._triton import HAVE_TRITON  # noqa: E402  (imports triton: after TRITON_INTERPRET is set)
+
 
 def set_backend(name: str) -> None:
     """Select the kernel backend for the whole process (`auto`, `triton` or `torch`)."""
@@ -29,6 +32,8 @@ def set_backend(name: str) -> None:
             "--kernels triton without CUDA needs the Triton interpreter, which must be enabled before "
             "the kernels are imported: set NANOSERVE_KERNELS=triton or TRITON_INTERPRET=1 in the environment"
         )
+    if name == "triton" and not HAVE_TRITON:
+        raise RuntimeError("--kernels triton needs the triton package (Linux only); it is not installed")
     _backend = name
 
 
@@ -38,6 +43,6 @@ def get_backend() -> str:
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op on tensor `t` should run the Triton kernel."""
-    if _backend == "torch":
+    if _backend == "torch" or not HAVE_TRITON:
         return False
     return _backend == "triton" or t.is_cuda
