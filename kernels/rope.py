@@ -3,9 +3,41 @@
 The cos/sin table is fp32 `[max_position, head_dim]`: the first half of a row holds
 `cos(pos * inv_freq)`, the second half `sin(pos * inv_freq)`, with
 `inv_freq = theta ** (-arange(0, D, 2) / D)`. The rotation runs in fp32 and is cast back.
+
+The kernel runs one program per token: it reads the token's cos/sin row once and rotates all of
+its q heads and then all of its k heads in place. Heads and tokens may have any strides (q and
+k may be views of a fused QKV output); the head dimension must be contiguous.
 """
 
 import torch
+
+from kernels._triton import Launch, jit, next_power_of_2, tl
+from kernels.backend import use_triton
+
+
+@jit
+def _rotate_heads(x_ptr, stride_head, cos, sin, HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, HALF: tl.constexpr):
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    first = x_ptr + heads * stride_head + tl.arange(0, HALF)[None, :]
+    mask = heads < HEADS
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(first, x1 * cos - x2 * sin, mask=mask)
+    tl.store(first + HALF, x2 * cos + x1 * sin, mask=mask)
+
+
+@jit
+def _rope_kernel(
+    q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_stride_token, q_stride_head, k_stride_token, k_stride_head,
+    cos_sin_stride, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    row = cos_sin_ptr + tl.load(positions_ptr + token) * cos_sin_stride
+    cos = tl.load(row + tl.arange(0, HALF))[None, :]
+    sin = tl.load(row + HALF + tl.arange(0, HALF))[None, :]
+    _rotate_heads(q_ptr + token * q_stride_token, q_stride_head, cos, sin, Q_HEADS, BLOCK_Q_HEADS, HALF)
+    _rotate_heads(k_ptr + token * k_stride_token, k_stride_head, cos, sin, K_HEADS, BLOCK_K_HEADS, HALF)
 
 
 def build_cos_sin_cache(max_position: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -34,8 +66,29 @@ def apply_rope_reference(
     return q, k
 
 
+def rope_launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> Launch:
+    """The launch that rotates q and k in place; raises if a layout would need a copy."""
+    head_dim = q.shape[-1]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("apply_rope rotates in place: q, k and cos_sin_cache need a contiguous last dimension")
+    if head_dim % 2 or head_dim & (head_dim - 1) or cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"apply_rope needs a power-of-two head_dim (got {head_dim}) and an fp32 cos/sin cache")
+    args = dict(
+        q_ptr=q, k_ptr=k, positions_ptr=positions, cos_sin_ptr=cos_sin_cache,
+        q_stride_token=q.stride(0), q_stride_head=q.stride(1), k_stride_token=k.stride(0), k_stride_head=k.stride(1),
+        cos_sin_stride=cos_sin_cache.stride(0), Q_HEADS=q.shape[1], K_HEADS=k.shape[1],
+        BLOCK_Q_HEADS=next_power_of_2(q.shape[1]), BLOCK_K_HEADS=next_power_of_2(k.shape[1]), HALF=head_dim // 2,
+    )
+    # Sized so the smaller k tile still gives each thread eight 16-bit elements (128-bit accesses).
+    num_warps = max(1, min(4, args["BLOCK_K_HEADS"] * head_dim // 2 // 256))
+    return Launch(_rope_kernel, (q.shape[0],), args, num_warps=num_warps)
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [T, Hq, D] and k [T, Hk, D] in place at `positions` [T]; returns (q, k)."""
-    return apply_rope_reference(q, k, positions, cos_sin_cache)
+    if not use_triton(q):
+        return apply_rope_reference(q, k, positions, cos_sin_cache)
+    rope_launch(q, k, positions, cos_sin_cache)()
+    return q, k
