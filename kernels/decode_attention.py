@@ -3,9 +3,100 @@
 q is `[B, Hq, D]`; sequence b attends to the first `context_lens[b]` tokens stored in the blocks
 `block_tables[b]` of `k_cache`/`v_cache` (`[num_blocks, block_size, Hk, D]`). Query head h reads
 kv head `h // (Hq // Hk)` (grouped-query attention). Softmax and accumulation run in fp32.
+
+The Triton version is split-KV ("flash decoding"). Stage 1 runs one program per (sequence,
+kv head, split): it reads its share of the sequence's K/V once for all query heads of the GQA
+group (padded to 16 rows, the smallest `tl.dot` on the GPU), keeps an fp32 online softmax, and
+writes the split's normalised output and log-sum-exp. Stage 2 merges the splits by their
+log-sum-exp. The number of splits grows as batch x kv heads falls short of filling the GPU's
+SMs, so a single long sequence still reads its cache with the whole chip; with one split,
+stage 1 writes the output directly and stage 2 is skipped.
 """
 
+import functools
+import math
+
 import torch
+
+from kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
+from kernels.backend import use_triton
+
+MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more to merge than it saves
+MAX_SPLITS = 128
+PROGRAMS_PER_SM = 4  # registers and shared memory let an SM hold four stage-1 programs at once
+INTERPRETER_SMS = 8  # the interpreter has no SMs; this keeps small test batches on several splits
+
+
+@jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, partial_out_ptr, partial_lse_ptr,
+    scale_log2, q_stride_seq, q_stride_head, cache_stride_block, cache_stride_slot, cache_stride_head,
+    table_stride, out_stride_seq, out_stride_head, out_stride_split, lse_stride_seq, lse_stride_head,
+    tokens_per_split,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, context_len)
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :],
+                mask=rows[:, None] < GROUP, other=0.0)
+    if FP32_DOT:  # the interpreter's bf16 dot is wrong; on the GPU this is only taken for fp32
+        q = q.to(tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * table_stride
+    head_offset = kv_head * cache_stride_head
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        tokens = tile + tl.arange(0, BLOCK_N)
+        valid = tokens < end
+        # Each token finds its block in the table, so tiles need not align with cache blocks.
+        blocks = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slots = blocks * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_slot + head_offset
+        kv_offsets = slots[:, None] + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)
+        if FP32_DOT:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m = m_new
+    # A split past the end of a short sequence stores nothing (stage 2 never reads it).
+    store = (rows < tl.where(start < context_len, GROUP, 0))
+    l = tl.where(store, l, 1.0)
+    out = partial_out_ptr + seq * out_stride_seq + heads[:, None] * out_stride_head + split * out_stride_split
+    tl.store(out + dims[None, :], acc / l[:, None], mask=store[:, None])
+    lse = partial_lse_ptr + seq * lse_stride_seq + heads * lse_stride_head + split
+    tl.store(lse, m + tl.log2(l), mask=store)
+
+
+@jit
+def _merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, tokens_per_split,
+    partial_stride_seq, partial_stride_head, lse_stride_seq, lse_stride_head, out_stride_seq, out_stride_head,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq, head = tl.program_id(0), tl.program_id(1)
+    used_splits = tl.cdiv(tl.load(context_lens_ptr + seq), tokens_per_split)
+    splits = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(partial_lse_ptr + seq * lse_stride_seq + head * lse_stride_head + splits,
+                  mask=splits < used_splits, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    dims = tl.arange(0, HEAD_DIM)
+    partial = partial_out_ptr + seq * partial_stride_seq + head * partial_stride_head
+    parts = tl.load(partial + splits[:, None] * HEAD_DIM + dims[None, :], mask=(splits < used_splits)[:, None], other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + seq * out_stride_seq + head * out_stride_head + dims, out)
 
 
 def paged_decode_attention_reference(
@@ -34,6 +125,82 @@ def paged_decode_attention_reference(
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
+    """Splits per (sequence, kv head): enough programs to fill the SMs, none shorter than the minimum."""
+    to_fill = PROGRAMS_PER_SM * sm_count // (batch * kv_heads)
+    return max(1, min(to_fill, cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+
+
+def _block_n(head_dim: int) -> int:
+    return 64 if head_dim >= 128 else 128  # tokens per tile: K and V tiles of 16 KB in bf16
+
+
+def decode_attention_launches(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int,
+) -> list[Launch]:
+    """Stage 1 (and, with several splits, stage 2) writing attention to `out` ([B, Hq, D], last dim contiguous).
+
+    Splits cover `tokens_per_split` tokens each, a whole number of tiles; the table's width bounds
+    the context, so no device value has to be read back to size the grid.
+    """
+    batch, q_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    _check_layout(q, k_cache, v_cache, out)
+    group = q_heads // kv_heads
+    block_n = _block_n(head_dim)
+    max_context = block_tables.shape[1] * block_size
+    tokens_per_split = cdiv(cdiv(max_context, num_splits), block_n) * block_n
+    num_splits = cdiv(max_context, tokens_per_split)
+    if num_splits == 1:
+        partial, split_stride = out, 0
+    else:
+        partial = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        split_stride = partial.stride(2)
+    lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+    stage1 = Launch(_decode_split_kernel, (batch, kv_heads, num_splits), dict(
+        q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
+        context_lens_ptr=context_lens, partial_out_ptr=partial, partial_lse_ptr=lse, scale_log2=scale * math.log2(math.e),
+        q_stride_seq=q.stride(0), q_stride_head=q.stride(1), cache_stride_block=k_cache.stride(0),
+        cache_stride_slot=k_cache.stride(1), cache_stride_head=k_cache.stride(2), table_stride=block_tables.stride(0),
+        out_stride_seq=partial.stride(0), out_stride_head=partial.stride(1), out_stride_split=split_stride,
+        lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), tokens_per_split=tokens_per_split,
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, FP32_DOT=interpreting() or q.dtype == torch.float32,
+    ), num_warps=4)
+    if num_splits == 1:
+        return [stage1]
+    stage2 = Launch(_merge_splits_kernel, (batch, q_heads), dict(
+        partial_out_ptr=partial, partial_lse_ptr=lse, out_ptr=out, context_lens_ptr=context_lens,
+        tokens_per_split=tokens_per_split, partial_stride_seq=partial.stride(0), partial_stride_head=partial.stride(1),
+        lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), out_stride_seq=out.stride(0),
+        out_stride_head=out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_power_of_2(num_splits),
+    ), num_warps=4)
+    return [stage1, stage2]
+
+
+def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+    head_dim, q_heads, kv_heads = q.shape[2], q.shape[1], k_cache.shape[2]
+    if head_dim < 16 or head_dim & (head_dim - 1) or q_heads % kv_heads:
+        raise ValueError(f"paged_decode_attention needs a power-of-two head_dim >= 16 (got {head_dim}) "
+                         f"and query heads a multiple of kv heads (got {q_heads} over {kv_heads})")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("paged_decode_attention needs k/v caches of one layout and contiguous head rows")
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -43,4 +210,12 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Returns out [B, Hq, D]: softmax(q·K * scale)·V over each sequence's cached tokens."""
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if not use_triton(q):
+        return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    batch, _, _ = q.shape
+    max_context = block_tables.shape[1] * k_cache.shape[1]
+    num_splits = choose_num_splits(batch, k_cache.shape[2], max_context, _sm_count(q.device))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for launch in decode_attention_launches(q, k_cache, v_cache, block_tables, context_lens, scale, out, num_splits):
+        launch()
+    return out
