@@ -25,6 +25,29 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     """Scheduler and KV-cache flags shared by `generate` and `serve` (the engine's own)."""
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--max-model-len", type=int, default=None,
+        help="prompt + completion tokens per sequence at most (default: the model's context, "
+        "at most 2048 on CPU, and never more than the KV cache holds)",
+    )
+    g.add_argument(
+        "--max-num-seqs", type=int, default=None, help="sequences in one batch at most (default 256 on CUDA, 8 on CPU)"
+    )
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=None,
+        help="prompt tokens in one prefill step at most; longer prompts go in chunks (default 8192 on CUDA, 2048 on CPU)",
+    )
+    g.add_argument(
+        "--num-kv-blocks", type=int, default=None,
+        help="KV-cache size in blocks (default: on CUDA what free memory holds after the weights and the largest "
+        "step; on CPU enough for max-model-len x max-num-seqs tokens)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    g.add_argument(
+        "--max-queue", type=int, default=1024,
+        help="requests waiting for their first token at most; beyond it new ones are refused (default 1024)",
+    )
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -32,6 +55,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x p(most likely) (default 0: off)")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="penalise prompt and generated tokens (default 1.0: off)"
+    )
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="STRING", help="stop before this string (repeatable; default none)"
+    )
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible output")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")

@@ -81,3 +81,18 @@ class EngineOverloaded(RuntimeError):
 
 class EngineDead(RuntimeError):
     """The engine's step loop has stopped; no request can be served."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed while stepping a batch that held this request; other requests go on."""
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics and health; read from any thread."""
+
+    num_running: int  # requests that have produced output and are not finished
+    num_waiting: int  # requests submitted that have produced no output yet (queued or in their first prefill)
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int  # sequences preempted (KV freed, recomputed later) since start

@@ -1,0 +1,232 @@
+"""Next tokens for a batch of logits rows, each row with its own sampling parameters, on the device.
+
+Order, as vLLM does it: logprobs from the raw logits; then logit_bias, min_tokens (EOS and stop
+token ids masked) and the penalties; greedy rows take the argmax of that; other rows divide by
+their temperature and filter by min-p, top-k and top-p, then draw with the exponential race
+(`argmax(probs / q)`, q ~ Exp(1)), which equals a multinomial draw. A seeded row draws its q from
+its own generator, so its tokens do not depend on the rest of the batch.
+
+Work is only done for what some row asks for: an all-greedy batch is one max over the logits,
+and the vocabulary is sorted only when a row uses top-p. Per-row parameters are turned into
+tensors once per batch composition, not every step.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from server.request import SamplingParams
+from server.sequence import Sequence
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
+GOLDEN = 0x9E3779B97F4A7C15  # spreads choice indices over the seed space
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed` (choice 0 uses `seed` itself)."""
+    return (seed + index * GOLDEN) % 2**64
+
+
+@dataclass
+class SequenceSampling:
+    """A sequence's own sampling state, built once: what varies per step lives on the device."""
+
+    generator: torch.Generator | None
+    bias_ids: torch.Tensor | None
+    bias_values: torch.Tensor | None
+    min_tokens_ids: torch.Tensor | None  # EOS and stop token ids, masked until min_tokens are out
+    output_counts: torch.Tensor | None  # [V] float: how often each token was generated
+    seen: torch.Tensor | None  # [V] bool: tokens in the prompt or generated
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprob_rows: list[int]  # rows that asked for logprobs
+    token_logprobs: torch.Tensor | None = None  # [R]: each such row's sampled token
+    top_ids: torch.Tensor | None = None  # [R, K]: K = the largest `logprobs` asked for
+    top_logprobs: torch.Tensor | None = None  # [R, K]
+
+
+@dataclass
+class _BatchParams:
+    seq_ids: tuple[int, ...]
+    all_greedy: bool
+    greedy: torch.Tensor | None  # [B] bool, when greedy rows share the batch with sampled ones
+    temperature: torch.Tensor | None  # [B, 1], 1 on greedy rows
+    min_p: torch.Tensor | None  # [B, 1]
+    top_k: torch.Tensor | None  # [B, 1] int64, the vocabulary size where off
+    max_top_k: int
+    top_p: torch.Tensor | None  # [B, 1], inf where off
+    seeded: list[tuple[int, torch.Generator]]
+    biased: list[tuple[int, Sequence]]
+    min_tokens: list[tuple[int, Sequence]]
+    penalized: list[tuple[int, Sequence]]
+    logprob_rows: list[int]
+    logprob_index: torch.Tensor | None  # [R] rows, None when every row asks
+    max_logprobs: int
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
+
+def _uses_top_k(params: SamplingParams, vocab_size: int) -> bool:
+    return 0 < params.top_k < vocab_size and not _is_greedy(params)
+
+
+def _uses_penalties(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: tuple[int, ...]):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self._params: _BatchParams | None = None
+        self._vocab_positions = torch.arange(vocab_size, device=device)
+        self._one = torch.ones(1, device=device)
+
+    def new_state(self, params: SamplingParams, prompt_token_ids: list[int], choice_index: int) -> SequenceSampling:
+        def ids(values) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=torch.int64, device=self.device)
+
+        generator = None
+        if params.seed is not None and not _is_greedy(params):
+            generator = torch.Generator(self.device).manual_seed(choice_seed(params.seed, choice_index))
+        min_tokens_ids = None
+        if params.min_tokens:
+            min_tokens_ids = ids({*(() if params.ignore_eos else self.eos_token_ids), *params.stop_token_ids})
+        output_counts = seen = None
+        if params.presence_penalty or params.frequency_penalty:
+            output_counts = torch.zeros(self.vocab_size, device=self.device)
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seen[ids(prompt_token_ids)] = True
+        return SequenceSampling(
+            generator=generator,
+            bias_ids=ids(params.logit_bias) if params.logit_bias else None,
+            bias_values=torch.tensor(list(params.logit_bias.values()), device=self.device) if params.logit_bias else None,
+            min_tokens_ids=min_tokens_ids,
+            output_counts=output_counts,
+            seen=seen,
+        )
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
+        p = self._batch_params(seqs)
+        logprobs = None
+        if p.logprob_rows:  # from the logits as the model gave them
+            rows = logits if p.logprob_index is None else logits[p.logprob_index]
+            logprobs = rows.log_softmax(-1)
+        self._process(logits, p)
+        if p.all_greedy:
+            token_ids = logits.max(-1).indices  # max(dim) is several times faster than argmax on CPU
+        else:
+            greedy_ids = logits.max(-1).indices if p.greedy is not None else None
+            token_ids = self._sample_random(logits, p)
+            if greedy_ids is not None:
+                token_ids = torch.where(p.greedy, greedy_ids, token_ids)
+        self._count(token_ids, p)
+        out = SamplerOutput(token_ids, p.logprob_rows)
+        if logprobs is not None:
+            sampled = token_ids if p.logprob_index is None else token_ids[p.logprob_index]
+            out.token_logprobs = logprobs.gather(-1, sampled[:, None]).squeeze(-1)
+            out.top_logprobs, out.top_ids = logprobs.topk(p.max_logprobs, -1)
+        return out
+
+    def _process(self, logits: torch.Tensor, p: _BatchParams) -> None:
+        """logit_bias, min_tokens and penalties: they change greedy choices too."""
+        for row, seq in p.biased:
+            logits[row].index_add_(0, seq.sampling.bias_ids, seq.sampling.bias_values)
+        for row, seq in p.min_tokens:
+            if seq.num_generated < seq.params.min_tokens:
+                logits[row].index_fill_(0, seq.sampling.min_tokens_ids, float("-inf"))
+        for row, seq in p.penalized:
+            self._penalize(logits[row], seq)
+
+    def _penalize(self, row: torch.Tensor, seq: Sequence) -> None:
+        state, params = seq.sampling, seq.params
+        if state.seen is not None:  # HF: shrink towards zero every token seen in prompt or output
+            r = params.repetition_penalty
+            row.copy_(torch.where(state.seen, torch.where(row > 0, row / r, row * r), row))
+        if state.output_counts is not None:  # OpenAI: over generated tokens only
+            row.add_(state.output_counts, alpha=-params.frequency_penalty)
+            row.add_(state.output_counts.clamp(max=1.0), alpha=-params.presence_penalty)
+
+    def _sample_random(self, logits: torch.Tensor, p: _BatchParams) -> torch.Tensor:
+        logits.div_(p.temperature)
+        if p.min_p is not None:
+            probs = logits.softmax(-1)
+            logits.masked_fill_(probs < p.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+        if p.top_p is not None:
+            self._top_k_top_p(logits, p)
+        elif p.top_k is not None:
+            kth = logits.topk(p.max_top_k, -1).values.gather(-1, p.top_k.clamp(max=p.max_top_k) - 1)
+            kth.masked_fill_(p.top_k > p.max_top_k, float("-inf"))  # rows without top-k keep all
+            logits.masked_fill_(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        q = torch.empty_like(probs).exponential_()
+        for row, generator in p.seeded:
+            q[row].exponential_(generator=generator)
+        return probs.div_(q).max(-1).indices
+
+    def _top_k_top_p(self, logits: torch.Tensor, p: _BatchParams) -> None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        if p.top_k is not None:
+            sorted_logits.masked_fill_(self._vocab_positions >= p.top_k, float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1).sub_(probs)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the ones before it do.
+        sorted_logits.masked_fill_(mass_before >= p.top_p, float("-inf"))
+        logits.scatter_(-1, order, sorted_logits)
+
+    def _count(self, token_ids: torch.Tensor, p: _BatchParams) -> None:
+        """Record the sampled tokens on the device for the penalties of later steps."""
+        for row, seq in p.penalized:
+            token = token_ids[row : row + 1]
+            if seq.sampling.output_counts is not None:
+                seq.sampling.output_counts.index_add_(0, token, self._one)
+            if seq.sampling.seen is not None:
+                seq.sampling.seen.index_fill_(0, token, True)
+
+    def _batch_params(self, seqs: list[Sequence]) -> _BatchParams:
+        seq_ids = tuple(seq.seq_id for seq in seqs)
+        if self._params is None or self._params.seq_ids != seq_ids:
+            self._params = self._build_params(seq_ids, seqs)
+        return self._params
+
+    def _build_params(self, seq_ids: tuple[int, ...], seqs: list[Sequence]) -> _BatchParams:
+        params = [seq.params for seq in seqs]
+        greedy = [_is_greedy(sp) for sp in params]
+        sampled = [sp for sp, g in zip(params, greedy) if not g]
+
+        def column(values: list, dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)[:, None]
+
+        any_top_k = any(_uses_top_k(sp, self.vocab_size) for sp in params)
+        top_k = [sp.top_k if _uses_top_k(sp, self.vocab_size) else self.vocab_size for sp in params]
+        logprob_rows = [row for row, sp in enumerate(params) if sp.logprobs is not None]
+        return _BatchParams(
+            seq_ids=seq_ids,
+            all_greedy=all(greedy),
+            greedy=column(greedy, torch.bool)[:, 0] if any(greedy) and sampled else None,
+            temperature=column([1.0 if g else sp.temperature for sp, g in zip(params, greedy)]) if sampled else None,
+            min_p=column([sp.min_p for sp in params]) if any(sp.min_p > 0 for sp in sampled) else None,
+            top_k=column(top_k, torch.int64) if any_top_k else None,
+            max_top_k=max((k for k in top_k if k < self.vocab_size), default=0),
+            top_p=column([sp.top_p if sp.top_p < 1 else float("inf") for sp in params])
+            if any(sp.top_p < 1 for sp in sampled)
+            else None,
+            seeded=[(row, seq.sampling.generator) for row, seq in enumerate(seqs) if seq.sampling.generator],
+            biased=[(row, seq) for row, seq in enumerate(seqs) if seq.params.logit_bias],
+            min_tokens=[(row, seq) for row, seq in enumerate(seqs) if seq.params.min_tokens],
+            penalized=[(row, seq) for row, seq in enumerate(seqs) if _uses_penalties(seq.params)],
+            logprob_rows=logprob_rows,
+            logprob_index=None
+            if len(logprob_rows) == len(seqs)
+            else torch.tensor(logprob_rows, dtype=torch.int64).to(self.device, non_blocking=True),
+            max_logprobs=max((params[row].logprobs for row in logprob_rows), default=0),
+        )
