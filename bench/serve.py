@@ -1,0 +1,256 @@
+"""Load test of a running OpenAI-compatible server: throughput and latency percentiles under load.
+
+    python bench/serve.py --url http://127.0.0.1:8000 --concurrency 1,4,16 --requests 64
+
+For each concurrency level, N clients stream requests (`/v1/chat/completions` or
+`/v1/completions`) either back to back (`--arrival fixed`) or as a Poisson process at `--rate`
+requests/s with at most N in flight (`--arrival poisson`). Every request asks for exactly
+`--output-tokens` tokens (`ignore_eos`), so the work per request is fixed. Reported per level:
+output tokens/s, requests/s, time to first token (TTFT), inter-token latency (ITL, the gaps
+between streamed chunks, divided by the tokens each chunk carries) and end-to-end latency as
+p50/p90/p99, and errors. Writes JSON and, with matplotlib installed, a PNG of latency against load.
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+WORDS = "the of and to in is that for it as with was on be by at this from or an are not have but".split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    error: str | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    itl_s: list[float] = field(default_factory=list)
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": statistics.median(ordered), "p90": at(0.90), "p99": at(0.99)}
+
+
+def make_prompt(words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def request_body(args: argparse.Namespace, model: str, prompt: str) -> dict:
+    body = {
+        "model": model,
+        "max_tokens": args.output_tokens,
+        "temperature": args.temperature,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def chunk_text(chunk: dict, endpoint: str) -> str:
+    if not chunk.get("choices"):
+        return ""
+    choice = chunk["choices"][0]
+    if endpoint == "chat":
+        delta = choice.get("delta") or {}
+        return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    return choice.get("text") or ""
+
+
+async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, body: dict) -> RequestResult:
+    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    usage = None
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:200]
+                return RequestResult(ok=False, error=f"HTTP {response.status_code}: {detail}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return RequestResult(ok=False, error=chunk["error"].get("message", "stream error"))
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                if chunk_text(chunk, args.endpoint):
+                    chunk_times.append(time.perf_counter())
+    except httpx.HTTPError as err:
+        return RequestResult(ok=False, error=f"{type(err).__name__}: {err}")
+    end = time.perf_counter()
+    if not chunk_times or usage is None:
+        return RequestResult(ok=False, error="stream ended without text or usage")
+    output_tokens = usage["completion_tokens"]
+    # A chunk can carry several tokens (text held back across a UTF-8 character): spread its gap.
+    gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+    tokens_per_gap = max(1.0, (output_tokens - 1) / max(1, len(gaps)))
+    return RequestResult(
+        ok=True,
+        ttft_s=chunk_times[0] - start,
+        e2e_s=end - start,
+        output_tokens=output_tokens,
+        prompt_tokens=usage["prompt_tokens"],
+        itl_s=[g / tokens_per_gap for g in gaps],
+    )
+
+
+async def run_level(args: argparse.Namespace, model: str, concurrency: int) -> dict:
+    rng = random.Random(args.seed + concurrency)
+    prompts = [make_prompt(args.prompt_words, rng) for _ in range(args.requests)]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    timeout = httpx.Timeout(args.timeout)
+    results: list[RequestResult] = []
+    in_flight = asyncio.Semaphore(concurrency)
+
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as client:
+
+        async def send(prompt: str) -> None:
+            async with in_flight:
+                results.append(await one_request(client, args, request_body(args, model, prompt)))
+
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            if args.arrival == "poisson":
+                await asyncio.sleep(rng.expovariate(args.rate))
+            tasks.append(asyncio.create_task(send(prompt)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+
+    ok = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in ok)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "error_samples": sorted({r.error for r in results if not r.ok})[:3],
+        "duration_s": duration,
+        "output_tokens_per_s": output_tokens / duration,
+        "requests_per_s": len(ok) / duration,
+        "prompt_tokens_mean": statistics.mean(r.prompt_tokens for r in ok) if ok else None,
+        "ttft_s": percentiles([r.ttft_s for r in ok]),
+        "itl_s": percentiles([g for r in ok for g in r.itl_s]),
+        "e2e_s": percentiles([r.e2e_s for r in ok]),
+    }
+
+
+def print_table(levels: list[dict]) -> None:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1e3:.1f}"
+
+    header = f"{'conc':>5} {'req':>5} {'err':>4} {'tok/s':>9} {'req/s':>7} {'TTFT p50/p90/p99 ms':>22} {'ITL p50/p90/p99 ms':>22}"
+    print(header)
+    for lv in levels:
+        ttft, itl = lv["ttft_s"], lv["itl_s"]
+        print(
+            f"{lv['concurrency']:>5} {lv['requests']:>5} {lv['errors']:>4} {lv['output_tokens_per_s']:>9.1f} "
+            f"{lv['requests_per_s']:>7.2f} {ms(ttft['p50']) + '/' + ms(ttft['p90']) + '/' + ms(ttft['p99']):>22} "
+            f"{ms(itl['p50']) + '/' + ms(itl['p90']) + '/' + ms(itl['p99']):>22}"
+        )
+
+
+def plot(levels: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    conc = [lv["concurrency"] for lv in levels]
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4))
+    for metric, style in (("ttft_s", "o-"), ("itl_s", "s-")):
+        for q, alpha in (("p50", 1.0), ("p99", 0.5)):
+            values = [lv[metric][q] * 1e3 if lv[metric][q] is not None else None for lv in levels]
+            lat.plot(conc, values, style, alpha=alpha, label=f"{metric[:-2].upper()} {q}")
+    lat.set(xlabel="concurrent clients", ylabel="latency (ms)", title="latency vs load", xscale="log", yscale="log")
+    lat.legend()
+    thr.plot(conc, [lv["output_tokens_per_s"] for lv in levels], "o-")
+    thr.set(xlabel="concurrent clients", ylabel="output tokens/s", title="throughput vs load", xscale="log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def discover_model(args: argparse.Namespace) -> str:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    response = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default %(default)s)")
+    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat", help="default %(default)s")
+    p.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    p.add_argument("--api-key", default=None, help="Bearer key, if the server has one")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default %(default)s)")
+    p.add_argument("--requests", type=int, default=32, help="requests per level (default %(default)s)")
+    p.add_argument("--arrival", choices=["fixed", "poisson"], default="fixed",
+                   help="fixed: back to back; poisson: --rate requests/s (default %(default)s)")
+    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s (default %(default)s)")
+    p.add_argument("--prompt-words", type=int, default=64, help="words per prompt (default %(default)s)")
+    p.add_argument("--output-tokens", type=int, default=64, help="tokens per response (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="default %(default)s")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
+    p.add_argument("--out", default="bench/out/serve.json", help="JSON output (default %(default)s)")
+    p.add_argument("--plot", default="bench/out/serve.png", help="PNG output (default %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        args.levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if any(c < 1 for c in args.levels) or args.requests < 1 or args.output_tokens < 1 or args.rate <= 0:
+        p.error("--concurrency levels, --requests, --output-tokens and --rate must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = args.model or discover_model(args)
+    except httpx.HTTPError as err:
+        print(f"bench/serve.py: cannot reach {args.url}: {err}", file=sys.stderr)
+        return 2
+    levels = []
+    for concurrency in args.levels:
+        print(f"level: {concurrency} clients, {args.requests} requests ...", file=sys.stderr)
+        levels.append(asyncio.run(run_level(args, model, concurrency)))
+    print_table(levels)
+    report = {"args": {k: v for k, v in vars(args).items() if k != "api_key"}, "model": model, "levels": levels}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}" + (f" and {args.plot}" if plot(levels, Path(args.plot)) else " (no matplotlib: no plot)"))
+    return 1 if any(lv["errors"] for lv in levels) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
