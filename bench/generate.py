@@ -1,0 +1,257 @@
+"""nanoserve vs transformers `generate()` on the same weights, same device, same prompts, one run.
+
+    python bench/generate.py --shape qwen3-0.6b --device cpu --dtype bfloat16
+    python bench/generate.py --model /path/to/Qwen3-8B --device cuda
+
+Weights come from a checkpoint directory (`--model`) or are random with a named shape
+(`--shape demo|qwen3-0.6b|qwen3-8b`): HF initialises its model and nanoserve loads HF's tensors,
+so both hold the same values. Speed does not depend on the values.
+
+Measured, each a median over `--repeats` runs:
+- prefill tokens/s: one forward pass over a `--prompt-len` prompt, logits for its last token;
+- decode tokens/s at batch 1 and ms per decode step (generating `--decode-tokens` after the first);
+- aggregate decode tokens/s at each of `--batches`: nanoserve's engine with that many concurrent
+  requests vs HF batched `generate` with that many prompts (equal lengths, so no padding);
+- the weights read per decode step over the step time (GB/s) beside the memory floor: the
+  measured copy bandwidth (a large tensor copy on the same device).
+Greedy decoding, EOS ignored, so both sides generate exactly the same number of tokens.
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.config import parse_config  # noqa: E402
+from model.demo import DEMO_CONFIG, demo_checkpoint, hf_config  # noqa: E402
+from model.load import load_model, resolve_device  # noqa: E402
+from model.qwen3 import Qwen3Model  # noqa: E402
+from model.tokenizer import Tokenizer  # noqa: E402
+from model.weights import load_state_dict  # noqa: E402
+
+SHAPES = {
+    "demo": DEMO_CONFIG,
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: kernel selection, allocator, JIT
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes moved (read + write) per second by a large same-device tensor copy."""
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), 5, device)
+    return 2 * src.numel() / seconds
+
+
+def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(HF model, nanoserve model, tokenizer directory) holding the same weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if args.model:
+        ours = load_model(args.model, device.type, args.dtype)
+        hf = Qwen3ForCausalLM.from_pretrained(args.model, dtype=ours.dtype).to(device).eval()
+        return hf, ours, Path(args.model)
+    raw = hf_config(SHAPES[args.shape] | {"dtype": args.dtype})
+    hf_kwargs = {k: v for k, v in raw.items() if k not in ("architectures", "dtype")}
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = Qwen3ForCausalLM._from_config(Qwen3Config(**hf_kwargs), dtype=dtype).eval()
+    ours = Qwen3Model(parse_config(raw), dtype, device)
+    load_state_dict(ours, hf.state_dict())
+    return hf, ours, demo_checkpoint()  # random shapes share the demo's (real Qwen3) tokenizer
+
+
+def hf_generate_time(hf, prompts: torch.Tensor, new_tokens: int, repeats: int, device) -> float:
+    def run():
+        hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    eos_token_id=None, pad_token_id=0)
+
+    with torch.inference_mode():
+        return median_time(run, repeats, device)
+
+
+def hf_prefill_time(hf, prompt: torch.Tensor, repeats: int, device) -> float:
+    with torch.inference_mode():
+        return median_time(lambda: hf(prompt, logits_to_keep=1), repeats, device)
+
+
+def ours_prefill_time(ours: Qwen3Model, prompt: list[int], repeats: int, device) -> float:
+    from model.batch import SequenceStep, make_batch
+
+    block_size = 16
+    blocks = list(range(-(-len(prompt) // block_size)))
+    cache = ours.allocate_kv_cache(len(blocks), block_size)
+    batch = make_batch([SequenceStep(prompt, 0, blocks)], block_size, device)
+    return median_time(lambda: ours.forward(batch, cache), repeats, device)
+
+
+async def _engine_decode(engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds from the last request's first token to the last request's end (decode only)."""
+    from server.request import GenerationRequest, SamplingParams
+
+    first_token_at: list[float] = []
+    finished_at: list[float] = []
+
+    async def one(i: int, prompt: list[int]) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens + 1, ignore_eos=True)
+        seen = 0
+        async for output in engine.generate(GenerationRequest(f"bench-{time.monotonic_ns()}-{i}", prompt, params)):
+            if seen == 0:
+                first_token_at.append(time.perf_counter())
+            seen += sum(len(c.token_ids) for c in output.choices)
+        finished_at.append(time.perf_counter())
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    return max(finished_at) - max(first_token_at)
+
+
+def ours_decode_time(engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
+    asyncio.run(_engine_decode(engine, prompts, new_tokens))  # warm-up
+    return statistics.median(asyncio.run(_engine_decode(engine, prompts, new_tokens)) for _ in range(repeats))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from server.engine import AsyncEngine, EngineConfig
+
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    print(f"building {args.model or args.shape} ({args.dtype}) on {device} ...", file=sys.stderr)
+    hf, ours, tokenizer_dir = build_models(args, device, dtype)
+    vocab = ours.config.vocab_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    max_batch = max(args.batches)
+    prompts = torch.randint(0, min(vocab, 151643), (max_batch, args.prompt_len))
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": args.model or args.shape,
+        "dtype": args.dtype,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_GBps": copy_bandwidth(device) / 1e9,
+        "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens,
+    }
+
+    print("prefill ...", file=sys.stderr)
+    one_prompt = prompts[:1].to(device)
+    result["prefill_tok_s"] = {
+        "hf": args.prompt_len / hf_prefill_time(hf, one_prompt, args.repeats, device),
+        "nanoserve": args.prompt_len / ours_prefill_time(ours, prompts[0].tolist(), args.repeats, device),
+    }
+
+    block_size = 16
+    blocks_per_seq = -(-(args.prompt_len + args.decode_tokens + 2) // block_size)
+    config = EngineConfig(block_size=block_size, num_kv_blocks=blocks_per_seq * max_batch + 1,
+                          max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * args.prompt_len))
+    engine = AsyncEngine(ours, Tokenizer(tokenizer_dir), tokenizer_dir, config)
+    decode = {}
+    try:
+        for batch in args.batches:
+            print(f"decode at batch {batch} ...", file=sys.stderr)
+            hf_prompts = prompts[:batch].to(device)
+            hf_first = hf_generate_time(hf, hf_prompts, 1, args.repeats, device)
+            hf_all = hf_generate_time(hf, hf_prompts, args.decode_tokens + 1, args.repeats, device)
+            ours_s = ours_decode_time(engine, prompts[:batch].tolist(), args.decode_tokens, args.repeats)
+            tokens = batch * args.decode_tokens
+            decode[batch] = {"hf": tokens / (hf_all - hf_first), "nanoserve": tokens / ours_s}
+    finally:
+        engine.shutdown()
+    result["decode_tok_s"] = decode
+    step_s = {side: 1.0 / decode[1][side] for side in ("hf", "nanoserve")} if 1 in decode else {}
+    result["ms_per_decode_step_batch1"] = {side: s * 1e3 for side, s in step_s.items()}
+    # Batch-1 decode reads every weight once per step: that is the memory floor of a step.
+    floor_s = weight_bytes / (result["copy_bandwidth_GBps"] * 1e9 / 2)
+    result["weight_read_floor_ms"] = floor_s * 1e3
+    result["weight_read_GBps_batch1"] = {side: weight_bytes / s / 1e9 for side, s in step_s.items()}
+    result["pct_of_floor_batch1"] = {side: 100 * floor_s / s for side, s in step_s.items()}
+    return result
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['shape']} {r['dtype']} on {r['device']}: weights {r['weight_bytes'] / 1e9:.2f} GB, "
+          f"copy bandwidth {r['copy_bandwidth_GBps']:.1f} GB/s (read+write), weight-read floor "
+          f"{r['weight_read_floor_ms']:.2f} ms/step")
+    print(f"{'metric':<34} {'HF':>12} {'nanoserve':>12} {'ratio':>7}")
+
+    def row(name: str, values: dict, fmt: str = "{:.1f}", higher_is_better: bool = True) -> None:
+        hf, ns = values["hf"], values["nanoserve"]
+        ratio = ns / hf if higher_is_better else hf / ns
+        print(f"{name:<34} {fmt.format(hf):>12} {fmt.format(ns):>12} {ratio:>6.2f}x")
+
+    row(f"prefill tok/s ({r['prompt_len']} tokens)", r["prefill_tok_s"])
+    for batch, values in r["decode_tok_s"].items():
+        row(f"decode tok/s, batch {batch}", values)
+    if r["ms_per_decode_step_batch1"]:
+        row("ms per decode step, batch 1", r["ms_per_decode_step_batch1"], "{:.2f}", higher_is_better=False)
+        row("weight read GB/s, batch 1", r["weight_read_GBps_batch1"])
+        row("% of memory floor, batch 1", r["pct_of_floor_batch1"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="Qwen3 checkpoint directory (default: random weights, --shape)")
+    src.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help="random weights of this shape (default %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="default %(default)s")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default %(default)s)")
+    p.add_argument("--batches", default="1,8,32", help="comma-separated decode batch sizes (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure; medians (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
+    p.add_argument("--out", default="bench/out/generate.json", help="JSON output (default %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if min(args.batches) < 1 or args.prompt_len < 1 or args.decode_tokens < 1 or args.repeats < 1:
+        p.error("--batches, --prompt-len, --decode-tokens and --repeats must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        print(f"bench/generate.py: {err}", file=sys.stderr)
+        return 2
+    print_table(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result | {"args": vars(args)}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
