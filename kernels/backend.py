@@ -27,13 +27,13 @@ def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "triton" and not HAVE_TRITON:
+        raise RuntimeError("--kernels triton needs the triton package (Linux only); it is not installed")
     if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "--kernels triton without CUDA needs the Triton interpreter, which must be enabled before "
             "the kernels are imported: set NANOSERVE_KERNELS=triton or TRITON_INTERPRET=1 in the environment"
         )
-    if name == "triton" and not HAVE_TRITON:
-        raise RuntimeError("--kernels triton needs the triton package (Linux only); it is not installed")
     _backend = name
 
 

@@ -45,7 +45,9 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :],
                 mask=rows[:, None] < GROUP, other=0.0)
-    if FP32_DOT:  # the interpreter's bf16 dot is wrong; on the GPU this is only taken for fp32
+    # fp32 inputs, or bf16 in the interpreter, whose bf16 dot is wrong. Otherwise the dots take
+    # bf16/fp16 operands (tensor cores on the GPU; fp16 runs this path in the interpreter too).
+    if FP32_DOT:
         q = q.to(tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * table_stride
     head_offset = kv_head * cache_stride_head
@@ -142,7 +144,7 @@ def _block_n(head_dim: int) -> int:
     return 64 if head_dim >= 128 else 128  # tokens per tile: K and V tiles of 16 KB in bf16
 
 
-def decode_attention_launches(
+def paged_decode_attention_launches(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -179,7 +181,7 @@ def decode_attention_launches(
         out_stride_seq=partial.stride(0), out_stride_head=partial.stride(1), out_stride_split=split_stride,
         lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), tokens_per_split=tokens_per_split,
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, FP32_DOT=interpreting() or q.dtype == torch.float32,
+        BLOCK_N=block_n, FP32_DOT=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
     ), num_warps=4)
     if num_splits == 1:
         return [stage1]
@@ -216,6 +218,6 @@ def paged_decode_attention(
     max_context = block_tables.shape[1] * k_cache.shape[1]
     num_splits = choose_num_splits(batch, k_cache.shape[2], max_context, _sm_count(q.device))
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    for launch in decode_attention_launches(q, k_cache, v_cache, block_tables, context_lens, scale, out, num_splits):
+    for launch in paged_decode_attention_launches(q, k_cache, v_cache, block_tables, context_lens, scale, out, num_splits):
         launch()
     return out

@@ -66,7 +66,7 @@ def apply_rope_reference(
     return q, k
 
 
-def rope_launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> Launch:
+def apply_rope_launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> Launch:
     """The launch that rotates q and k in place; raises if a layout would need a copy."""
     head_dim = q.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
@@ -90,5 +90,5 @@ def apply_rope(
     """Rotates q [T, Hq, D] and k [T, Hk, D] in place at `positions` [T]; returns (q, k)."""
     if not use_triton(q):
         return apply_rope_reference(q, k, positions, cos_sin_cache)
-    rope_launch(q, k, positions, cos_sin_cache)()
+    apply_rope_launch(q, k, positions, cos_sin_cache)()
     return q, k
