@@ -1,0 +1,161 @@
+"""Compile every kernel for a GPU target on any machine, and read what ptxas made of it.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` needs no GPU. The kernels are
+compiled exactly as their launchers would launch them at Qwen3 shapes: each variant is a
+`Launch` built by the op's own launcher from meta tensors, and its arguments are specialised
+the way `@triton.jit` specialises them at run time (pointers 16-byte aligned, integers divisible
+by 16 marked so, integers equal to 1 made constants). The cuobjdump that the triton wheel carries
+then reads registers, spills and the SASS from the cubin.
+
+`@triton.jit` builds interpreter functions when TRITON_INTERPRET=1, which cannot be compiled:
+run this in a process without it (`python -m kernels.report` re-runs itself so).
+"""
+
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels._triton import Launch
+from kernels.decode_attention import choose_num_splits, paged_decode_attention_launches
+from kernels.rms_norm import rms_norm_launch
+from kernels.rope import apply_rope_launch
+from kernels.store_kv import store_kv_launch
+
+# name -> (compute capability, SM count the split heuristic plans for)
+TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}
+
+# Qwen3-8B: hidden 4096, 32 query heads over 8 kv heads; head_dim 128 (and 64, as in small models).
+HIDDEN, Q_HEADS, KV_HEADS, TOKENS, BLOCK_SIZE = 4096, 32, 8, 4096, 16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEAD_DIMS = (64, 128)
+
+_POINTER_TYPES = {
+    torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+    torch.int32: "*i32", torch.int64: "*i64",
+}
+
+
+@dataclass
+class Variant:
+    kernel: str  # the op it serves, e.g. "paged_decode_attention (merge)"
+    shape: str  # the specialisation, e.g. "bf16 D=128"
+    launch: Launch
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    shape: str
+    target: str
+    registers: int
+    spill_bytes: int  # stack frame + local memory: 0 unless ptxas ran out of registers
+    shared_bytes: int  # dynamic shared memory Triton asks for at launch
+    loads: int  # global load instructions (LDG, and LDGSTS for cp.async)
+    loads_128: int  # of which 128-bit
+    stores: int
+    stores_128: int
+
+
+def variants() -> Iterator[Variant]:
+    """Every kernel in the specialisations the model launches (bf16/fp16, head_dim 64/128)."""
+    meta = dict(device="meta")
+    for dname, dtype in DTYPES.items():
+        x = torch.empty(TOKENS, HIDDEN, dtype=dtype, **meta)
+        weight = torch.empty(HIDDEN, dtype=dtype, **meta)
+        yield Variant("rms_norm", f"{dname} H={HIDDEN}", rms_norm_launch(x, None, weight, 1e-6, x, None))
+        yield Variant("fused_add_rms_norm", f"{dname} H={HIDDEN}", rms_norm_launch(x, x, weight, 1e-6, x, x))
+        for head_dim in HEAD_DIMS:
+            yield from _head_variants(dtype, f"{dname} D={head_dim}", head_dim)
+
+
+def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Variant]:
+    meta = dict(dtype=dtype, device="meta")
+    qkv = torch.empty(TOKENS, (Q_HEADS + 2 * KV_HEADS) * head_dim, **meta)
+    q, k, v = (t.unflatten(1, (-1, head_dim)) for t in qkv.split([Q_HEADS * head_dim, *[KV_HEADS * head_dim] * 2], 1))
+    q, k = q.contiguous(), k.contiguous()  # as rms_norm returns them
+    weight = torch.empty(head_dim, **meta)
+    yield Variant("rms_norm (q/k heads)", shape, rms_norm_launch(q, None, weight, 1e-6, q, None))
+    cos_sin = torch.empty(40960, head_dim, dtype=torch.float32, device="meta")
+    positions = torch.empty(TOKENS, dtype=torch.int64, device="meta")
+    yield Variant("apply_rope", shape, apply_rope_launch(q, k, positions, cos_sin))
+    cache = torch.empty(4096, BLOCK_SIZE, KV_HEADS, head_dim, **meta)
+    slots = torch.empty(TOKENS, dtype=torch.int64, device="meta")
+    yield Variant("store_kv", shape, store_kv_launch(k, v, cache, cache, slots))
+    # Batch 64 at 2k tokens fills the GPU with one split, so stage 1 writes the output itself;
+    # batch 1 at 32k tokens takes many splits: stage 1 writes fp32 partials, stage 2 merges them.
+    for batch, context in ((64, 2048), (1, 32768)):
+        stage1, *merge = _decode_launches(dtype, head_dim, cache, batch, context)
+        decode_shape = f"{shape} B={batch} L={context // 1024}k"
+        yield Variant("paged_decode_attention", decode_shape, stage1)
+        yield from (Variant("paged_decode_attention merge", decode_shape, launch) for launch in merge)
+
+
+def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, batch: int, context: int) -> list[Launch]:
+    q = torch.empty(batch, Q_HEADS, head_dim, dtype=dtype, device="meta")
+    tables = torch.empty(batch, context // BLOCK_SIZE, dtype=torch.int32, device="meta")
+    lens = torch.empty(batch, dtype=torch.int32, device="meta")
+    splits = choose_num_splits(batch, KV_HEADS, context, TARGETS["sm_90"][1])
+    return paged_decode_attention_launches(q, cache, cache, tables, lens, head_dim**-0.5, q, splits)
+
+
+def _specialise(value) -> tuple[str, bool]:
+    """(Triton type, divisible by 16) of one runtime argument, as @triton.jit would see it."""
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype], True  # torch allocations are 256-byte aligned
+    if isinstance(value, float):
+        return "fp32", False
+    return ("i32" if -(2**31) <= value < 2**31 else "i64"), value % 16 == 0
+
+
+def source(launch: Launch) -> ASTSource:
+    """The ASTSource that @triton.jit would build for this launch (one format, Triton 3.6-3.9)."""
+    fn = launch.kernel
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = launch.args[param.name]
+        if param.is_constexpr or (type(value) is int and value == 1):
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        signature[param.name], divisible = _specialise(value)
+        if divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_variant(variant: Variant, target: str) -> Compiled:
+    capability = TARGETS[target][0]
+    options = dict(num_warps=variant.launch.num_warps, num_stages=variant.launch.num_stages)
+    compiled = triton.compile(source(variant.launch), target=GPUTarget("cuda", capability, 32), options=options)
+    usage, sass = _read_cubin(compiled.asm["cubin"])
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spill = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    loads, stores = _global_accesses(sass, ("LDG", "LDGSTS")), _global_accesses(sass, ("STG",))
+    return Compiled(variant.kernel, variant.shape, target, registers, spill, compiled.metadata.shared,
+                    len(loads), loads.count(True), len(stores), stores.count(True))
+
+
+def _read_cubin(cubin: bytes) -> tuple[str, str]:
+    tool = triton.knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True)
+    return usage.stdout, sass.stdout
+
+
+def _global_accesses(sass: str, opcodes: tuple[str, ...]) -> list[bool]:
+    """One entry per global memory instruction with one of `opcodes`: is it 128-bit wide?"""
+    widths = []
+    for match in re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.MULTILINE):
+        parts = match.group(1).split(".")
+        if parts[0] in opcodes:
+            widths.append("128" in parts[1:])
+    return widths
