@@ -36,7 +36,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None,
-        help="prompt tokens in one prefill step at most; longer prompts go in chunks (default 8192 on CUDA, 2048 on CPU)",
+        help="prompt tokens in one prefill step at most; longer prompts go in chunks "
+        "(default 8192 on CUDA, 2048 on CPU)",
     )
     g.add_argument(
         "--num-kv-blocks", type=int, default=None,
@@ -61,7 +62,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         "--repetition-penalty", type=float, default=1.0, help="penalise prompt and generated tokens (default 1.0: off)"
     )
     g.add_argument(
-        "--stop", action="append", default=[], metavar="STRING", help="stop before this string (repeatable; default none)"
+        "--stop", action="append", default=[], metavar="STRING",
+        help="stop before this string (repeatable; default none)",
     )
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible output")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")

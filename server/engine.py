@@ -76,7 +76,9 @@ def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
             f"--max-num-batched-tokens {max_num_batched_tokens} is below --max-num-seqs {max_num_seqs}: "
             "a decode step takes one token from every running sequence"
         )
-    max_model_len = config.max_model_len or (max_positions if device == "cuda" else min(max_positions, CPU_MAX_MODEL_LEN))
+    max_model_len = config.max_model_len or (
+        max_positions if device == "cuda" else min(max_positions, CPU_MAX_MODEL_LEN)
+    )
     num_kv_blocks = config.num_kv_blocks
     if num_kv_blocks is None and device == "cuda":
         num_kv_blocks = kv_blocks_for_free_memory(model, config.block_size, max_num_batched_tokens, max_num_seqs)
@@ -241,7 +243,9 @@ def _put_all(items: list[tuple[_Stream, RequestOutput | Exception]]) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, model: Qwen3Model, tokenizer: Tokenizer, model_dir: str | Path, config: EngineConfig | None = None):
+    def __init__(
+        self, model: Qwen3Model, tokenizer: Tokenizer, model_dir: str | Path, config: EngineConfig | None = None
+    ):
         self.config = resolve_config(config or EngineConfig(), model)
         self.tokenizer = tokenizer
         self.model_dir = Path(model_dir)
@@ -386,7 +390,10 @@ def _validate(request: GenerationRequest, vocab_size: int, max_model_len: int) -
             raise RequestRejected(message, code=code, param=param)
 
     check(prompt_len > 0, "the prompt is empty", "prompt")
-    check(all(0 <= t < vocab_size for t in request.prompt_token_ids), f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    def in_vocab(token_ids) -> bool:
+        return all(0 <= t < vocab_size for t in token_ids)
+
+    check(in_vocab(request.prompt_token_ids), f"prompt token ids must be in [0, {vocab_size})", "prompt")
     check(p.max_tokens is None or p.max_tokens >= 1, "max_tokens must be at least 1", "max_tokens")
     wanted = prompt_len + (p.max_tokens or 1)
     check(
@@ -406,8 +413,8 @@ def _validate(request: GenerationRequest, vocab_size: int, max_model_len: int) -
     check(p.min_tokens >= 0, "min_tokens must be at least 0", "min_tokens")
     check(p.max_tokens is None or p.min_tokens <= p.max_tokens, "min_tokens must not exceed max_tokens", "min_tokens")
     check(p.logprobs is None or 0 <= p.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
-    check(all(0 <= t < vocab_size for t in p.logit_bias), f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
-    check(all(0 <= t < vocab_size for t in p.stop_token_ids), f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
+    check(in_vocab(p.logit_bias), f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
+    check(in_vocab(p.stop_token_ids), f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
 
 
 def create_engine(args: argparse.Namespace) -> AsyncEngine:

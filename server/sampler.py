@@ -85,7 +85,6 @@ class Sampler:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self._params: _BatchParams | None = None
-        self._vocab_positions = torch.arange(vocab_size, device=device)
         self._one = torch.ones(1, device=device)
 
     def new_state(self, params: SamplingParams, prompt_token_ids: list[int], choice_index: int) -> SequenceSampling:
@@ -107,7 +106,9 @@ class Sampler:
         return SequenceSampling(
             generator=generator,
             bias_ids=ids(params.logit_bias) if params.logit_bias else None,
-            bias_values=torch.tensor(list(params.logit_bias.values()), device=self.device) if params.logit_bias else None,
+            bias_values=torch.tensor(list(params.logit_bias.values()), device=self.device)
+            if params.logit_bias
+            else None,
             min_tokens_ids=min_tokens_ids,
             output_counts=output_counts,
             seen=seen,
@@ -149,39 +150,26 @@ class Sampler:
 
     def _penalize(self, row: torch.Tensor, seq: Sequence) -> None:
         state, params = seq.sampling, seq.params
-        if state.seen is not None:  # HF: shrink towards zero every token seen in prompt or output
-            r = params.repetition_penalty
-            row.copy_(torch.where(state.seen, torch.where(row > 0, row / r, row * r), row))
-        if state.output_counts is not None:  # OpenAI: over generated tokens only
-            row.add_(state.output_counts, alpha=-params.frequency_penalty)
-            row.add_(state.output_counts.clamp(max=1.0), alpha=-params.presence_penalty)
+        if state.seen is not None:
+            apply_repetition_penalty(row, state.seen, params.repetition_penalty)
+        if state.output_counts is not None:
+            apply_presence_frequency_penalties(
+                row, state.output_counts, params.presence_penalty, params.frequency_penalty
+            )
 
     def _sample_random(self, logits: torch.Tensor, p: _BatchParams) -> torch.Tensor:
         logits.div_(p.temperature)
         if p.min_p is not None:
-            probs = logits.softmax(-1)
-            logits.masked_fill_(probs < p.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+            apply_min_p(logits, p.min_p)
         if p.top_p is not None:
-            self._top_k_top_p(logits, p)
+            apply_top_k_top_p(logits, p.top_k, p.top_p)
         elif p.top_k is not None:
-            kth = logits.topk(p.max_top_k, -1).values.gather(-1, p.top_k.clamp(max=p.max_top_k) - 1)
-            kth.masked_fill_(p.top_k > p.max_top_k, float("-inf"))  # rows without top-k keep all
-            logits.masked_fill_(logits < kth, float("-inf"))
+            apply_top_k(logits, p.top_k, p.max_top_k)
         probs = logits.softmax(-1)
         q = torch.empty_like(probs).exponential_()
         for row, generator in p.seeded:
             q[row].exponential_(generator=generator)
         return probs.div_(q).max(-1).indices
-
-    def _top_k_top_p(self, logits: torch.Tensor, p: _BatchParams) -> None:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        if p.top_k is not None:
-            sorted_logits.masked_fill_(self._vocab_positions >= p.top_k, float("-inf"))
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1).sub_(probs)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token once the ones before it do.
-        sorted_logits.masked_fill_(mass_before >= p.top_p, float("-inf"))
-        logits.scatter_(-1, order, sorted_logits)
 
     def _count(self, token_ids: torch.Tensor, p: _BatchParams) -> None:
         """Record the sampled tokens on the device for the penalties of later steps."""
@@ -230,3 +218,48 @@ class Sampler:
             else torch.tensor(logprob_rows, dtype=torch.int64).to(self.device, non_blocking=True),
             max_logprobs=max((params[row].logprobs for row in logprob_rows), default=0),
         )
+
+
+# Each filter takes logits [B, V] and per-row parameters [B, 1] and masks tokens with -inf in place.
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Drop tokens less likely than `min_p` times the most likely one (0: keep all)."""
+    probs = logits.softmax(-1)
+    logits.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
+    """Keep each row's `top_k` largest logits (ties with the k-th included); rows whose `top_k`
+    exceeds `max_top_k` keep all. Only the `max_top_k` largest are found: no full sort."""
+    kth = logits.topk(max_top_k, -1).values.gather(-1, top_k.clamp(max=max_top_k) - 1)
+    kth.masked_fill_(top_k > max_top_k, float("-inf"))
+    logits.masked_fill_(logits < kth, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor) -> None:
+    """Top-k (when given; the vocabulary size where off), then the smallest set of most likely
+    tokens whose probability reaches `top_p` (inf where off), renormalised over the top-k."""
+    sorted_logits, order = logits.sort(-1, descending=True)
+    if top_k is not None:
+        positions = torch.arange(logits.shape[-1], device=logits.device)
+        sorted_logits.masked_fill_(positions >= top_k, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1).sub_(probs)
+    sorted_logits.masked_fill_(mass_before >= top_p, float("-inf"))  # the set already reached top_p
+    logits.scatter_(-1, order, sorted_logits)
+
+
+def apply_repetition_penalty(row: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+    """HF semantics on one row: every token of prompt or output has its logit divided by `penalty`
+    when positive and multiplied by it when negative."""
+    row.copy_(torch.where(seen, torch.where(row > 0, row / penalty, row * penalty), row))
+
+
+def apply_presence_frequency_penalties(
+    row: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> None:
+    """OpenAI semantics on one row: minus `frequency` per occurrence of a token in the output so
+    far, and minus `presence` once if it occurs at all."""
+    row.add_(counts, alpha=-frequency)
+    row.add_(counts.clamp(max=1.0), alpha=-presence)

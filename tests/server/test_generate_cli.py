@@ -42,3 +42,16 @@ def test_generate_reports_bad_model_dir_cleanly(tmp_path):
     assert result.returncode == 2
     assert "config.json not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generate_sampling_is_reproducible_by_seed_and_stops_before_a_stop_string(demo_dir):
+    args = ("--max-tokens", "24", "--ignore-eos", "--temperature", "2.0", "--top-k", "50", "Once upon a time")
+    first = _run(*args, "--seed", "3")
+    second = _run(*args, "--seed", "3")
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout
+    text = first.stdout.removesuffix("\n")
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = _run(*args, "--seed", "3", "--stop", stop)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == text[: text.index(stop)] + "\n"
