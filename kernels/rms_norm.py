@@ -46,10 +46,17 @@ def _rms_norm_kernel(
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [outer, inner, H] with unit stride along H (a view whenever the layout allows)."""
+    """x as [outer, inner, H] with unit stride along H, without a copy where the layout allows.
+
+    Leading dimensions that flatten give inner = 1 (the kernel then divides by a constant 1);
+    the [T, heads, D] view of a fused QKV output keeps its two strides.
+    """
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return x.reshape(-1, x.shape[-2] if x.dim() > 1 else 1, x.shape[-1])
+    try:
+        return x.view(-1, 1, x.shape[-1])
+    except RuntimeError:  # leading dimensions do not flatten without a copy
+        return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
 def rms_norm_launch(
