@@ -1,0 +1,131 @@
+"""Per-step cost of batch-1 greedy decoding: nanoserve's engine vs `transformers` generate().
+
+Same demo weights, same device, same prompt, in one run, alternating repeats so that background
+load hits both alike. A step's time is the interval between consecutive tokens: for nanoserve
+between consecutive outputs of `AsyncEngine.generate` (the whole path: scheduler, model,
+sampler, detokenizer, thread hand-off); for HF between consecutive calls of a no-op logits
+processor. Also shown: nanoserve's forward pass alone, the model's math that no engine can
+avoid. Prints medians and the ratio; `--profile` adds a torch.profiler table of engine steps.
+
+    python -m bench.step_overhead [--model DIR] [--tokens 128] [--repeats 5] [--profile]
+"""
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM
+
+from model.batch import SequenceStep, make_batch
+from model.load import load_model, model_dir_or_demo
+from model.tokenizer import Tokenizer
+from server.engine import AsyncEngine, EngineConfig
+from server.request import GenerationRequest, SamplingParams
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
+
+
+class _StepClock(LogitsProcessor):
+    """Records when HF asks for each next token's scores; changes nothing."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def intervals_ms(times: list[float]) -> list[float]:
+    return [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+
+
+def hf_steps(hf: Qwen3ForCausalLM, prompt_ids: list[int], tokens: int) -> list[float]:
+    clock = _StepClock()
+    hf.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False, logits_processor=LogitsProcessorList([clock])
+    )
+    return intervals_ms(clock.times)
+
+
+async def _engine_times(engine: AsyncEngine, request: GenerationRequest) -> list[float]:
+    times = []
+    async for _ in engine.generate(request):
+        times.append(time.perf_counter())
+    return times
+
+
+def engine_steps(engine: AsyncEngine, prompt_ids: list[int], tokens: int, run: int) -> list[float]:
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    return intervals_ms(asyncio.run(_engine_times(engine, GenerationRequest(f"bench-{run}", prompt_ids, params))))
+
+
+def forward_steps(model, prompt_ids: list[int], tokens: int) -> list[float]:
+    """The decode forward pass alone, inputs prepared beforehand: the model's own cost per step."""
+    block_size = 16
+    num_blocks = -(-(len(prompt_ids) + tokens) // block_size)
+    kv_cache = model.allocate_kv_cache(num_blocks, block_size)
+    table = list(range(num_blocks))
+    model.forward(make_batch([SequenceStep(prompt_ids, 0, table)], block_size, model.device), kv_cache)
+    batches = [
+        make_batch([SequenceStep([prompt_ids[-1]], len(prompt_ids) + i, table[: (len(prompt_ids) + i) // block_size + 1])],
+                   block_size, model.device)
+        for i in range(tokens)
+    ]
+    times = [time.perf_counter()]
+    for batch in batches:
+        model.forward(batch, kv_cache)
+        times.append(time.perf_counter())
+    return intervals_ms(times)
+
+
+def profile_engine(engine: AsyncEngine, prompt_ids: list[int], tokens: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine_steps(engine, prompt_ids, tokens, run=-1)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each, alternating (default 5)")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of engine steps")
+    args = parser.parse_args()
+
+    model_dir = model_dir_or_demo(args.model)
+    model = load_model(model_dir, "cpu", "float32")
+    tokenizer = Tokenizer(model_dir)
+    hf = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # every run decodes exactly --tokens tokens
+    engine = AsyncEngine(model, tokenizer, model_dir, EngineConfig())
+    prompt_ids = tokenizer.encode(PROMPT)
+    samples: dict[str, list[float]] = {"hf": [], "nanoserve": [], "forward": []}
+    try:
+        hf_steps(hf, prompt_ids, 8)  # warm-up
+        engine_steps(engine, prompt_ids, 8, run=0)
+        for run in range(1, args.repeats + 1):
+            samples["hf"] += hf_steps(hf, prompt_ids, args.tokens)
+            samples["nanoserve"] += engine_steps(engine, prompt_ids, args.tokens, run)
+            samples["forward"] += forward_steps(model, prompt_ids, args.tokens)
+        if args.profile:
+            profile_engine(engine, prompt_ids, args.tokens)
+    finally:
+        engine.shutdown()
+
+    hf_ms, ns_ms, fwd_ms = (statistics.median(samples[k]) for k in ("hf", "nanoserve", "forward"))
+    print(f"demo checkpoint, CPU ({torch.get_num_threads()} threads), batch 1, {args.tokens} tokens x {args.repeats} runs")
+    print(f"{'':34}{'median ms/step':>16}")
+    print(f"{'transformers generate()':34}{hf_ms:16.3f}")
+    print(f"{'nanoserve engine':34}{ns_ms:16.3f}")
+    print(f"{'  of which the forward pass alone':34}{fwd_ms:16.3f}")
+    print(f"{'  engine overhead (the rest)':34}{ns_ms - fwd_ms:16.3f}")
+    print(f"ratio nanoserve / HF: {ns_ms / hf_ms:.2f} (target <= 0.50)")
+
+
+if __name__ == "__main__":
+    main()
