@@ -63,12 +63,14 @@ class ModelRunner:
         """Per scheduled sequence: (sampled token, its logprobs if asked), or None for a prompt
         chunk that stops short of the prompt's end."""
         sampling_rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        seqs = [batch.seqs[i] for i in sampling_rows]
         forward_batch = self._prepare_prefill(batch, sampling_rows) if batch.is_prefill else self._prepare_decode(batch)
+        if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
+            self.sampler.prepare(seqs)
         logits = self.model.forward(forward_batch, self.kv_cache)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
         if not sampling_rows:
             return results
-        seqs = [batch.seqs[i] for i in sampling_rows]
         sampled = self.sampler.sample(logits, seqs)
         token_ids, *logprobs = _to_host(
             sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs

@@ -117,7 +117,7 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
-        p = self._batch_params(seqs)
+        p = self.prepare(seqs)
         logprobs = None
         if p.logprob_rows:  # from the logits as the model gave them
             rows = logits if p.logprob_index is None else logits[p.logprob_index]
@@ -180,7 +180,8 @@ class Sampler:
             if seq.sampling.seen is not None:
                 seq.sampling.seen.index_fill_(0, token, True)
 
-    def _batch_params(self, seqs: list[Sequence]) -> _BatchParams:
+    def prepare(self, seqs: list[Sequence]) -> _BatchParams:
+        """The batch's per-row parameters as tensors, built when the batch's sequences change."""
         seq_ids = tuple(seq.seq_id for seq in seqs)
         if self._params is None or self._params.seq_ids != seq_ids:
             self._params = self._build_params(seq_ids, seqs)
