@@ -145,53 +145,59 @@ def _block_n(head_dim: int) -> int:
 
 
 def paged_decode_attention_launches(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    out: torch.Tensor,
-    num_splits: int,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, out: torch.Tensor, num_splits: int,
 ) -> list[Launch]:
-    """Stage 1 (and, with several splits, stage 2) writing attention to `out` ([B, Hq, D], last dim contiguous).
+    """Stage 1 (and, with several splits, stage 2) writing attention to `out` ([B, Hq, D]).
 
     Splits cover `tokens_per_split` tokens each, a whole number of tiles; the table's width bounds
     the context, so no device value has to be read back to size the grid.
     """
-    batch, q_heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
     _check_layout(q, k_cache, v_cache, out)
-    group = q_heads // kv_heads
+    batch, q_heads, head_dim = q.shape
     block_n = _block_n(head_dim)
-    max_context = block_tables.shape[1] * block_size
+    max_context = block_tables.shape[1] * k_cache.shape[1]
     tokens_per_split = cdiv(cdiv(max_context, num_splits), block_n) * block_n
     num_splits = cdiv(max_context, tokens_per_split)
-    if num_splits == 1:
-        partial, split_stride = out, 0
-    else:
-        partial = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        split_stride = partial.stride(2)
     lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
-    stage1 = Launch(_decode_split_kernel, (batch, kv_heads, num_splits), dict(
+    split_args = (q, k_cache, v_cache, block_tables, context_lens, scale, tokens_per_split, lse)
+    if num_splits == 1:  # stage 1 writes the output itself
+        return [_split_launch(*split_args, out)]
+    partial = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    return [_split_launch(*split_args, partial), _merge_launch(partial, lse, out, context_lens, tokens_per_split)]
+
+
+def _split_launch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, tokens_per_split: int, lse: torch.Tensor, partial: torch.Tensor,
+) -> Launch:
+    """Stage 1; `partial` is [B, Hq, splits, D] fp32, or the output [B, Hq, D] when there is one split."""
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    group = q.shape[1] // kv_heads
+    return Launch(_decode_split_kernel, (q.shape[0], kv_heads, lse.shape[2]), dict(
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, partial_out_ptr=partial, partial_lse_ptr=lse, scale_log2=scale * math.log2(math.e),
         q_stride_seq=q.stride(0), q_stride_head=q.stride(1), cache_stride_block=k_cache.stride(0),
         cache_stride_slot=k_cache.stride(1), cache_stride_head=k_cache.stride(2), table_stride=block_tables.stride(0),
-        out_stride_seq=partial.stride(0), out_stride_head=partial.stride(1), out_stride_split=split_stride,
+        out_stride_seq=partial.stride(0), out_stride_head=partial.stride(1),
+        out_stride_split=partial.stride(2) if partial.dim() == 4 else 0,
         lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), tokens_per_split=tokens_per_split,
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, FP32_DOT=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
+        BLOCK_N=_block_n(head_dim), FP32_DOT=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
     ), num_warps=4)
-    if num_splits == 1:
-        return [stage1]
-    stage2 = Launch(_merge_splits_kernel, (batch, q_heads), dict(
+
+
+def _merge_launch(
+    partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, context_lens: torch.Tensor, tokens_per_split: int
+) -> Launch:
+    """Stage 2: one program per (sequence, query head) over the contiguous [splits, D] partials."""
+    batch, q_heads, num_splits, head_dim = partial.shape
+    return Launch(_merge_splits_kernel, (batch, q_heads), dict(
         partial_out_ptr=partial, partial_lse_ptr=lse, out_ptr=out, context_lens_ptr=context_lens,
         tokens_per_split=tokens_per_split, partial_stride_seq=partial.stride(0), partial_stride_head=partial.stride(1),
         lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), out_stride_seq=out.stride(0),
         out_stride_head=out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_power_of_2(num_splits),
     ), num_warps=4)
-    return [stage1, stage2]
 
 
 def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:

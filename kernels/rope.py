@@ -71,7 +71,7 @@ def apply_rope_launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     head_dim = q.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("apply_rope rotates in place: q, k and cos_sin_cache need a contiguous last dimension")
-    if head_dim % 2 or head_dim & (head_dim - 1) or cos_sin_cache.dtype != torch.float32:
+    if head_dim < 2 or head_dim & (head_dim - 1) or cos_sin_cache.dtype != torch.float32:
         raise ValueError(f"apply_rope needs a power-of-two head_dim (got {head_dim}) and an fp32 cos/sin cache")
     args = dict(
         q_ptr=q, k_ptr=k, positions_ptr=positions, cos_sin_ptr=cos_sin_cache,
