@@ -1,0 +1,112 @@
+"""Stored Responses API objects in SQLite, so they survive a restart.
+
+One connection, used only from one worker thread: sqlite3 calls block, so they stay off the event
+loop, and a single thread serialises every read and write without locks. Rows keep, besides the
+response object, its input items (for `GET …/input_items`) and the whole conversation as chat
+messages (for a later `previous_response_id`). Past `max_responses`, the oldest rows go first.
+"""
+
+import asyncio
+import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    conversation TEXT NOT NULL
+)
+"""
+
+
+@dataclass
+class StoredResponse:
+    response: dict
+    input_items: list[dict]
+    conversation: list[dict]
+
+
+class ResponseStore:
+    def __init__(self, path: str | Path, max_responses: int):
+        if max_responses < 1:
+            raise ValueError(f"--response-store-max must be at least 1, got {max_responses}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._max_responses = max_responses
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-store")
+        try:
+            self._db = self._thread.submit(self._open).result()
+        except sqlite3.Error as err:
+            self._thread.shutdown()
+            raise RuntimeError(f"cannot open the response store {self.path}: {err}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False)  # used by the one worker thread only
+        db.execute(_SCHEMA)
+        # A response that was being generated when the server stopped will never finish.
+        unfinished = "SELECT id, response FROM responses WHERE status IN ('queued', 'in_progress')"
+        for response_id, text in db.execute(unfinished).fetchall():
+            response = json.loads(text) | {
+                "status": "failed",
+                "error": {"code": "server_error", "message": "The server stopped before this response finished."},
+            }
+            db.execute("UPDATE responses SET status = ?, response = ? WHERE id = ?",
+                       ("failed", json.dumps(response), response_id))
+        db.commit()
+        return db
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def add(self, response: dict, input_items: list[dict], conversation: list[dict]) -> None:
+        await self._run(self._add, response, input_items, conversation)
+
+    def _add(self, response: dict, input_items: list[dict], conversation: list[dict]) -> None:
+        self._db.execute(
+            "INSERT INTO responses (id, status, response, input_items, conversation) VALUES (?, ?, ?, ?, ?)",
+            (response["id"], response["status"], json.dumps(response), json.dumps(input_items), json.dumps(conversation)),
+        )
+        self._db.execute(
+            "DELETE FROM responses WHERE seq NOT IN (SELECT seq FROM responses ORDER BY seq DESC LIMIT ?)",
+            (self._max_responses,),
+        )
+        self._db.commit()
+
+    async def update(self, response: dict, conversation: list[dict]) -> None:
+        """Replace a stored response (a no-op once it was deleted or evicted)."""
+        await self._run(self._update, response, conversation)
+
+    def _update(self, response: dict, conversation: list[dict]) -> None:
+        self._db.execute(
+            "UPDATE responses SET status = ?, response = ?, conversation = ? WHERE id = ?",
+            (response["status"], json.dumps(response), json.dumps(conversation), response["id"]),
+        )
+        self._db.commit()
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        return await self._run(self._get, response_id)
+
+    def _get(self, response_id: str) -> StoredResponse | None:
+        row = self._db.execute(
+            "SELECT response, input_items, conversation FROM responses WHERE id = ?", (response_id,)
+        ).fetchone()
+        return None if row is None else StoredResponse(*(json.loads(column) for column in row))
+
+    async def delete(self, response_id: str) -> bool:
+        return await self._run(self._delete, response_id)
+
+    def _delete(self, response_id: str) -> bool:
+        deleted = self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+        self._db.commit()
+        return deleted
+
+    def close(self) -> None:
+        """Finish every queued write, then close the database."""
+        self._thread.submit(self._db.close).result()
+        self._thread.shutdown()
