@@ -72,6 +72,43 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
     """HTTP server flags (the OpenAI app's own)."""
+    g = p.add_argument_group("server")
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model id that clients send and /v1/models lists "
+        "(default: nanoserve-demo for the demo, else the checkpoint directory's name)",
+    )
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSERVE_API_KEY; unset: no key needed)",
+    )
+    g.add_argument(
+        "--response-store",
+        default=None,
+        metavar="PATH",
+        help="SQLite file that keeps stored Responses API objects across restarts "
+        "(default: responses.sqlite3 in $NANOSERVE_CACHE, else ~/.cache/nanoserve)",
+    )
+    g.add_argument(
+        "--response-store-max",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="stored responses kept at most; beyond it the oldest go first (default 10000)",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="largest request body accepted; a larger one gets 413 (default 8388608, i.e. 8 MiB)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
