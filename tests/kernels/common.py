@@ -18,6 +18,7 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
 DTYPES = list(TOLERANCES)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the default device of every kernel test
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 

@@ -62,7 +62,7 @@ def test_public_functions_dispatch_to_the_kernel(triton_backend):
 
 
 def test_cpu_tensors_use_the_reference_by_default():
-    x, weight = randn(4, 32, dtype=torch.float32), randn(32, dtype=torch.float32)
+    x, weight = randn(4, 32, dtype=torch.float32).cpu(), randn(32, dtype=torch.float32).cpu()
     assert kernels.get_backend() == "auto"
     assert torch.equal(kernels.rms_norm(x, weight, EPS), rms_norm_reference(x, weight, EPS))
 

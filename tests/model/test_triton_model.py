@@ -16,6 +16,7 @@ from model.tokenizer import Tokenizer
 from tests.kernels.common import kernel_backend
 
 VOCAB = 384
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run in the interpreter
 
 # GQA 5:1 (not a power of two) at head_dim 64; GQA 2:1 at head_dim 128.
 SHAPES = {
@@ -41,13 +42,13 @@ def test_greedy_tokens_on_triton_kernels_match_hf(checkpoint):
     hf = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, len(prompt):].tolist()
-    model = load_model(checkpoint, "cpu", "float32")
+    model = load_model(checkpoint, DEVICE, "float32")
     blocks = random.Random(2).sample(range(8), 4)
     cache = model.allocate_kv_cache(8, block_size)
     step, produced = SequenceStep(prompt, 0, blocks), []
     with kernel_backend("triton"):
         for _ in range(steps):
-            token = int(model.forward(make_batch([step], block_size, "cpu"), cache).argmax(-1))
+            token = int(model.forward(make_batch([step], block_size, DEVICE), cache).argmax(-1))
             produced.append(token)
             step = SequenceStep([token], step.num_cached + len(step.new_token_ids), blocks)
     assert produced == expected
@@ -64,7 +65,7 @@ def _batched_logits(model, backend: str) -> list[torch.Tensor]:
     logits = []
     with kernel_backend(backend):
         for _ in range(4):
-            logits.append(model.forward(make_batch(steps, block_size, "cpu"), cache))
+            logits.append(model.forward(make_batch(steps, block_size, DEVICE), cache))
             tokens = logits[-1].argmax(-1).tolist()
             steps = [SequenceStep([t], s.num_cached + len(s.new_token_ids), s.block_table) for t, s in zip(tokens, steps)]
     return logits
@@ -72,7 +73,7 @@ def _batched_logits(model, backend: str) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
 def test_batched_steps_on_triton_equal_torch_ops(checkpoint, dtype, tol):
-    model = load_model(checkpoint, "cpu", dtype)
+    model = load_model(checkpoint, DEVICE, dtype)
     for ours, ref in zip(_batched_logits(model, "triton"), _batched_logits(model, "torch")):
         assert ((ours - ref).abs().max() / ref.abs().max()).item() <= tol
 
