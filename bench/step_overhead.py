@@ -4,8 +4,9 @@ Same demo weights, same device, same prompt, in one run, alternating repeats so 
 load hits both alike. A step's time is the interval between consecutive tokens: for nanoserve
 between consecutive outputs of `AsyncEngine.generate` (the whole path: scheduler, model,
 sampler, detokenizer, thread hand-off); for HF between consecutive calls of a no-op logits
-processor. Also shown: nanoserve's forward pass alone, the model's math that no engine can
-avoid. Prints medians and the ratio; `--profile` adds a torch.profiler table of engine steps.
+processor. Also shown: each side's forward pass alone (a decode step's model call and nothing
+else), so that what the engine adds can be told from the model's own cost. Prints medians and
+the ratio; `--profile` adds a torch.profiler table of nanoserve's engine steps.
 
     python -m bench.step_overhead [--model DIR] [--tokens 128] [--repeats 5] [--profile]
 """
@@ -42,11 +43,21 @@ def intervals_ms(times: list[float]) -> list[float]:
     return [(b - a) * 1e3 for a, b in zip(times, times[1:])]
 
 
+@torch.inference_mode()
+def hf_forward_steps(hf: Qwen3ForCausalLM, prompt_ids: list[int], tokens: int) -> list[float]:
+    cache = hf(torch.tensor([prompt_ids]), use_cache=True).cache
+    token = torch.tensor([[prompt_ids[-1]]])
+    times = [time.perf_counter()]
+    for _ in range(tokens):
+        hf(token, cache=cache, use_cache=True)
+        times.append(time.perf_counter())
+    return intervals_ms(times)
+
+
 def hf_steps(hf: Qwen3ForCausalLM, prompt_ids: list[int], tokens: int) -> list[float]:
     clock = _StepClock()
-    hf.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False, logits_processor=LogitsProcessorList([clock])
-    )
+    prompt = torch.tensor([prompt_ids])
+    hf.generate(prompt, max_new_tokens=tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]))
     return intervals_ms(clock.times)
 
 
@@ -69,11 +80,11 @@ def forward_steps(model, prompt_ids: list[int], tokens: int) -> list[float]:
     kv_cache = model.allocate_kv_cache(num_blocks, block_size)
     table = list(range(num_blocks))
     model.forward(make_batch([SequenceStep(prompt_ids, 0, table)], block_size, model.device), kv_cache)
-    batches = [
-        make_batch([SequenceStep([prompt_ids[-1]], len(prompt_ids) + i, table[: (len(prompt_ids) + i) // block_size + 1])],
-                   block_size, model.device)
-        for i in range(tokens)
+    steps = [
+        SequenceStep([prompt_ids[-1]], num_cached, table[: num_cached // block_size + 1])
+        for num_cached in range(len(prompt_ids), len(prompt_ids) + tokens)
     ]
+    batches = [make_batch([step], block_size, model.device) for step in steps]
     times = [time.perf_counter()]
     for batch in batches:
         model.forward(batch, kv_cache)
@@ -104,12 +115,13 @@ def main() -> None:
     hf.generation_config.eos_token_id = None  # every run decodes exactly --tokens tokens
     engine = AsyncEngine(model, tokenizer, model_dir, EngineConfig())
     prompt_ids = tokenizer.encode(PROMPT)
-    samples: dict[str, list[float]] = {"hf": [], "nanoserve": [], "forward": []}
+    samples: dict[str, list[float]] = {"hf": [], "hf forward": [], "nanoserve": [], "forward": []}
     try:
         hf_steps(hf, prompt_ids, 8)  # warm-up
         engine_steps(engine, prompt_ids, 8, run=0)
         for run in range(1, args.repeats + 1):
             samples["hf"] += hf_steps(hf, prompt_ids, args.tokens)
+            samples["hf forward"] += hf_forward_steps(hf, prompt_ids, args.tokens)
             samples["nanoserve"] += engine_steps(engine, prompt_ids, args.tokens, run)
             samples["forward"] += forward_steps(model, prompt_ids, args.tokens)
         if args.profile:
@@ -117,14 +129,14 @@ def main() -> None:
     finally:
         engine.shutdown()
 
-    hf_ms, ns_ms, fwd_ms = (statistics.median(samples[k]) for k in ("hf", "nanoserve", "forward"))
-    print(f"demo checkpoint, CPU ({torch.get_num_threads()} threads), batch 1, {args.tokens} tokens x {args.repeats} runs")
-    print(f"{'':34}{'median ms/step':>16}")
-    print(f"{'transformers generate()':34}{hf_ms:16.3f}")
-    print(f"{'nanoserve engine':34}{ns_ms:16.3f}")
-    print(f"{'  of which the forward pass alone':34}{fwd_ms:16.3f}")
-    print(f"{'  engine overhead (the rest)':34}{ns_ms - fwd_ms:16.3f}")
-    print(f"ratio nanoserve / HF: {ns_ms / hf_ms:.2f} (target <= 0.50)")
+    ms = {name: statistics.median(values) for name, values in samples.items()}
+    threads = torch.get_num_threads()
+    print(f"demo checkpoint, CPU ({threads} threads), batch 1, {args.tokens} tokens x {args.repeats} runs")
+    print(f"{'median ms per decode step':36}{'step':>8}{'forward':>9}{'the rest':>10}")
+    rows = (("transformers generate()", "hf", "hf forward"), ("nanoserve engine", "nanoserve", "forward"))
+    for label, step, forward in rows:
+        print(f"{label:36}{ms[step]:8.3f}{ms[forward]:9.3f}{ms[step] - ms[forward]:10.3f}")
+    print(f"ratio nanoserve / HF per step: {ms['nanoserve'] / ms['hf']:.2f} (target <= 0.50)")
 
 
 if __name__ == "__main__":

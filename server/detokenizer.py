@@ -56,14 +56,14 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self._stop)
 
-    def find(self, text: str, start: int) -> tuple[int, str] | None:
-        """The earliest stop string in `text[start:]`: (where it begins, which one)."""
-        found = [(index, s) for s in self._stop if (index := text.find(s, start)) >= 0]
+    def find(self, text: str) -> tuple[int, str] | None:
+        """The earliest stop string in `text`: (where it begins, which one)."""
+        found = [(index, s) for s in self._stop if (index := text.find(s)) >= 0]
         return min(found, default=None)
 
-    def holdback(self, text: str, start: int) -> int:
-        """Length of the longest end of `text[start:]` that is a proper prefix of a stop string."""
-        for length in range(min(self._longest - 1, len(text) - start), 0, -1):
+    def holdback(self, text: str) -> int:
+        """Length of the longest end of `text` that is a proper prefix of a stop string."""
+        for length in range(min(self._longest - 1, len(text)), 0, -1):
             tail = text[-length:]
             if any(s.startswith(tail) for s in self._stop):
                 return length

@@ -5,10 +5,13 @@ its own. A `RequestState` gathers what its sequences gained in a step into one `
 """
 
 import enum
-from typing import Any
+from typing import TYPE_CHECKING
 
 from server.detokenizer import IncrementalDetokenizer, StopStrings
 from server.request import ChoiceDelta, GenerationRequest, RequestOutput, TokenLogprob
+
+if TYPE_CHECKING:  # the sampler imports this module
+    from server.sampler import SequenceSampling
 
 
 class SequenceStatus(enum.Enum):
@@ -37,14 +40,13 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_cached = 0  # leading tokens whose K/V are in the cache
         self.block_table: list[int] = []
-        self.sampling: Any = None  # the sampler's per-sequence state (generator, penalty counts)
+        self.sampling: SequenceSampling | None = None  # the sampler's state: generator, penalty counts
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self._stop_ids = frozenset(() if self.params.ignore_eos else eos_token_ids)
         self._detokenizer = detokenizer
         self._stop_strings = StopStrings(self.params.stop)
-        self._text = ""
-        self._sent = 0  # characters of `_text` already streamed
+        self._unsent = ""  # text not streamed yet: what may still become a stop string
 
     @property
     def num_tokens(self) -> int:
@@ -68,14 +70,14 @@ class Sequence:
         elif stops_active and token_id in self.params.stop_token_ids:
             self._finish("stop", token_id)
         else:  # a stop token's own text is never shown
-            self._text += self._detokenizer.add(token_id)
-            if stops_active and self._stop_strings and (found := self._stop_strings.find(self._text, self._sent)):
-                self._text = self._text[: found[0]]
+            self._unsent += self._detokenizer.add(token_id)
+            if stops_active and self._stop_strings and (found := self._stop_strings.find(self._unsent)):
+                self._unsent = self._unsent[: found[0]]
                 self._finish("stop", found[1])
             elif self.num_generated >= self.max_tokens:
                 self._finish("length", None)
         if self.is_finished and not isinstance(self.stop_reason, str):
-            self._text += self._detokenizer.flush()
+            self._unsent += self._detokenizer.flush()
         return ChoiceDelta(
             index=self.index,
             text=self._take_text(),
@@ -96,11 +98,9 @@ class Sequence:
 
     def _take_text(self) -> str:
         """The unsent text, less an end that may still become a stop string while running."""
-        end = len(self._text)
-        if not self.is_finished and self._stop_strings:
-            end -= self._stop_strings.holdback(self._text, self._sent)
-        text = self._text[self._sent : end]
-        self._sent = end
+        keep = self._stop_strings.holdback(self._unsent) if self._stop_strings and not self.is_finished else 0
+        text = self._unsent[: len(self._unsent) - keep]
+        self._unsent = self._unsent[len(text) :]
         return text
 
 
