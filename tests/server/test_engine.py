@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import random
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -385,3 +386,32 @@ def test_queue_limit_shutdown_and_bad_requests(make_engine):
 
     run(main())
     assert not engine.is_alive
+
+
+def test_a_slow_consumer_gets_what_piled_up_merged(make_engine):
+    engine = make_engine()
+    prompt = random_prompts(1, seed=19)[0]
+    params = dict(temperature=3.0, seed=1, n=2, max_tokens=30, ignore_eos=True, logprobs=1)
+
+    async def slow() -> tuple[dict[int, Choice], int]:
+        choices: dict[int, Choice] = {}
+        largest = 0
+        async for output in engine.generate(request(prompt, **params)):
+            time.sleep(0.02)  # blocks the event loop: outputs pile up meanwhile
+            for delta in output.choices:
+                choice = choices.setdefault(delta.index, Choice())
+                choice.text += delta.text
+                choice.token_ids += delta.token_ids
+                choice.logprobs += delta.logprobs
+                choice.finish_reason = delta.finish_reason
+                largest = max(largest, len(delta.token_ids))
+        return choices, largest
+
+    fast = run(collect(engine, request(prompt, **params))).choices
+    slow_choices, largest = run(slow())
+    assert largest > 1
+    for index in (0, 1):
+        assert slow_choices[index].token_ids == fast[index].token_ids
+        assert slow_choices[index].text == fast[index].text
+        assert [lp.token_id for lp in slow_choices[index].logprobs] == fast[index].token_ids
+        assert slow_choices[index].finish_reason == "length"
