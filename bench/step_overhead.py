@@ -6,23 +6,29 @@ between consecutive outputs of `AsyncEngine.generate` (the whole path: scheduler
 sampler, detokenizer, thread hand-off); for HF between consecutive calls of a no-op logits
 processor. Also shown: each side's forward pass alone (a decode step's model call and nothing
 else), so that what the engine adds can be told from the model's own cost. Prints medians and
-the ratio; `--profile` adds a torch.profiler table of nanoserve's engine steps.
+the ratio; `--profile` adds a torch.profiler table of the engine's decode steps.
+
+Each measurement runs on a thread of its own (nanoserve's: a fresh engine's loop thread), so that
+one thread at a time holds an OpenMP team; see `create_engine` for why that doubles CPU speed.
 
     python -m bench.step_overhead [--model DIR] [--tokens 128] [--repeats 5] [--profile]
 """
 
 import argparse
 import asyncio
+from dataclasses import replace
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM
 
 from model.batch import SequenceStep, make_batch
 from model.load import load_model, model_dir_or_demo
+from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
-from server.engine import AsyncEngine, EngineConfig
+from server.engine import AsyncEngine, EngineConfig, EngineCore, resolve_config
 from server.request import GenerationRequest, SamplingParams
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
@@ -37,6 +43,11 @@ class _StepClock(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.times.append(time.perf_counter())
         return scores
+
+
+def on_own_thread(fn, *args):
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def intervals_ms(times: list[float]) -> list[float]:
@@ -68,9 +79,15 @@ async def _engine_times(engine: AsyncEngine, request: GenerationRequest) -> list
     return times
 
 
-def engine_steps(engine: AsyncEngine, prompt_ids: list[int], tokens: int, run: int) -> list[float]:
+def engine_steps(model: Qwen3Model, tokenizer: Tokenizer, prompt_ids: list[int], tokens: int) -> list[float]:
+    """Steps of a fresh engine (its loop thread ends with it), the first one a warm-up."""
+    engine = AsyncEngine(model, tokenizer, "", EngineConfig())
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    return intervals_ms(asyncio.run(_engine_times(engine, GenerationRequest(f"bench-{run}", prompt_ids, params))))
+    try:
+        asyncio.run(_engine_times(engine, GenerationRequest("warm-up", prompt_ids, replace(params, max_tokens=4))))
+        return intervals_ms(asyncio.run(_engine_times(engine, GenerationRequest("bench", prompt_ids, params))))
+    finally:
+        engine.shutdown()
 
 
 def forward_steps(model, prompt_ids: list[int], tokens: int) -> list[float]:
@@ -92,12 +109,25 @@ def forward_steps(model, prompt_ids: list[int], tokens: int) -> list[float]:
     return intervals_ms(times)
 
 
-def profile_engine(engine: AsyncEngine, prompt_ids: list[int], tokens: int) -> None:
+def profile_engine_steps(model: Qwen3Model, tokenizer: Tokenizer, prompt_ids: list[int], tokens: int) -> str:
+    """torch.profiler's table of the engine core's decode steps, run on the calling thread: the
+    profiler sees the ops of the thread that starts it."""
     from torch.profiler import ProfilerActivity, profile
 
+    core = EngineCore(model, tokenizer, resolve_config(EngineConfig(), model))
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    core.add_request(GenerationRequest("profile", prompt_ids, params))
+    core.step()  # the prefill
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine_steps(engine, prompt_ids, tokens, run=-1)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        while core.has_work():
+            core.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+
+
+def load_hf(model_dir) -> Qwen3ForCausalLM:
+    hf = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # every run decodes exactly --tokens tokens
+    return hf
 
 
 def main() -> None:
@@ -109,25 +139,19 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = model_dir_or_demo(args.model)
-    model = load_model(model_dir, "cpu", "float32")
+    model = on_own_thread(load_model, model_dir, "cpu", "float32")
+    hf = on_own_thread(load_hf, model_dir)
     tokenizer = Tokenizer(model_dir)
-    hf = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # every run decodes exactly --tokens tokens
-    engine = AsyncEngine(model, tokenizer, model_dir, EngineConfig())
     prompt_ids = tokenizer.encode(PROMPT)
     samples: dict[str, list[float]] = {"hf": [], "hf forward": [], "nanoserve": [], "forward": []}
-    try:
-        hf_steps(hf, prompt_ids, 8)  # warm-up
-        engine_steps(engine, prompt_ids, 8, run=0)
-        for run in range(1, args.repeats + 1):
-            samples["hf"] += hf_steps(hf, prompt_ids, args.tokens)
-            samples["hf forward"] += hf_forward_steps(hf, prompt_ids, args.tokens)
-            samples["nanoserve"] += engine_steps(engine, prompt_ids, args.tokens, run)
-            samples["forward"] += forward_steps(model, prompt_ids, args.tokens)
-        if args.profile:
-            profile_engine(engine, prompt_ids, args.tokens)
-    finally:
-        engine.shutdown()
+    on_own_thread(hf_steps, hf, prompt_ids, 8)  # warm-up
+    for _ in range(args.repeats):
+        samples["hf"] += on_own_thread(hf_steps, hf, prompt_ids, args.tokens)
+        samples["hf forward"] += on_own_thread(hf_forward_steps, hf, prompt_ids, args.tokens)
+        samples["nanoserve"] += engine_steps(model, tokenizer, prompt_ids, args.tokens)
+        samples["forward"] += on_own_thread(forward_steps, model, prompt_ids, args.tokens)
+    if args.profile:
+        print(profile_engine_steps(model, tokenizer, prompt_ids, args.tokens))  # last: no thread runs beside it
 
     ms = {name: statistics.median(values) for name, values in samples.items()}
     threads = torch.get_num_threads()
