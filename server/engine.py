@@ -362,6 +362,8 @@ class AsyncEngine:
                 if not stream.started:
                     stream.started = True
                     self._num_queued -= 1
+                if isinstance(item, Exception) or item.finished:  # over for the engine: id free, not running
+                    del self._streams[request_id]
                 by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
             _call_soon(loop, items)

@@ -415,3 +415,21 @@ def test_a_slow_consumer_gets_what_piled_up_merged(make_engine):
         assert slow_choices[index].text == fast[index].text
         assert [lp.token_id for lp in slow_choices[index].logprobs] == fast[index].token_ids
         assert slow_choices[index].finish_reason == "length"
+
+
+def test_a_finished_request_frees_its_id_before_its_iterator_is_closed(make_engine):
+    engine = make_engine()
+    req = request(**greedy(random_prompts(1, seed=20)[0], 3))
+
+    async def main():
+        stream = engine.generate(req)
+        while not (await anext(stream)).finished:
+            pass
+        stats = engine.stats()
+        again = await collect(engine, req)  # the same request id, while the first iterator is still open
+        await stream.aclose()
+        return stats, again
+
+    stats, again = run(main())
+    assert stats.num_running == stats.num_waiting == 0
+    assert again.choices[0].finish_reason == "length" and len(again.choices[0].token_ids) == 3
