@@ -2,8 +2,8 @@
 
 The step's inputs (token ids, positions, cache slots, block tables, context lengths) are written
 into buffers allocated once, host side through numpy views; on CUDA they reach their device twins
-with asynchronous copies from pinned memory. The step's results come back in one transfer, the
-step's only host sync.
+with asynchronous copies from pinned memory. The step's results come back to the host behind one
+synchronisation, the step's only one.
 """
 
 import numpy as np

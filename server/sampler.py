@@ -117,7 +117,8 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
-        p = self.prepare(seqs)
+        self.prepare(seqs)
+        p = self._params
         logprobs = None
         if p.logprob_rows:  # from the logits as the model gave them
             rows = logits if p.logprob_index is None else logits[p.logprob_index]
@@ -180,12 +181,11 @@ class Sampler:
             if seq.sampling.seen is not None:
                 seq.sampling.seen.index_fill_(0, token, True)
 
-    def prepare(self, seqs: list[Sequence]) -> _BatchParams:
-        """The batch's per-row parameters as tensors, built when the batch's sequences change."""
+    def prepare(self, seqs: list[Sequence]) -> None:
+        """Turn the batch's per-row parameters into tensors, when the batch's sequences changed."""
         seq_ids = tuple(seq.seq_id for seq in seqs)
         if self._params is None or self._params.seq_ids != seq_ids:
             self._params = self._build_params(seq_ids, seqs)
-        return self._params
 
     def _build_params(self, seq_ids: tuple[int, ...], seqs: list[Sequence]) -> _BatchParams:
         params = [seq.params for seq in seqs]
@@ -209,7 +209,7 @@ class Sampler:
             top_p=column([sp.top_p if sp.top_p < 1 else float("inf") for sp in params])
             if any(sp.top_p < 1 for sp in sampled)
             else None,
-            seeded=[(row, seq.sampling.generator) for row, seq in enumerate(seqs) if seq.sampling.generator],
+            seeded=[(row, s.sampling.generator) for row, s in enumerate(seqs) if s.sampling.generator is not None],
             biased=[(row, seq) for row, seq in enumerate(seqs) if seq.params.logit_bias],
             min_tokens=[(row, seq) for row, seq in enumerate(seqs) if seq.params.min_tokens],
             penalized=[(row, seq) for row, seq in enumerate(seqs) if _uses_penalties(seq.params)],
