@@ -433,3 +433,19 @@ def test_a_finished_request_frees_its_id_before_its_iterator_is_closed(make_engi
     stats, again = run(main())
     assert stats.num_running == stats.num_waiting == 0
     assert again.choices[0].finish_reason == "length" and len(again.choices[0].token_ids) == 3
+
+
+def test_a_request_larger_than_the_whole_cache_is_rejected(make_engine):
+    engine = make_engine(num_kv_blocks=3)  # 48 tokens: the context shrinks to what the cache holds
+    assert engine.max_model_len == 48
+    prompt = random_prompts(1, seed=21, lengths=(10, 11))[0]
+
+    async def main():
+        with pytest.raises(RequestRejected) as info:
+            await anext(engine.generate(request(**greedy(prompt, 39))))
+        fits = await collect(engine, request(**greedy(prompt, 38)))
+        return info.value, fits
+
+    rejected, fits = run(main())
+    assert (rejected.code, rejected.param) == ("context_length_exceeded", "max_tokens")
+    assert len(fits.choices[0].token_ids) == 38 and engine.stats().kv_blocks_used == 0
