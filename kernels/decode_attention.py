@@ -17,6 +17,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
 from kernels.backend import use_triton
@@ -111,20 +112,25 @@ def paged_decode_attention_reference(
 ) -> torch.Tensor:
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    group = q_heads // kv_heads
-    max_len = block_tables.shape[1] * block_size
-    # Gather every block in the table (padding entries are valid block ids) and mask past the end.
-    keys = k_cache[block_tables.long()].view(batch, max_len, kv_heads, head_dim).float()
-    values = v_cache[block_tables.long()].view(batch, max_len, kv_heads, head_dim).float()
-    qg = q.float().view(batch, kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,bshd->bhgs", qg, keys) * scale
-    past_end = torch.arange(max_len, device=q.device)[None, :] >= context_lens[:, None]
-    scores.masked_fill_(past_end[:, None, None, :], float("-inf"))
-    # Slots past the end hold whatever the cache held; 0 * NaN would still poison the sum.
-    values.masked_fill_(past_end[:, :, None, None], 0.0)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgs,bshd->bhgd", probs, values)
-    return out.reshape(batch, q_heads, head_dim).to(q.dtype)
+    # Context lengths read back to the host: free on CPU, where this reference runs.
+    lens = context_lens.tolist()
+    max_len = max(lens)
+    blocks = block_tables[:, : cdiv(max_len, block_size)].reshape(-1).long()
+    keys = k_cache.index_select(0, blocks).view(batch, -1, kv_heads, head_dim)[:, :max_len]
+    values = v_cache.index_select(0, blocks).view(batch, -1, kv_heads, head_dim)[:, :max_len]
+    mask = None
+    if min(lens) < max_len:
+        # Shorter sequences: mask their tails, and zero them (a stale NaN would survive the mask).
+        for seq, length in enumerate(lens):
+            keys[seq, length:] = 0.0
+            values[seq, length:] = 0.0
+        mask = (torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
+    # torch's CPU attention accumulates reduced-precision inputs in fp32, as the kernel does.
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask, scale=scale, enable_gqa=q_heads != kv_heads,
+    )
+    return out.view(batch, q_heads, head_dim)
 
 
 @functools.cache

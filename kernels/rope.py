@@ -48,21 +48,24 @@ def build_cos_sin_cache(max_position: int, head_dim: int, theta: float, device=N
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates x's two halves in place, in fp32 (fp32 x is updated directly: fewer ops on CPU)."""
     xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    x1, x2 = xf.chunk(2, dim=-1)
+    first = x1 * cos - x2 * sin
+    if xf is x:
+        x2.mul_(cos).addcmul_(x1, sin)
+        x1.copy_(first)
+    else:
+        x.copy_(torch.cat((first, x2 * cos + x1 * sin), dim=-1))
 
 
 def apply_rope_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    half = q.shape[-1] // 2
-    cos_sin = cos_sin_cache[positions].unsqueeze(1)  # [T, 1, D]
-    cos, sin = cos_sin[..., :half], cos_sin[..., half:]
-    q.copy_(_rotate(q, cos, sin))
-    k.copy_(_rotate(k, cos, sin))
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+    _rotate_(q, cos, sin)
+    _rotate_(k, cos, sin)
     return q, k
 
 

@@ -40,10 +40,11 @@ def store_kv_reference(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(num_slots, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(num_slots, *v_cache.shape[2:])[slots] = v[keep]
+    if bool((slot_mapping < 0).any()):  # padding present: drop those tokens first
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 def store_kv_launch(

@@ -22,6 +22,15 @@ from model.config import Qwen3Config
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), each [blocks, block_size, Hk, D]
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # A single bf16 row on CPU (batch-1 decode): torch.mv's GEMV reads the weight about 35% faster
+    # than F.linear's oneDNN matmul (measured on an AVX-512 Xeon, torch 2.13; fp32 and fp16 gain
+    # nothing or lose). Weight reads are the whole cost of such a step.
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return torch.mv(weight, x[0]).unsqueeze(0)
+    return F.linear(x, weight)
+
+
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -82,14 +91,14 @@ class Qwen3Model(nn.Module):
         # Only the rows that need logits go through the final norm and the LM head.
         rows = batch.logits_indices
         x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, eps)
-        return F.linear(x, self.lm_head).float()
+        return _linear(x, self.lm_head).float()
 
     def _attention(
         self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> torch.Tensor:
         c = self.config
         num_tokens = x.shape[0]
-        q, k, v = F.linear(x, layer.qkv_proj).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q, k, v = _linear(x, layer.qkv_proj).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = rms_norm(q.view(num_tokens, c.num_heads, c.head_dim), layer.q_norm, c.rms_norm_eps)
         k = rms_norm(k.view(num_tokens, c.num_kv_heads, c.head_dim), layer.k_norm, c.rms_norm_eps)
         v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
@@ -99,7 +108,7 @@ class Qwen3Model(nn.Module):
             out = paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
         else:
             out = self._prefill_attention(q, k, v, batch, k_cache, v_cache)
-        return F.linear(out.reshape(num_tokens, c.q_size), layer.o_proj)
+        return _linear(out.reshape(num_tokens, c.q_size), layer.o_proj)
 
     def _prefill_attention(
         self,
@@ -140,5 +149,5 @@ class Qwen3Model(nn.Module):
         return out
 
     def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down_proj)
+        gate, up = _linear(x, layer.gate_up_proj).chunk(2, dim=-1)
+        return _linear(F.silu(gate) * up, layer.down_proj)
