@@ -1,7 +1,7 @@
 """nanoserve vs transformers `generate()` on the same weights, same device, same prompts, one run.
 
-    python bench/generate.py --shape qwen3-0.6b --device cpu --dtype bfloat16
-    python bench/generate.py --model /path/to/Qwen3-8B --device cuda
+    python -m bench.generate --shape qwen3-0.6b --device cpu --dtype bfloat16
+    python -m bench.generate --model /path/to/Qwen3-8B --device cuda
 
 Weights come from a checkpoint directory (`--model`) or are random with a named shape
 (`--shape demo|qwen3-0.6b|qwen3-8b`): HF initialises its model and nanoserve loads HF's tensors,
@@ -12,9 +12,11 @@ Measured, each a median over `--repeats` runs:
 - decode tokens/s at batch 1 and ms per decode step (generating `--decode-tokens` after the first);
 - aggregate decode tokens/s at each of `--batches`: nanoserve's engine with that many concurrent
   requests vs HF batched `generate` with that many prompts (equal lengths, so no padding);
-- the weights read per decode step over the step time (GB/s) beside the memory floor: the
-  measured copy bandwidth (a large tensor copy on the same device).
-Greedy decoding, EOS ignored, so both sides generate exactly the same number of tokens.
+- the weights read per batch-1 decode step over the step time (GB/s) beside the memory floor:
+  weight bytes over the measured memory bandwidth (on CUDA a large device-to-device copy, counted
+  as bytes read + written; on CPU a reduction over a buffer far larger than the caches).
+Greedy decoding, EOS ignored, so both sides generate exactly the same number of tokens. Every
+phase runs on a thread of its own (see `bench.timing.on_own_thread`).
 """
 
 import argparse
@@ -27,14 +29,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.config import parse_config  # noqa: E402
-from model.demo import DEMO_CONFIG, demo_checkpoint, hf_config  # noqa: E402
-from model.load import load_model, resolve_device  # noqa: E402
-from model.qwen3 import Qwen3Model  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from model.weights import load_state_dict  # noqa: E402
+from bench.timing import median_seconds, on_own_thread
+from model.batch import SequenceStep, make_batch
+from model.config import parse_config
+from model.demo import DEMO_CONFIG, demo_checkpoint, hf_config
+from model.load import load_model, resolve_device
+from model.qwen3 import Qwen3Model
+from model.tokenizer import Tokenizer
+from model.weights import load_state_dict
+from server.engine import AsyncEngine, EngineConfig
+from server.request import GenerationRequest, SamplingParams
 
 SHAPES = {
     "demo": DEMO_CONFIG,
@@ -46,29 +50,15 @@ SHAPES = {
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def sync(device: torch.device) -> None:
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes/s the device's memory moves: a device-to-device copy (read + write) on CUDA, a
+    reduction (read) on CPU, each over a buffer far larger than the caches."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: kernel selection, allocator, JIT
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes moved (read + write) per second by a large same-device tensor copy."""
-    src = torch.empty(256 << 20, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    seconds = median_time(lambda: dst.copy_(src), 5, device)
-    return 2 * src.numel() / seconds
+        src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), 5, device)
+    src = torch.randn(256 << 20)  # 1 GiB of fp32
+    return src.numel() * 4 / median_seconds(src.sum, 5, device)
 
 
 def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -95,28 +85,24 @@ def hf_generate_time(hf, prompts: torch.Tensor, new_tokens: int, repeats: int, d
                     eos_token_id=None, pad_token_id=0)
 
     with torch.inference_mode():
-        return median_time(run, repeats, device)
+        return median_seconds(run, repeats, device)
 
 
 def hf_prefill_time(hf, prompt: torch.Tensor, repeats: int, device) -> float:
     with torch.inference_mode():
-        return median_time(lambda: hf(prompt, logits_to_keep=1), repeats, device)
+        return median_seconds(lambda: hf(prompt, logits_to_keep=1), repeats, device)
 
 
 def ours_prefill_time(ours: Qwen3Model, prompt: list[int], repeats: int, device) -> float:
-    from model.batch import SequenceStep, make_batch
-
     block_size = 16
     blocks = list(range(-(-len(prompt) // block_size)))
     cache = ours.allocate_kv_cache(len(blocks), block_size)
     batch = make_batch([SequenceStep(prompt, 0, blocks)], block_size, device)
-    return median_time(lambda: ours.forward(batch, cache), repeats, device)
+    return median_seconds(lambda: ours.forward(batch, cache), repeats, device)
 
 
-async def _engine_decode(engine, prompts: list[list[int]], new_tokens: int) -> float:
+async def _engine_decode(engine: AsyncEngine, prompts: list[list[int]], new_tokens: int) -> float:
     """Seconds from the last request's first token to the last request's end (decode only)."""
-    from server.request import GenerationRequest, SamplingParams
-
     first_token_at: list[float] = []
     finished_at: list[float] = []
 
@@ -133,19 +119,23 @@ async def _engine_decode(engine, prompts: list[list[int]], new_tokens: int) -> f
     return max(finished_at) - max(first_token_at)
 
 
-def ours_decode_time(engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
-    asyncio.run(_engine_decode(engine, prompts, new_tokens))  # warm-up
-    return statistics.median(asyncio.run(_engine_decode(engine, prompts, new_tokens)) for _ in range(repeats))
+def ours_decode_time(ours: Qwen3Model, tokenizer_dir: Path, config: EngineConfig, prompts: list[list[int]],
+                     new_tokens: int, repeats: int) -> float:
+    """Median decode time of a fresh engine, shut down afterwards so its loop thread ends."""
+    engine = AsyncEngine(ours, Tokenizer(tokenizer_dir), tokenizer_dir, config)
+    try:
+        asyncio.run(_engine_decode(engine, prompts, new_tokens))  # warm-up
+        return statistics.median(asyncio.run(_engine_decode(engine, prompts, new_tokens)) for _ in range(repeats))
+    finally:
+        engine.shutdown()
 
 
 def run(args: argparse.Namespace) -> dict:
-    from server.engine import AsyncEngine, EngineConfig
-
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     print(f"building {args.model or args.shape} ({args.dtype}) on {device} ...", file=sys.stderr)
-    hf, ours, tokenizer_dir = build_models(args, device, dtype)
+    hf, ours, tokenizer_dir = on_own_thread(build_models, args, device, dtype)
     vocab = ours.config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     max_batch = max(args.batches)
@@ -155,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         "shape": args.model or args.shape,
         "dtype": args.dtype,
         "weight_bytes": weight_bytes,
-        "copy_bandwidth_GBps": copy_bandwidth(device) / 1e9,
+        "memory_bandwidth_GBps": on_own_thread(memory_bandwidth, device) / 1e9,
         "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens,
     }
@@ -163,32 +153,28 @@ def run(args: argparse.Namespace) -> dict:
     print("prefill ...", file=sys.stderr)
     one_prompt = prompts[:1].to(device)
     result["prefill_tok_s"] = {
-        "hf": args.prompt_len / hf_prefill_time(hf, one_prompt, args.repeats, device),
-        "nanoserve": args.prompt_len / ours_prefill_time(ours, prompts[0].tolist(), args.repeats, device),
+        "hf": args.prompt_len / on_own_thread(hf_prefill_time, hf, one_prompt, args.repeats, device),
+        "nanoserve": args.prompt_len / on_own_thread(ours_prefill_time, ours, prompts[0].tolist(), args.repeats, device),
     }
 
     block_size = 16
     blocks_per_seq = -(-(args.prompt_len + args.decode_tokens + 2) // block_size)
     config = EngineConfig(block_size=block_size, num_kv_blocks=blocks_per_seq * max_batch + 1,
                           max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * args.prompt_len))
-    engine = AsyncEngine(ours, Tokenizer(tokenizer_dir), tokenizer_dir, config)
     decode = {}
-    try:
-        for batch in args.batches:
-            print(f"decode at batch {batch} ...", file=sys.stderr)
-            hf_prompts = prompts[:batch].to(device)
-            hf_first = hf_generate_time(hf, hf_prompts, 1, args.repeats, device)
-            hf_all = hf_generate_time(hf, hf_prompts, args.decode_tokens + 1, args.repeats, device)
-            ours_s = ours_decode_time(engine, prompts[:batch].tolist(), args.decode_tokens, args.repeats)
-            tokens = batch * args.decode_tokens
-            decode[batch] = {"hf": tokens / (hf_all - hf_first), "nanoserve": tokens / ours_s}
-    finally:
-        engine.shutdown()
+    for batch in args.batches:
+        print(f"decode at batch {batch} ...", file=sys.stderr)
+        hf_prompts = prompts[:batch].to(device)
+        hf_first = on_own_thread(hf_generate_time, hf, hf_prompts, 1, args.repeats, device)
+        hf_all = on_own_thread(hf_generate_time, hf, hf_prompts, args.decode_tokens + 1, args.repeats, device)
+        ours_s = ours_decode_time(ours, tokenizer_dir, config, prompts[:batch].tolist(), args.decode_tokens, args.repeats)
+        tokens = batch * args.decode_tokens
+        decode[batch] = {"hf": tokens / (hf_all - hf_first), "nanoserve": tokens / ours_s}
     result["decode_tok_s"] = decode
     step_s = {side: 1.0 / decode[1][side] for side in ("hf", "nanoserve")} if 1 in decode else {}
     result["ms_per_decode_step_batch1"] = {side: s * 1e3 for side, s in step_s.items()}
     # Batch-1 decode reads every weight once per step: that is the memory floor of a step.
-    floor_s = weight_bytes / (result["copy_bandwidth_GBps"] * 1e9 / 2)
+    floor_s = weight_bytes / (result["memory_bandwidth_GBps"] * 1e9)
     result["weight_read_floor_ms"] = floor_s * 1e3
     result["weight_read_GBps_batch1"] = {side: weight_bytes / s / 1e9 for side, s in step_s.items()}
     result["pct_of_floor_batch1"] = {side: 100 * floor_s / s for side, s in step_s.items()}
@@ -197,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"\n{r['shape']} {r['dtype']} on {r['device']}: weights {r['weight_bytes'] / 1e9:.2f} GB, "
-          f"copy bandwidth {r['copy_bandwidth_GBps']:.1f} GB/s (read+write), weight-read floor "
+          f"memory bandwidth {r['memory_bandwidth_GBps']:.1f} GB/s, weight-read floor "
           f"{r['weight_read_floor_ms']:.2f} ms/step")
     print(f"{'metric':<34} {'HF':>12} {'nanoserve':>12} {'ratio':>7}")
 

@@ -19,11 +19,11 @@ import asyncio
 from dataclasses import replace
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM
 
+from bench.timing import on_own_thread
 from model.batch import SequenceStep, make_batch
 from model.load import load_model, model_dir_or_demo
 from model.qwen3 import Qwen3Model
@@ -43,11 +43,6 @@ class _StepClock(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.times.append(time.perf_counter())
         return scores
-
-
-def on_own_thread(fn, *args):
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def intervals_ms(times: list[float]) -> list[float]:
