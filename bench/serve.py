@@ -9,6 +9,12 @@ requests/s with at most N in flight (`--arrival poisson`). Every request asks fo
 output tokens/s, requests/s, time to first token (TTFT), inter-token latency (ITL, the gaps
 between streamed chunks, divided by the tokens each chunk carries) and end-to-end latency as
 p50/p90/p99, and errors. Writes JSON and, with matplotlib installed, a PNG of latency against load.
+
+With `--hf-baseline DIR` (the checkpoint the server serves), the same run then measures
+transformers' batch-1 `generate()` decode rate on those weights on this machine (while the
+server idles) and reports each level's throughput as a multiple of it.
+
+    python -m bench.serve --url http://127.0.0.1:8000 --concurrency 1,8 --hf-baseline /path/to/ckpt
 """
 
 import argparse
@@ -191,10 +197,30 @@ def plot(levels: list[dict], path: Path) -> bool:
     lat.legend()
     thr.plot(conc, [lv["output_tokens_per_s"] for lv in levels], "o-")
     thr.set(xlabel="concurrent clients", ylabel="output tokens/s", title="throughput vs load", xscale="log")
+    for ax in (lat, thr):  # label the measured levels themselves, not powers of ten
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.minorticks_off()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return True
+
+
+def hf_batch1_decode_tok_s(model_dir: str, prompt_len: int, new_tokens: int) -> float:
+    """transformers' batch-1 greedy decode rate on `model_dir` (checkpoint dtype, CPU or CUDA)."""
+    import torch
+
+    from bench.generate import hf_generate_time
+    from bench.timing import on_own_thread
+    from model.load import resolve_device
+    from transformers import Qwen3ForCausalLM
+
+    device = resolve_device("auto")
+    hf = on_own_thread(lambda: Qwen3ForCausalLM.from_pretrained(model_dir).to(device).eval())
+    prompt = torch.randint(0, 151643, (1, prompt_len), device=device)
+    first = on_own_thread(hf_generate_time, hf, prompt, 1, 3, device)
+    total = on_own_thread(hf_generate_time, hf, prompt, new_tokens + 1, 3, device)
+    return new_tokens / (total - first)
 
 
 def discover_model(args: argparse.Namespace) -> str:
@@ -222,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
     p.add_argument("--out", default="bench/out/serve.json", help="JSON output (default %(default)s)")
     p.add_argument("--plot", default="bench/out/serve.png", help="PNG output (default %(default)s)")
+    p.add_argument("--hf-baseline", default=None, metavar="DIR",
+                   help="also measure transformers' batch-1 decode rate on this checkpoint and report ratios")
     args = p.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -245,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         levels.append(asyncio.run(run_level(args, model, concurrency)))
     print_table(levels)
     report = {"args": {k: v for k, v in vars(args).items() if k != "api_key"}, "model": model, "levels": levels}
+    if args.hf_baseline:
+        print("HF batch-1 baseline ...", file=sys.stderr)
+        prompt_len = round(levels[0]["prompt_tokens_mean"] or args.prompt_words)
+        baseline = hf_batch1_decode_tok_s(args.hf_baseline, prompt_len, args.output_tokens)
+        report["hf_batch1_decode_tok_s"] = baseline
+        print(f"transformers generate(), batch 1: {baseline:.1f} decode tok/s")
+        for lv in levels:
+            lv["x_hf_batch1"] = lv["output_tokens_per_s"] / baseline
+            print(f"  {lv['concurrency']:>3} clients: {lv['x_hf_batch1']:.2f}x HF batch 1")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
