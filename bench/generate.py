@@ -13,8 +13,7 @@ Measured, each a median over `--repeats` runs:
 - aggregate decode tokens/s at each of `--batches`: nanoserve's engine with that many concurrent
   requests vs HF batched `generate` with that many prompts (equal lengths, so no padding);
 - the weights read per batch-1 decode step over the step time (GB/s) beside the memory floor:
-  weight bytes over the measured memory bandwidth (on CUDA a large device-to-device copy, counted
-  as bytes read + written; on CPU a reduction over a buffer far larger than the caches).
+  weight bytes over the measured memory bandwidth (`bench.timing.memory_bandwidth`).
 Greedy decoding, EOS ignored, so both sides generate exactly the same number of tokens. Every
 phase runs on a thread of its own (see `bench.timing.on_own_thread`).
 """
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.timing import median_seconds, on_own_thread
+from bench.timing import median_seconds, memory_bandwidth, on_own_thread
 from model.batch import SequenceStep, make_batch
 from model.config import parse_config
 from model.demo import DEMO_CONFIG, demo_checkpoint, hf_config
@@ -48,17 +47,6 @@ SHAPES = {
                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def memory_bandwidth(device: torch.device) -> float:
-    """Bytes/s the device's memory moves: a device-to-device copy (read + write) on CUDA, a
-    reduction (read) on CPU, each over a buffer far larger than the caches."""
-    if device.type == "cuda":
-        src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), 5, device)
-    src = torch.randn(256 << 20)  # 1 GiB of fp32
-    return src.numel() * 4 / median_seconds(src.sum, 5, device)
 
 
 def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):

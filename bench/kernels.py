@@ -1,6 +1,6 @@
 """Each Triton kernel vs its torch reference (eager, and torch.compile'd) at Qwen3-8B shapes, on a GPU.
 
-    python bench/kernels.py [--out bench/out/kernels.json] [--dtype bfloat16] [--no-compile]
+    python -m bench.kernels [--out bench/out/kernels.json] [--dtype bfloat16] [--no-compile]
 
 Qwen3-8B: hidden 4096, 32 query heads over 8 kv heads, head_dim 128. RMSNorm (plain, fused
 residual add, per-head q norm), RoPE and store_kv run over 4096 tokens; paged decode attention
@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels  # noqa: E402
-from kernels.decode_attention import paged_decode_attention_reference  # noqa: E402
-from kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference  # noqa: E402
-from kernels.rope import apply_rope_reference, build_cos_sin_cache  # noqa: E402
-from kernels.store_kv import store_kv_reference  # noqa: E402
+import kernels
+from bench.timing import memory_bandwidth
+from kernels.decode_attention import paged_decode_attention_reference
+from kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
+from kernels.rope import apply_rope_reference, build_cos_sin_cache
+from kernels.store_kv import store_kv_reference
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, TOKENS, BLOCK_SIZE = 4096, 32, 8, 128, 4096, 16
 BATCHES = (1, 8, 64, 256)
@@ -44,16 +43,6 @@ class Case:
     bytes: int  # what a perfect kernel reads and writes once
     triton: Callable[[], object]
     reference: Callable[[], object] | None  # None: the reference would not fit in memory
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy (bytes read + bytes written per second)."""
-    import triton.testing
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / ms / 1e6
 
 
 def row_cases(dtype: torch.dtype) -> Iterator[Case]:
@@ -157,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU: none is visible to torch. (On CPU the kernels run "
+        print("bench.kernels needs a CUDA GPU: none is visible to torch. (On CPU the kernels run "
               "through the Triton interpreter, which says nothing about speed; `python -m kernels.report` "
               "shows what they compile to for sm_90/sm_80 without a GPU.)", file=sys.stderr)
         return 2
     kernels.set_backend("triton")
     dtype = DTYPES[args.dtype]
-    copy_gbps = copy_bandwidth()
+    copy_gbps = memory_bandwidth(torch.device("cuda")) / 1e9
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {copy_gbps:.0f} GB/s; {args.dtype}; medians of triton.testing.do_bench")
     rows = []

@@ -1,0 +1,33 @@
+"""bench.serve drives a live server and reports throughput and latency percentiles."""
+
+import json
+import subprocess
+import sys
+
+
+def test_serve_bench_against_live_server(server, tmp_path):
+    out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
+    for endpoint in ("chat", "completions"):
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.serve", "--url", server.base_url, "--endpoint", endpoint,
+             "--concurrency", "1,3", "--requests", "3", "--prompt-words", "6", "--output-tokens", "5",
+             "--out", str(out), "--plot", str(plot)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = json.loads(out.read_text())
+        assert report["model"] == server.model
+        assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+        for level in report["levels"]:
+            assert level["errors"] == 0 and level["requests"] == 3
+            assert level["output_tokens_per_s"] > 0
+            assert 0 < level["ttft_s"]["p50"] <= level["ttft_s"]["p99"] <= level["e2e_s"]["p99"]
+            assert level["itl_s"]["p50"] > 0
+        assert plot.stat().st_size > 10_000
+
+
+def test_serve_bench_reports_an_unreachable_server(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.serve", "--url", "http://127.0.0.1:9", "--out",
+                             str(tmp_path / "x.json")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "cannot reach http://127.0.0.1:9" in result.stderr
