@@ -17,8 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-DEMO_NAME = "demo-qwen3-v1"
+DEMO_NAME = "demo-qwen3-v2"
 DEMO_SEED = 20260101
+# The demo's tied embeddings are also its LM head: at this spread its logits are soft enough that
+# sampled text wanders through the vocabulary instead of repeating one token (greedy still picks
+# a clear best).
+DEMO_EMBEDDING_STD = 0.3
 
 # Qwen3-shaped (GQA 4:2, head_dim 128, q/k norm, tied embeddings, the full vocabulary) but tiny,
 # so that it builds in seconds and decodes far above 50 tokens/s on a 2-core CPU.
@@ -101,7 +105,7 @@ def demo_checkpoint() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=target.parent))
     try:
-        write_checkpoint(staging, DEMO_CONFIG, seed=DEMO_SEED)
+        write_checkpoint(staging, DEMO_CONFIG, seed=DEMO_SEED, embedding_std=DEMO_EMBEDDING_STD)
         os.rename(staging, target)
     except OSError:
         if not (target / "config.json").is_file():  # not just another process winning the race
@@ -133,12 +137,12 @@ def hf_config(shape: dict) -> dict:
     return config
 
 
-def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+def random_weights(config: dict, seed: int, embedding_std: float = 1.0) -> dict[str, torch.Tensor]:
     """HF-named random Qwen3 tensors in fp32 (the caller casts).
 
-    The spread is wider than HF's init (linear weights ~ N(0, 1/fan_in), unit embeddings, norm
-    weights around 1) so that activations stay O(1) and the top logits are far apart: greedy
-    choices are then decisive and identical across implementations.
+    The spread is wider than HF's init (linear weights ~ N(0, 1/fan_in), embeddings ~
+    N(0, embedding_std), norm weights around 1) so that activations stay O(1) and the top logits
+    are far apart: greedy choices are then decisive and identical across implementations.
     """
     gen = torch.Generator().manual_seed(seed)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
@@ -152,7 +156,7 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     def norm(size: int) -> torch.Tensor:
         return 1.0 + 0.2 * torch.randn(size, generator=gen)
 
-    tensors = {"model.embed_tokens.weight": torch.randn(config["vocab_size"], hidden, generator=gen)}
+    tensors = {"model.embed_tokens.weight": embedding_std * torch.randn(config["vocab_size"], hidden, generator=gen)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors |= {
@@ -175,14 +179,19 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(
-    directory: str | Path, shape: dict, seed: int, num_shards: int = 1, with_tokenizer: bool = True
+    directory: str | Path,
+    shape: dict,
+    seed: int,
+    num_shards: int = 1,
+    with_tokenizer: bool = True,
+    embedding_std: float = 1.0,
 ) -> Path:
     """Write a random Qwen3 checkpoint in HF layout; `shape` overrides `hf_config` defaults."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = hf_config(shape)
     dtype = getattr(torch, config["dtype"])
-    tensors = {name: t.to(dtype).contiguous() for name, t in random_weights(config, seed).items()}
+    tensors = {name: t.to(dtype).contiguous() for name, t in random_weights(config, seed, embedding_std).items()}
     _write_safetensors(directory, tensors, num_shards)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": 151643, "eos_token_id": EOS_TOKEN_IDS, "do_sample": False}
