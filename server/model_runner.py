@@ -6,6 +6,8 @@ with asynchronous copies from pinned memory. The step's results come back to the
 synchronisation, the step's only one.
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -15,6 +17,9 @@ from server.request import TokenLogprob
 from server.sampler import Sampler
 from server.scheduler import ScheduledBatch
 from server.sequence import Sequence
+
+if TYPE_CHECKING:  # engine.py imports this module
+    from server.engine import EngineConfig
 
 # What the memory profile of a CUDA device leaves unused: other processes and fragmentation.
 GPU_MEMORY_UTILIZATION = 0.9
@@ -36,22 +41,15 @@ class _InputBuffer:
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: Qwen3Model,
-        num_kv_blocks: int,
-        block_size: int,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        max_model_len: int,
-        eos_token_ids: tuple[int, ...],
-    ):
+    def __init__(self, model: Qwen3Model, config: "EngineConfig", eos_token_ids: tuple[int, ...]):
+        """`config` is resolved: every size in it is set."""
         self.model = model
-        self.block_size = block_size
-        self.kv_cache: KVCache = model.allocate_kv_cache(num_kv_blocks, block_size)
+        self.block_size = config.block_size
+        self.kv_cache: KVCache = model.allocate_kv_cache(config.num_kv_blocks, config.block_size)
         self.sampler = Sampler(model.config.vocab_size, model.device, eos_token_ids)
         device = model.device
-        max_blocks_per_seq = -(-max_model_len // block_size)
+        max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
+        max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self._token_ids = _InputBuffer(max_num_batched_tokens, torch.int64, device)
         self._positions = _InputBuffer(max_num_batched_tokens, torch.int64, device)
         self._slot_mapping = _InputBuffer(max_num_batched_tokens, torch.int64, device)

@@ -6,25 +6,8 @@ A token's text is its decoded text and its `bytes` the exact bytes it stands for
 byte-level BPE token can be part of one UTF-8 character (its text then holds U+FFFD).
 """
 
-from functools import cache
-
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
 from model.tokenizer import Tokenizer
 from server.request import TokenLogprob
-
-
-@cache
-def _byte_of_char() -> dict[str, int]:
-    return {char: byte for byte, char in bytes_to_unicode().items()}
-
-
-def _spelling_bytes(spelling: str) -> bytes:
-    """Bytes of a byte-level BPE vocabulary entry; added tokens (e.g. `<|im_end|>`) spell themselves."""
-    byte_of = _byte_of_char()
-    if all(char in byte_of for char in spelling):
-        return bytes(byte_of[char] for char in spelling)
-    return spelling.encode()
 
 
 class LogprobFormatter:
@@ -34,7 +17,7 @@ class LogprobFormatter:
     def _token_bytes(self, logprobs: list[TokenLogprob]) -> dict[int, bytes]:
         """The bytes of every sampled and alternative token in `logprobs`."""
         unique = list(dict.fromkeys(tid for lp in logprobs for tid in (lp.token_id, *(t for t, _ in lp.top))))
-        return {tid: _spelling_bytes(s) for tid, s in zip(unique, self._tokenizer.token_strings(unique))}
+        return dict(zip(unique, self._tokenizer.token_bytes(unique)))
 
     def chat(self, logprobs: list[TokenLogprob]) -> list[dict]:
         """Entries of a chat `logprobs.content` list (and of a Responses output_text `logprobs`)."""

@@ -90,10 +90,3 @@ class ReasoningSplitter:
             self._strip_leading_newlines = False
         content, self._held = self._held, ""
         return content
-
-
-def split_reasoning(text: str) -> SplitText:
-    """The split of a complete reply."""
-    splitter = ReasoningSplitter()
-    first, rest = splitter.feed(text), splitter.finish()
-    return SplitText(first.reasoning + rest.reasoning, first.content + rest.content)
