@@ -36,8 +36,9 @@ from model.load import load_model, resolve_device
 from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
 from model.weights import load_state_dict
-from server.engine import AsyncEngine, EngineConfig
-from server.request import GenerationRequest, SamplingParams
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
+from server.engine.request import GenerationRequest, SamplingParams
 
 SHAPES = {
     "demo": DEMO_CONFIG,

@@ -28,8 +28,10 @@ from model.batch import SequenceStep, make_batch
 from model.load import load_model, model_dir_or_demo
 from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
-from server.engine import AsyncEngine, EngineConfig, EngineCore, resolve_config
-from server.request import GenerationRequest, SamplingParams
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig, resolve_config
+from server.engine.core import EngineCore
+from server.engine.request import GenerationRequest, SamplingParams
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
 

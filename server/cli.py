@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             from server.generate import generate_main
 
             return generate_main(args)
-        from server.app import serve_main
+        from server.api.app import serve_main
 
         return serve_main(args)
     except KeyboardInterrupt:

@@ -4,8 +4,8 @@ import argparse
 import asyncio
 import sys
 
-from server.engine import AsyncEngine, create_engine
-from server.request import GenerationRequest, SamplingParams
+from server.engine.async_engine import AsyncEngine, create_engine
+from server.engine.request import GenerationRequest, SamplingParams
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

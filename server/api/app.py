@@ -1,0 +1,206 @@
+"""The HTTP app (Quart, served by hypercorn): routes, the API-key check, per-route counters,
+and `nanoserve serve`, which loads the model, serves it and shuts down cleanly on SIGINT/SIGTERM."""
+
+import argparse
+import asyncio
+import hmac
+import importlib.metadata
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from quart import Quart, Response, request
+
+from model.demo import cache_dir
+from server.api.errors import APIError, model_not_found, register_error_handlers
+from server.api.metrics import CONTENT_TYPE, ServerMetrics
+from server.api.protocol import parse_request
+from server.api.protocol_tokenize import DetokenizeRequest, TokenizeRequest
+from server.api.response_store import ResponseStore
+from server.api.serving import ServingContext, json_response
+from server.api.serving_chat import create_chat_completion
+from server.api.serving_completions import create_completion
+from server.api.serving_responses import ResponsesAPI
+
+if TYPE_CHECKING:  # the app never imports the engine's torch side at run time
+    from server.engine.async_engine import AsyncEngine
+
+DEMO_MODEL_NAME = "nanoserve-demo"
+# Hypercorn's wait for open connections after shutdown starts; streams end at once by then.
+GRACEFUL_TIMEOUT_SECONDS = 5.0
+
+
+def nanoserve_version() -> str:
+    """The installed distribution's version, or the source tree's when run from a checkout."""
+    try:
+        return importlib.metadata.version("nanoserve")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+        return re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE).group(1)
+
+
+def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api_key: str | None,
+               max_body_bytes: int) -> Quart:
+    app = Quart("nanoserve")
+    # No overall response deadline: a stream lasts as long as its generation.
+    app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None)
+    metrics = ServerMetrics(engine.stats)
+    ctx = ServingContext(engine, model_name, metrics)
+    responses = ResponsesAPI(ctx, store)
+    created = int(time.time())
+    version = nanoserve_version()
+    register_error_handlers(app)
+
+    @app.before_request
+    async def check_api_key() -> None:
+        if api_key is None or not request.path.startswith("/v1/"):
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    @app.after_request
+    async def count_request(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.http_requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    async def body() -> bytes:
+        return await request.get_data(as_text=False)
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanoserve",
+                "max_model_len": engine.max_model_len}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_alive:
+            raise APIError(503, "The inference engine is not running.", type="server_error", code="engine_unavailable")
+        return json_response({"status": "ok"})
+
+    @app.get("/version")
+    async def get_version() -> Response:
+        return json_response({"version": version})
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return json_response({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/<path:model_id>")
+    async def get_model(model_id: str) -> Response:
+        if model_id != model_name:
+            raise model_not_found(model_id)
+        return json_response(model_card())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        return await create_chat_completion(ctx, await body())
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        return await create_completion(ctx, await body())
+
+    @app.post("/v1/responses")
+    async def create_response() -> Response:
+        return await responses.create(await body())
+
+    @app.get("/v1/responses/<response_id>")
+    async def get_response(response_id: str) -> Response:
+        return await responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/<response_id>")
+    async def delete_response(response_id: str) -> Response:
+        return await responses.delete(response_id)
+
+    @app.get("/v1/responses/<response_id>/input_items")
+    async def get_input_items(response_id: str) -> Response:
+        return await responses.input_items(response_id, request.args.to_dict())
+
+    @app.post("/v1/responses/<response_id>/cancel")
+    async def cancel_response(response_id: str) -> Response:
+        return await responses.cancel(response_id)
+
+    @app.post("/tokenize")
+    async def tokenize() -> Response:
+        req = parse_request(TokenizeRequest, await body())
+        if req.model is not None:
+            ctx.check_model(req.model)
+        if req.messages is not None:
+            tokens = ctx.chat_prompt_ids([m.template_message() for m in req.messages], req.enable_thinking,
+                                         "messages", add_generation_prompt=req.add_generation_prompt is not False)
+        else:
+            tokens = ctx.tokenizer.encode(req.prompt)
+        return json_response({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
+
+    @app.post("/detokenize")
+    async def detokenize() -> Response:
+        req = parse_request(DetokenizeRequest, await body())
+        if req.model is not None:
+            ctx.check_model(req.model)
+        ctx.check_token_ids(req.tokens, param="tokens")
+        return json_response({"prompt": ctx.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+
+    return app
+
+
+def _say(message: str) -> None:
+    print(f"nanoserve: {message}", file=sys.stderr, flush=True)
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    return DEMO_MODEL_NAME if args.model is None else Path(args.model).resolve().name
+
+
+async def _serve(app: Quart, config: Config, engine: "AsyncEngine") -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        _say("shutting down")
+        # Stopping the engine first ends every in-flight stream with an error event, so that
+        # hypercorn's graceful shutdown then finds only finished connections.
+        await asyncio.to_thread(engine.shutdown)
+
+    await serve(app, config, shutdown_trigger=shutdown_trigger)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from server.engine.async_engine import create_engine  # the app itself never imports torch
+
+    store = ResponseStore(args.response_store or cache_dir() / "responses.sqlite3", args.response_store_max)
+    name = served_model_name(args)
+    _say(f"loading {args.model or 'the demo checkpoint'} (--device {args.device}, --dtype {args.dtype})")
+    started = time.monotonic()
+    engine = create_engine(args)
+    _say(f"loaded {engine.model_dir} as '{name}' in {time.monotonic() - started:.1f} s: "
+         f"max_model_len {engine.max_model_len}, {engine.stats().kv_blocks_total} KV blocks")
+    try:
+        app = create_app(engine, name, store, args.api_key or os.environ.get("NANOSERVE_API_KEY"), args.max_body_bytes)
+        config = Config()
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        config.bind = [f"{host}:{args.port}"]
+        config.graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
+        try:
+            asyncio.run(_serve(app, config, engine))
+        except OSError as err:
+            raise RuntimeError(f"cannot serve on {host}:{args.port}: {err}") from None
+    finally:
+        engine.shutdown()
+        store.close()
+    _say("stopped")
+    return 0

@@ -1,0 +1,101 @@
+"""Prometheus metrics for `GET /metrics`: the engine's queue and KV-cache gauges, read from
+`engine.stats()` at scrape time, and the server's own counters and latency histograms."""
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engine.request import EngineStats, RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+
+_ENGINE_GAUGES = (
+    ("nanoserve_requests_running", "Requests in the running batch", "num_running"),
+    ("nanoserve_requests_waiting", "Requests waiting to be scheduled", "num_waiting"),
+    ("nanoserve_kv_blocks_used", "KV-cache blocks held by requests", "kv_blocks_used"),
+    ("nanoserve_kv_blocks_total", "KV-cache blocks in the cache", "kv_blocks_total"),
+)
+
+
+class _EngineGauges(Collector):
+    def __init__(self, engine_stats: Callable[[], EngineStats]):
+        self._engine_stats = engine_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._engine_stats()
+        for name, documentation, attribute in _ENGINE_GAUGES:
+            yield GaugeMetricFamily(name, documentation, value=getattr(stats, attribute))
+        yield CounterMetricFamily("nanoserve_preemptions", "Sequences preempted (KV blocks freed, recomputed later)",
+                                  value=stats.num_preemptions)
+
+
+class ServerMetrics:
+    def __init__(self, engine_stats: Callable[[], EngineStats]):
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "nanoserve_http_requests", "HTTP requests answered, by route and status code",
+            ["route", "status"], registry=self.registry,
+        )
+        self.requests_finished = Counter(
+            "nanoserve_requests_finished", "Generated choices finished, by finish reason",
+            ["finish_reason"], registry=self.registry,
+        )
+        self.prompt_tokens = Counter("nanoserve_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
+        self.generation_tokens = Counter("nanoserve_generation_tokens", "Tokens generated", registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "nanoserve_time_to_first_token_seconds", "From request submission to its first generated token",
+            buckets=TTFT_BUCKETS, registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "nanoserve_inter_token_latency_seconds", "Between consecutive generated tokens of one request",
+            buckets=INTER_TOKEN_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(_EngineGauges(engine_stats))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Feeds one engine request's outputs into the token counters and latency histograms."""
+
+    def __init__(self, metrics: ServerMetrics, num_choices: int):
+        self._metrics = metrics
+        self._last = time.monotonic()
+        self._seen_output = False
+        self._seen_tokens = False
+        self._unfinished_choices = num_choices
+
+    def observe(self, output: RequestOutput) -> None:
+        now = time.monotonic()
+        new_tokens = sum(len(choice.token_ids) for choice in output.choices)
+        if not self._seen_output:
+            self._metrics.prompt_tokens.inc(output.prompt_tokens)
+            self._seen_output = True
+        if new_tokens:
+            self._metrics.generation_tokens.inc(new_tokens)
+            # Each step adds at most one token per choice; a late delivery can carry several steps.
+            steps = max(len(choice.token_ids) for choice in output.choices)
+            if self._seen_tokens:
+                for _ in range(steps):
+                    self._metrics.inter_token_latency.observe((now - self._last) / steps)
+            else:
+                self._metrics.time_to_first_token.observe(now - self._last)
+                self._seen_tokens = True
+            self._last = now
+        for choice in output.choices:
+            if choice.finish_reason is not None:
+                self._metrics.requests_finished.labels(choice.finish_reason).inc()
+                self._unfinished_choices -= 1
+
+    def abandoned(self) -> None:
+        """The client went away (or the request failed) before every choice finished."""
+        if self._unfinished_choices > 0:
+            self._metrics.requests_finished.labels("abort").inc(self._unfinished_choices)
+            self._unfinished_choices = 0

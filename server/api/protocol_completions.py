@@ -1,0 +1,72 @@
+"""`POST /v1/completions`: the request model and the objects and chunks it answers with."""
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from server.api.errors import invalid_request, not_supported
+from server.api.protocol import SamplingRequest
+from server.engine.request import ChoiceDelta, TokenLogprob
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_of_the_prompt_forms(cls, value, handler):
+        try:
+            return handler(value)
+        except ValidationError:  # one message instead of one per union member
+            raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists of "
+                             "token ids") from None
+
+    @model_validator(mode="after")
+    def _check_completion(self):
+        if isinstance(self.prompt, list) and (not self.prompt or any(p in ("", []) for p in self.prompt)):
+            raise invalid_request("'prompt' must not be empty.", param="prompt")
+        if self.suffix:
+            raise not_supported("suffix")
+        if self.best_of is not None and self.best_of > (self.n or 1):
+            raise not_supported("best_of")
+        if self.echo and self.logprobs is not None:
+            raise invalid_request("'echo' together with 'logprobs' is not supported yet (prompt tokens have no "
+                                  "logprobs here).", param="echo")
+        return self
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return self.prompt
+
+
+class CompletionChoice:
+    """One choice as its deltas arrive."""
+
+    def __init__(self, index: int, echo: str):
+        self.index = index
+        self.text = echo
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.text_offset = len(echo)  # where the next token's text starts, for legacy logprobs
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.logprobs += delta.logprobs or []
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
+
+def completion(completion_id: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
+    payload = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+               "choices": choices}
+    return payload if usage is None else payload | {"usage": usage}
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -1,0 +1,96 @@
+"""`POST /v1/chat/completions`: messages through the chat template into the engine, the reply
+back as one object or as a chunk stream (role chunk, deltas, one finish chunk per choice, an
+optional usage chunk, `[DONE]`)."""
+
+import time
+from collections.abc import AsyncIterator
+
+from quart import Response
+
+from server.api import sse
+from server.api.engine_stream import EngineStreams
+from server.api.protocol import parse_request, random_id
+from server.api.protocol_chat import (
+    ChatChoice,
+    ChatCompletionRequest,
+    chat_completion,
+    chunk,
+    chunk_choice,
+    delta_payload,
+    message_choice,
+    usage,
+)
+from server.api.reasoning import SplitText
+from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput
+from server.api.serving import ServingContext, data_stream, json_response, sse_response
+
+
+async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
+    request = parse_request(ChatCompletionRequest, body)
+    ctx.check_model(request.model)
+    messages = [message.template_message() for message in request.messages]
+    prompt_ids = ctx.chat_prompt_ids(messages, request.enable_thinking, param="messages")
+    params = request.sampling_params(request.max_new_tokens, request.logprobs_count)
+    completion_id = random_id("chatcmpl-")
+    streams = await ctx.open_streams([GenerationRequest(completion_id, prompt_ids, params)], "messages")
+    reply = _ChatReply(ctx, request, completion_id, int(time.time()))
+    if request.stream:
+        return sse_response(data_stream(streams, reply.chunks(streams)))
+    try:
+        async for _, output in streams.outputs():
+            reply.add(output)
+    finally:
+        await streams.close()
+    return json_response(reply.completion())
+
+
+class _ChatReply:
+    def __init__(self, ctx: ServingContext, request: ChatCompletionRequest, completion_id: str, created: int):
+        self._ctx = ctx
+        self._request = request
+        self._id = completion_id
+        self._created = created
+        self._choices = [ChatChoice(i) for i in range(request.n or 1)]
+        self._last_output: RequestOutput | None = None
+
+    def add(self, output: RequestOutput) -> list[tuple[ChatChoice, SplitText, ChoiceDelta]]:
+        """Fold in one engine output; returns each choice it advanced, with what became visible."""
+        self._last_output = output
+        return [(self._choices[delta.index], self._choices[delta.index].add(delta), delta) for delta in output.choices]
+
+    def _unsent_logprobs(self, choice: ChatChoice) -> list[dict] | None:
+        if not self._request.logprobs:
+            return None
+        return self._ctx.logprobs.chat(choice.unsent_logprobs())
+
+    def _usage(self) -> dict:
+        return usage(self._last_output.prompt_tokens, self._last_output.completion_tokens)
+
+    def completion(self) -> dict:
+        choices = [
+            message_choice(c, self._ctx.logprobs.chat(c.logprobs) if self._request.logprobs else None)
+            for c in self._choices
+        ]
+        return chat_completion(self._id, self._created, self._ctx.model_name, choices, self._usage())
+
+    def _chunk(self, choices: list[dict]) -> str:
+        payload = chunk(self._id, self._created, self._ctx.model_name, choices, self._request.include_usage)
+        return sse.data_event(payload)
+
+    async def chunks(self, streams: EngineStreams) -> AsyncIterator[str]:
+        for choice in self._choices:
+            yield self._chunk([chunk_choice(choice.index, {"role": "assistant", "content": ""})])
+        async for item in streams.outputs(keepalive=True):
+            if item is None:
+                yield sse.KEEPALIVE
+                continue
+            for choice, split, delta in self.add(item[1]):
+                payload = delta_payload(split)
+                if payload:
+                    yield self._chunk([chunk_choice(choice.index, payload, self._unsent_logprobs(choice))])
+                if delta.finish_reason is not None:
+                    finish = chunk_choice(choice.index, {}, self._unsent_logprobs(choice), delta.finish_reason)
+                    yield self._chunk([finish])
+        if self._request.include_usage:
+            payload = chunk(self._id, self._created, self._ctx.model_name, [], include_usage=False)
+            yield sse.data_event(payload | {"usage": self._usage()})

@@ -1,0 +1,205 @@
+"""The Responses API: `POST /v1/responses` (one object or an event stream), and the stored
+responses behind `GET|DELETE /v1/responses/{id}`, `GET …/input_items` and `POST …/cancel`.
+
+A response is stored as `in_progress` once the engine has admitted it and replaced by its final
+form before the terminal event is sent, so a client that reads it back after the stream always
+sees the finished object. Responses being generated are also tracked here, by id, so that
+`cancel` can abort the engine request and answer with the cancelled response.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from quart import Response
+
+from server.api import sse
+from server.api.engine_stream import EngineStreams
+from server.api.errors import APIError, as_api_error, invalid_request
+from server.api.protocol import parse_request, random_id
+from server.api.protocol_chat import ChatChoice
+from server.api.protocol_responses import (
+    ResponseBuilder,
+    ResponsesRequest,
+    chat_messages,
+    listed_input_items,
+    response_object,
+    response_usage,
+)
+from server.api.reasoning import THINK_END, THINK_START
+from server.engine.request import GenerationRequest
+from server.api.response_store import ResponseStore, StoredResponse
+from server.api.serving import ServingContext, json_response, sse_response
+
+
+@dataclass
+class _InFlight:
+    request_id: str
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    response: dict | None = None
+
+
+def _not_found(response_id: str, param: str = "response_id") -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", param=param)
+
+
+class ResponsesAPI:
+    def __init__(self, ctx: ServingContext, store: ResponseStore):
+        self._ctx = ctx
+        self._store = store
+        self._in_flight: dict[str, _InFlight] = {}
+        self._think_ids = (ctx.tokenizer.encode(THINK_START), ctx.tokenizer.encode(THINK_END))
+
+    async def _stored(self, response_id: str) -> StoredResponse:
+        stored = await self._store.get(response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        return stored
+
+    async def create(self, body: bytes) -> Response:
+        request = parse_request(ResponsesRequest, body)
+        self._ctx.check_model(request.model)
+        history = []
+        if request.previous_response_id is not None:
+            previous = await self._store.get(request.previous_response_id)
+            if previous is None:
+                raise _not_found(request.previous_response_id, param="previous_response_id")
+            if previous.response["status"] in ("queued", "in_progress"):
+                raise invalid_request(f"Response '{request.previous_response_id}' is still in progress.",
+                                      param="previous_response_id")
+            history = previous.conversation
+        items = request.items()
+        conversation = history + chat_messages(items)
+        instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
+        prompt_ids = self._ctx.chat_prompt_ids(instructions + conversation, None, param="input")
+        response_id = random_id("resp_")
+        generation = GenerationRequest(response_id, prompt_ids, request.sampling_params())
+        streams = await self._ctx.open_streams([generation], "input")
+        builder = ResponseBuilder(response_object(request, response_id, int(time.time()), self._ctx.model_name))
+        flight = self._in_flight[response_id] = _InFlight(response_id)
+        try:
+            if request.store is not False:
+                await self._store.add(builder.response, listed_input_items(items), conversation)
+        except BaseException:
+            await self._finished(flight, builder, conversation, store=False)
+            await streams.close()
+            raise
+        events = self._generate(streams, builder, flight, conversation, store=request.store is not False)
+        if request.stream:
+            return sse_response(events)
+        async with aclosing(events):
+            async for _ in events:
+                pass
+        return json_response(builder.response)
+
+    async def _generate(self, streams: EngineStreams, builder: ResponseBuilder, flight: _InFlight,
+                        conversation: list[dict], store: bool) -> AsyncIterator[str]:
+        """The stream's events; the terminal one goes out only once the final response is recorded."""
+        reply, token_ids, terminal, prompt_tokens = ChatChoice(0), [], None, 0
+
+        def usage() -> dict:
+            return response_usage(prompt_tokens, len(token_ids), self._reasoning_tokens(token_ids))
+
+        try:
+            for event in builder.start():
+                yield sse.named_event(*event)
+            async for item in streams.outputs(keepalive=True):
+                if item is None:
+                    yield sse.KEEPALIVE
+                    continue
+                output = item[1]
+                prompt_tokens = output.prompt_tokens
+                for delta in output.choices:
+                    token_ids += delta.token_ids
+                    events = builder.add(reply.add(delta))
+                    if delta.finish_reason is not None:
+                        terminal = self._terminal(builder, delta.finish_reason, usage())
+                    for event in events:
+                        yield sse.named_event(*event)
+        except Exception as err:
+            error = as_api_error(err)
+            terminal = builder.finish("failed", usage(), error={"code": error.code or error.type, "message": error.message})
+        finally:
+            await streams.close()
+            if terminal is None:  # the client went away: nobody waits for this record, so do not wait either
+                builder.finish("cancelled", usage())
+                asyncio.ensure_future(self._finished(flight, builder, conversation, store))
+        await self._finished(flight, builder, conversation, store)
+        for event in terminal:
+            yield sse.named_event(*event)
+
+    @staticmethod
+    def _terminal(builder: ResponseBuilder, finish_reason: str, usage: dict) -> list[tuple[str, dict]]:
+        if finish_reason == "length":
+            return builder.finish("incomplete", usage, incomplete_details={"reason": "max_output_tokens"})
+        return builder.finish("cancelled" if finish_reason == "abort" else "completed", usage)
+
+    def _reasoning_tokens(self, token_ids: list[int]) -> int:
+        """Tokens from `<think>` to `</think>` (or to the end when the reply stopped while thinking)."""
+        start, end = self._think_ids
+        if token_ids[: len(start)] != start:
+            return 0
+        for i in range(len(start), len(token_ids) - len(end) + 1):
+            if token_ids[i : i + len(end)] == end:
+                return i + len(end)
+        return len(token_ids)
+
+    async def _finished(self, flight: _InFlight, builder: ResponseBuilder, conversation: list[dict],
+                        store: bool) -> None:
+        if flight.finished.is_set():
+            return
+        reply = {"role": "assistant", "content": builder.message_text}
+        if builder.reasoning_text is not None:
+            reply["reasoning_content"] = builder.reasoning_text
+        if store:
+            await self._store.update(builder.response, conversation + [reply])
+        flight.response = builder.response
+        flight.finished.set()
+        del self._in_flight[builder.response["id"]]
+
+    async def retrieve(self, response_id: str) -> Response:
+        return json_response((await self._stored(response_id)).response)
+
+    async def delete(self, response_id: str) -> Response:
+        if not await self._store.delete(response_id):
+            raise _not_found(response_id)
+        return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    async def input_items(self, response_id: str, query: dict[str, str]) -> Response:
+        items = (await self._stored(response_id)).input_items
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise invalid_request("'order' must be 'asc' or 'desc'.", param="order")
+        limit = query.get("limit", "20")
+        if not (limit.isdigit() and 1 <= int(limit) <= 100):
+            raise invalid_request("'limit' must be an integer from 1 to 100.", param="limit")
+        if order == "desc":
+            items = items[::-1]
+        if "after" in query:
+            ids = [item["id"] for item in items]
+            if query["after"] not in ids:
+                raise invalid_request(f"No input item with id '{query['after']}'.", param="after")
+            items = items[ids.index(query["after"]) + 1:]
+        page = items[: int(limit)]
+        return json_response({
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > len(page),
+        })
+
+    async def cancel(self, response_id: str) -> Response:
+        flight = self._in_flight.get(response_id)
+        if flight is not None:
+            self._ctx.engine.abort(flight.request_id)
+            await flight.finished.wait()
+            return json_response(flight.response)
+        stored = await self._stored(response_id)
+        status = stored.response["status"]
+        if status != "cancelled":
+            raise invalid_request(f"Only a response in progress can be cancelled; this one is {status}.",
+                                  param="response_id")
+        return json_response(stored.response)

@@ -1,0 +1,143 @@
+"""`EngineCore`: requests, scheduler, KV blocks and model runner, and one step over all of them.
+
+A step schedules a batch, runs the model on it, samples, applies stops and detokenizes. The core
+is touched by one thread only (the loop thread of `AsyncEngine`), so it needs no locks.
+"""
+
+import itertools
+import logging
+
+from model.qwen3 import Qwen3Model
+from model.tokenizer import Tokenizer
+from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.model_runner import ModelRunner
+from server.engine.request import GenerationRequest, RequestFailed, RequestOutput, RequestRejected
+from server.engine.scheduler import ScheduledBatch, Scheduler
+from server.engine.sequence import RequestState, Sequence
+
+logger = logging.getLogger("nanoserve.engine")
+
+MAX_LOGPROBS = 20
+
+
+class EngineCore:
+    """Requests, scheduler, KV blocks and model runner; one thread calls it."""
+
+    def __init__(self, model: Qwen3Model, tokenizer: Tokenizer, config: EngineConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, config, tokenizer.eos_token_ids)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def add_request(self, request: GenerationRequest) -> None:
+        params = request.params
+        prompt_len = len(request.prompt_token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len - prompt_len
+        seqs = []
+        for index in range(params.n):
+            detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            seq = Sequence(next(self._seq_ids), request, index, max_tokens, self.tokenizer.eos_token_ids, detokenizer)
+            seq.sampling = self.runner.sampler.new_state(params, request.prompt_token_ids, index)
+            seqs.append(seq)
+        self.requests[request.request_id] = RequestState(request, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish the request's unfinished choices with "abort" and free their blocks."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                state.add(seq.abort())
+        return state.take_output()
+
+    def step(self) -> list[tuple[str, RequestOutput | Exception]]:
+        """Run one step; (request id, output) for every request that advanced, or the exception
+        that failed it: a failing batch fails its own requests, not the engine."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        try:
+            return self._process(batch, self.runner.run(batch))
+        except Exception as err:
+            logger.exception("engine step failed; failing the requests of its batch")
+            return self._fail(batch, err)
+
+    def _process(self, batch: ScheduledBatch, results: list) -> list[tuple[str, RequestOutput | Exception]]:
+        advanced: dict[str, RequestState] = {}
+        for seq, num_new, result in zip(batch.seqs, batch.num_new_tokens, results):
+            seq.num_cached += num_new
+            if result is None:
+                continue
+            state = self.requests[seq.request_id]
+            state.add(seq.append_token(*result))
+            if seq.is_finished:
+                self.scheduler.remove(seq)
+            advanced[seq.request_id] = state
+        outputs: list[tuple[str, RequestOutput | Exception]] = []
+        for request_id, state in advanced.items():
+            output = state.take_output()
+            if output.finished:
+                del self.requests[request_id]
+            outputs.append((request_id, output))
+        return outputs
+
+    def _fail(self, batch: ScheduledBatch, err: Exception) -> list[tuple[str, RequestOutput | Exception]]:
+        failed = []
+        for request_id in dict.fromkeys(seq.request_id for seq in batch.seqs):
+            state = self.requests.pop(request_id, None)
+            if state is None:
+                continue
+            for seq in state.seqs:
+                self.scheduler.remove(seq)
+            message = f"the engine failed while running this request: {type(err).__name__}: {err}"
+            failed.append((request_id, RequestFailed(message)))
+        return failed
+
+
+def validate_request(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:
+    """RequestRejected for a request the engine can never serve."""
+    p = request.params
+    prompt_len = len(request.prompt_token_ids)
+
+    def check(ok: bool, message: str, param: str, code: str | None = None) -> None:
+        if not ok:
+            raise RequestRejected(message, code=code, param=param)
+
+    check(prompt_len > 0, "the prompt is empty", "prompt")
+    def in_vocab(token_ids) -> bool:
+        return all(0 <= t < vocab_size for t in token_ids)
+
+    check(in_vocab(request.prompt_token_ids), f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    check(p.max_tokens is None or p.max_tokens >= 1, "max_tokens must be at least 1", "max_tokens")
+    wanted = prompt_len + (p.max_tokens or 1)
+    check(
+        wanted <= max_model_len,
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested {wanted} tokens "
+        f"({prompt_len} in the prompt, {wanted - prompt_len} in the completion). "
+        "Please reduce the length of the prompt or completion.",
+        "max_tokens" if prompt_len < max_model_len else "prompt",
+        code="context_length_exceeded",
+    )
+    check(p.n >= 1, "n must be at least 1", "n")
+    check(p.temperature >= 0, "temperature must be at least 0", "temperature")
+    check(0 < p.top_p <= 1, "top_p must be in (0, 1]", "top_p")
+    check(p.top_k >= -1, "top_k must be -1 or 0 (off) or positive", "top_k")
+    check(0 <= p.min_p <= 1, "min_p must be in [0, 1]", "min_p")
+    check(p.repetition_penalty > 0, "repetition_penalty must be positive", "repetition_penalty")
+    check(p.min_tokens >= 0, "min_tokens must be at least 0", "min_tokens")
+    check(p.max_tokens is None or p.min_tokens <= p.max_tokens, "min_tokens must not exceed max_tokens", "min_tokens")
+    check(p.logprobs is None or 0 <= p.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
+    check(in_vocab(p.logit_bias), f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
+    check(in_vocab(p.stop_token_ids), f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")

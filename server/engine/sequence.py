@@ -1,0 +1,141 @@
+"""A request's choices as the engine tracks them: tokens, KV blocks, stops and streamed text.
+
+Each of a request's `n` choices is one `Sequence`: scheduled, given KV blocks and preempted on
+its own. A `RequestState` gathers what its sequences gained in a step into one `RequestOutput`.
+"""
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.detokenizer import IncrementalDetokenizer, StopStrings
+from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput, TokenLogprob
+
+
+@dataclass
+class SequenceSampling:
+    """A sequence's own sampling state, built once: what varies per step lives on the device."""
+
+    generator: torch.Generator | None
+    bias_ids: torch.Tensor | None
+    bias_values: torch.Tensor | None
+    min_tokens_ids: torch.Tensor | None  # EOS and stop token ids, masked until min_tokens are out
+    output_counts: torch.Tensor | None  # [V] float: how often each token was generated
+    seen: torch.Tensor | None  # [V] bool: tokens in the prompt or generated
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: int,
+        request: GenerationRequest,
+        index: int,
+        max_tokens: int,
+        eos_token_ids: tuple[int, ...],
+        detokenizer: IncrementalDetokenizer,
+    ):
+        self.seq_id = seq_id
+        self.request_id = request.request_id
+        self.index = index
+        self.params = request.params
+        self.token_ids = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.max_tokens = max_tokens
+        self.status = SequenceStatus.WAITING
+        self.num_cached = 0  # leading tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.sampling: SequenceSampling | None = None  # the sampler's state: generator, penalty counts
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self._stop_ids = frozenset(() if self.params.ignore_eos else eos_token_ids)
+        self._detokenizer = detokenizer
+        self._stop_strings = StopStrings(self.params.stop)
+        self._unsent = ""  # text not streamed yet: what may still become a stop string
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None) -> ChoiceDelta:
+        """Add a sampled token, apply the stop conditions, and return what the client sees of it."""
+        self.token_ids.append(token_id)
+        # The first `min_tokens` tokens never end the choice (the sampler keeps EOS out of them too).
+        stops_active = self.num_generated > self.params.min_tokens
+        if stops_active and token_id in self._stop_ids:
+            self._finish("stop", None)
+        elif stops_active and token_id in self.params.stop_token_ids:
+            self._finish("stop", token_id)
+        else:  # a stop token's own text is never shown
+            self._unsent += self._detokenizer.add(token_id)
+            if stops_active and self._stop_strings and (found := self._stop_strings.find(self._unsent)):
+                self._unsent = self._unsent[: found[0]]
+                self._finish("stop", found[1])
+            elif self.num_generated >= self.max_tokens:
+                self._finish("length", None)
+        if self.is_finished and not isinstance(self.stop_reason, str):
+            self._unsent += self._detokenizer.flush()
+        return ChoiceDelta(
+            index=self.index,
+            text=self._take_text(),
+            token_ids=[token_id],
+            logprobs=None if logprob is None else [logprob],
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+    def abort(self) -> ChoiceDelta:
+        self._finish("abort", None)
+        return ChoiceDelta(index=self.index, text="", token_ids=[], logprobs=None, finish_reason="abort")
+
+    def _finish(self, reason: str, stop_reason: str | int | None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def _take_text(self) -> str:
+        """The unsent text, less an end that may still become a stop string while running."""
+        keep = self._stop_strings.holdback(self._unsent) if self._stop_strings and not self.is_finished else 0
+        text = self._unsent[: len(self._unsent) - keep]
+        self._unsent = self._unsent[len(text) :]
+        return text
+
+
+class RequestState:
+    """A request in the engine: its sequences and what they gained since the last output."""
+
+    def __init__(self, request: GenerationRequest, seqs: list[Sequence]):
+        self.request = request
+        self.seqs = seqs
+        self._deltas: list[ChoiceDelta] = []
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self._deltas.append(delta)
+
+    def take_output(self) -> RequestOutput:
+        deltas, self._deltas = self._deltas, []
+        return RequestOutput(
+            request_id=self.request.request_id,
+            choices=sorted(deltas, key=lambda delta: delta.index),
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=sum(seq.num_generated for seq in self.seqs),
+            finished=self.is_finished,
+        )
