@@ -398,7 +398,11 @@ def test_a_slow_consumer_gets_what_piled_up_merged(make_engine):
         choices: dict[int, Choice] = {}
         largest = 0
         async for output in engine.generate(request(prompt, **params)):
-            time.sleep(0.02)  # blocks the event loop: outputs pile up meanwhile
+            # Block the event loop until the engine has delivered the whole request: every later
+            # output piles up behind this one.
+            deadline = time.monotonic() + 60
+            while engine.stats().num_running + engine.stats().num_waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
             for delta in output.choices:
                 choice = choices.setdefault(delta.index, Choice())
                 choice.text += delta.text
