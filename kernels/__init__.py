@@ -5,6 +5,7 @@ This package imports only torch and triton; it knows nothing of models or reques
 
 from kernels.backend import get_backend, set_backend
 from kernels.decode_attention import paged_decode_attention
+from kernels.prefill_attention import paged_prefill_attention
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.rope import apply_rope, build_cos_sin_cache
 from kernels.store_kv import store_kv
@@ -15,6 +16,7 @@ __all__ = [
     "fused_add_rms_norm",
     "get_backend",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "rms_norm",
     "set_backend",
     "store_kv",

@@ -1,5 +1,7 @@
 """The plain-tensor description of one forward step, and a builder from per-sequence views."""
 
+import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,13 +15,32 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64: block * block_size + offset; -1 = do not store
     block_tables: torch.Tensor  # [B, max_blocks] int32 (rows padded with any valid block id)
     context_lens: torch.Tensor  # [B] int32: tokens in the cache once this step's are stored
-    query_lens: list[int]  # [B] new tokens per sequence (host side: sizes the prefill loop)
-    cached_lens: list[int]  # [B] tokens already in the cache before this step (host side)
+    query_start_loc: torch.Tensor  # [B + 1] int32: sequence b's new tokens are rows [q[b], q[b + 1]) of T
+    query_lens: list[int]  # [B] new tokens per sequence (host side: splits the batch, sizes grids)
     logits_indices: torch.Tensor  # [N] int64: rows of T whose logits are wanted
 
     @property
+    def num_decodes(self) -> int:
+        """Leading sequences with one new token each: they run decode attention. A scheduler puts
+        decodes first, so a mixed step is decode rows, then prompt chunks."""
+        for index, num_new in enumerate(self.query_lens):
+            if num_new != 1:
+                return index
+        return len(self.query_lens)
+
+    @property
     def is_decode(self) -> bool:
-        return all(n == 1 for n in self.query_lens)
+        return self.num_decodes == len(self.query_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @functools.cached_property
+    def prefill_query_start_loc(self) -> torch.Tensor:
+        """`query_start_loc` of the sequences after the decodes, counted from their first row."""
+        d = self.num_decodes
+        return self.query_start_loc if d == 0 else self.query_start_loc[d:] - d
 
 
 @dataclass
@@ -49,7 +70,6 @@ def make_batch(
     width = max(len(step.block_table) for step in steps)
     tables = [list(step.block_table) + [0] * (width - len(step.block_table)) for step in steps]
     query_lens = [len(step.new_token_ids) for step in steps]
-    cached_lens = [step.num_cached for step in steps]
 
     def tensor(values, dtype=torch.int64):
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -59,8 +79,8 @@ def make_batch(
         positions=tensor(positions),
         slot_mapping=tensor(slots),
         block_tables=tensor(tables, torch.int32),
-        context_lens=tensor([c + q for c, q in zip(cached_lens, query_lens)], torch.int32),
+        context_lens=tensor([step.num_cached + q for step, q in zip(steps, query_lens)], torch.int32),
+        query_start_loc=tensor([0, *itertools.accumulate(query_lens)], torch.int32),
         query_lens=query_lens,
-        cached_lens=cached_lens,
         logits_indices=tensor(logits_indices),
     )

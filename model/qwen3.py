@@ -2,9 +2,9 @@
 
 The batch is plain tensors (see `ForwardBatch`): the new tokens of every sequence concatenated,
 their positions, the cache slot each one's K/V goes to, and each sequence's block table and
-context length. A step is either a decode step (every sequence brings one token; attention is
-`paged_decode_attention` over the cache) or a prefill step (attention over the new tokens and
-whatever prefix the cache already holds). Every op beyond matmuls and the embedding lookup goes
+context length. Sequences that bring one token (decodes) come first and run
+`paged_decode_attention` over the cache; prompt chunks after them run `paged_prefill_attention`
+over the prefix the cache already holds and themselves; one step may hold both. Every op beyond matmuls and the embedding lookup goes
 through `kernels`, so the same code runs Triton kernels on CUDA and torch references on CPU.
 
 Weights are stored fused where that saves launches: `qkv_proj` is q, k and v stacked by rows,
@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import apply_rope, build_cos_sin_cache, fused_add_rms_norm, paged_decode_attention, rms_norm, store_kv
+from kernels import (
+    apply_rope,
+    build_cos_sin_cache,
+    fused_add_rms_norm,
+    paged_decode_attention,
+    paged_prefill_attention,
+    rms_norm,
+    store_kv,
+)
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
 
@@ -104,50 +112,28 @@ class Qwen3Model(nn.Module):
         v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, k, batch.positions, self.cos_sin_cache)
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        if batch.is_decode:
-            out = paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
-        else:
-            out = self._prefill_attention(q, k, v, batch, k_cache, v_cache)
+        out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale)
         return _linear(out.reshape(num_tokens, c.q_size), layer.o_proj)
-
-    def _prefill_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        batch: ForwardBatch,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
-        block_size = k_cache.shape[1]
-        out = torch.empty_like(q)
-        start = 0
-        for seq, (num_new, num_cached) in enumerate(zip(batch.query_lens, batch.cached_lens)):
-            end = start + num_new
-            if num_cached == 0:
-                keys, values, mask, causal = k[start:end], v[start:end], None, True
-            else:
-                # The new K/V are already stored, so the whole context comes from the cache.
-                context = num_cached + num_new
-                blocks = batch.block_tables[seq, : (context + block_size - 1) // block_size].long()
-                keys = k_cache[blocks].flatten(0, 1)[:context]
-                values = v_cache[blocks].flatten(0, 1)[:context]
-                query_pos = torch.arange(num_cached, context, device=q.device)
-                mask = query_pos[:, None] >= torch.arange(context, device=q.device)[None, :]
-                causal = False
-            out[start:end] = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1),
-                keys.transpose(0, 1),
-                values.transpose(0, 1),
-                attn_mask=mask,
-                is_causal=causal,
-                scale=self.scale,
-                enable_gqa=True,
-            ).transpose(0, 1)
-            start = end
-        return out
 
     def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = _linear(x, layer.gate_up_proj).chunk(2, dim=-1)
         return _linear(F.silu(gate) * up, layer.down_proj)
+
+
+def _paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Attention of the batch's new tokens over their cached context: decode attention for the
+    leading one-token sequences, prefill attention for the prompt chunks after them."""
+    d = batch.num_decodes
+    if d == len(batch.query_lens):
+        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    prefill_args = (k_cache, v_cache, batch.block_tables[d:], batch.prefill_query_start_loc, batch.context_lens[d:],
+                    batch.max_query_len, scale)
+    if d == 0:
+        return paged_prefill_attention(q, k, v, *prefill_args)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d], scale)
+    out[d:] = paged_prefill_attention(q[d:], k[d:], v[d:], *prefill_args)
+    return out

@@ -30,8 +30,8 @@ def kv_blocks_for_free_memory(
         slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
         block_tables=torch.zeros(1, 1, dtype=torch.int32, device=device),
         context_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
         query_lens=[tokens],
-        cached_lens=[0],
         logits_indices=torch.full((max_num_seqs,), tokens - 1, dtype=torch.int64, device=device),
     )
     logits = model.forward(batch, model.allocate_kv_cache(1, block_size))

@@ -48,6 +48,7 @@ class ModelRunner:
         self._slot_mapping = _InputBuffer(max_num_batched_tokens, torch.int64, device)
         self._block_tables = _InputBuffer(max_num_seqs * max_blocks_per_seq, torch.int32, device)
         self._context_lens = _InputBuffer(max_num_seqs, torch.int32, device)
+        self._query_start_loc = _InputBuffer(max_num_seqs + 1, torch.int32, device)
         self._logits_indices = _InputBuffer(max_num_seqs, torch.int64, device)
 
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
@@ -79,6 +80,7 @@ class ModelRunner:
         self._positions.np[:n] = positions
         self._slot_mapping.np[:n] = [seq.block_table[pos // bs] * bs + pos % bs for seq, pos in zip(seqs, positions)]
         self._context_lens.np[:n] = [pos + 1 for pos in positions]
+        self._query_start_loc.np[: n + 1] = range(n + 1)
         self._logits_indices.np[:n] = range(n)
         return ForwardBatch(
             token_ids=self._token_ids.load(n),
@@ -86,8 +88,8 @@ class ModelRunner:
             slot_mapping=self._slot_mapping.load(n),
             block_tables=self._load_block_tables(seqs),
             context_lens=self._context_lens.load(n),
+            query_start_loc=self._query_start_loc.load(n + 1),
             query_lens=[1] * n,
-            cached_lens=[seq.num_cached for seq in seqs],
             logits_indices=self._logits_indices.load(n),
         )
 
@@ -105,6 +107,8 @@ class ModelRunner:
             ends.append(end)
         n = len(batch.seqs)
         self._context_lens.np[:n] = [seq.num_cached + num_new for seq, num_new in zip(batch.seqs, batch.num_new_tokens)]
+        self._query_start_loc.np[0] = 0
+        self._query_start_loc.np[1 : n + 1] = ends
         self._logits_indices.np[: len(sampling_rows)] = [ends[i] - 1 for i in sampling_rows]
         return ForwardBatch(
             token_ids=self._token_ids.load(start),
@@ -112,8 +116,8 @@ class ModelRunner:
             slot_mapping=self._slot_mapping.load(start),
             block_tables=self._load_block_tables(batch.seqs),
             context_lens=self._context_lens.load(n),
+            query_start_loc=self._query_start_loc.load(n + 1),
             query_lens=list(batch.num_new_tokens),
-            cached_lens=[seq.num_cached for seq in batch.seqs],
             logits_indices=self._logits_indices.load(len(sampling_rows)),
         )
 

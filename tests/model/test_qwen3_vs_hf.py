@@ -134,3 +134,27 @@ def test_prefill_over_cached_prefix_equals_single_prefill(checkpoint):
     first = model.forward(make_batch([SequenceStep(tokens[:13], 0, blocks)], block_size, "cpu", all_logits=True), cache)
     second = model.forward(make_batch([SequenceStep(tokens[13:], 13, blocks)], block_size, "cpu", all_logits=True), cache)
     assert _rel_err(torch.cat([first, second]), _full_logits(model, tokens)) <= 1e-5
+
+
+def test_mixed_step_equals_separate_steps(checkpoint):
+    """One step holding decodes (first) and prompt chunks over cached prefixes gives each sequence
+    the logits it gets alone."""
+    model = load_model(checkpoint, "cpu", "float32")
+    block_size = 8
+    prompts = [_prompt(n, seed=40 + n) for n in (12, 21, 30, 9)]
+    cached = [11, 20, 16, 0]  # two decodes (one token left), a chunk over two blocks, a fresh prompt
+    tables = [list(range(i * 5, i * 5 + 5)) for i in range(len(prompts))]
+
+    def run(indices: list[int]) -> torch.Tensor:
+        cache = model.allocate_kv_cache(20, block_size)
+        for i in indices:  # the cached prefixes, as earlier steps left them
+            if cached[i]:
+                model.forward(make_batch([SequenceStep(prompts[i][: cached[i]], 0, tables[i])], block_size, "cpu"), cache)
+        steps = [SequenceStep(prompts[i][cached[i] :], cached[i], tables[i]) for i in indices]
+        return model.forward(make_batch(steps, block_size, "cpu", all_logits=True), cache)
+
+    mixed = run([0, 1, 2, 3])
+    assert make_batch([SequenceStep(prompts[i][cached[i]:], cached[i], tables[i]) for i in range(4)],
+                      block_size, "cpu").num_decodes == 2
+    alone = torch.cat([run([i]) for i in range(4)])
+    assert _rel_err(mixed, alone) <= 1e-5

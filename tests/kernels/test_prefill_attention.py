@@ -1,0 +1,70 @@
+"""Paged prefill attention against attention spelled out in float64, one sequence at a time."""
+
+import random
+
+import pytest
+import torch
+
+from kernels import paged_prefill_attention
+from tests.kernels.common import DTYPE_IDS, DTYPES, assert_close, randn
+
+
+def _expected(q, keys, values, num_cached, scale):
+    """q [n, Hq, D] at positions num_cached.., keys/values [context, Hk, D]: causal softmax attention."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1)
+    v = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    visible = torch.arange(num_cached, num_cached + q.shape[0])[:, None] >= torch.arange(keys.shape[0])[None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def _case(query_lens, cached_lens, q_heads, kv_heads, head_dim, block_size, dtype, seed=0):
+    """A batch whose sequences' whole contexts are in a shuffled paged cache full of stale values."""
+    rng = random.Random(seed)
+    contexts = [c + n for c, n in zip(cached_lens, query_lens)]
+    widths = [-(-c // block_size) for c in contexts]
+    num_blocks = sum(widths) + 3
+    order = rng.sample(range(num_blocks), sum(widths))
+    tables, at = [], 0
+    for width in widths:
+        tables.append(order[at : at + width])
+        at += width
+    table_tensor = torch.tensor([t + [0] * (max(widths) - len(t)) for t in tables], dtype=torch.int32)
+    k_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)  # stale values everywhere
+    v_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    keys = [randn(c, kv_heads, head_dim, dtype=dtype) for c in contexts]
+    values = [randn(c, kv_heads, head_dim, dtype=dtype) for c in contexts]
+    for table, key, value in zip(tables, keys, values):
+        for pos in range(key.shape[0]):
+            k_cache[table[pos // block_size], pos % block_size] = key[pos]
+            v_cache[table[pos // block_size], pos % block_size] = value[pos]
+    q = randn(sum(query_lens), q_heads, head_dim, dtype=dtype)
+    k_new = torch.cat([key[c:] for key, c in zip(keys, cached_lens)])
+    v_new = torch.cat([value[c:] for value, c in zip(values, cached_lens)])
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    args = (q, k_new, v_new, k_cache, v_cache, table_tensor, starts, torch.tensor(contexts, dtype=torch.int32),
+            max(query_lens), head_dim**-0.5)
+    expected = torch.cat([
+        _expected(q[starts[s] : starts[s + 1]], keys[s], values[s], cached_lens[s], head_dim**-0.5)
+        for s in range(len(query_lens))
+    ])
+    return args, expected.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 128), (10, 2, 64), (8, 1, 64)])
+def test_prefill_attention_matches_spelled_out_attention(dtype, q_heads, kv_heads, head_dim):
+    # Fresh prompts and prompts over cached prefixes of 0..3 blocks, chunks starting and ending
+    # inside blocks, odd lengths.
+    query_lens = [13, 1, 20, 7, 16]
+    cached_lens = [0, 37, 16, 5, 48]
+    args, expected = _case(query_lens, cached_lens, q_heads, kv_heads, head_dim, 16, dtype)
+    assert_close(paged_prefill_attention(*args), expected)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 32])
+def test_prefill_attention_any_block_size(block_size):
+    args, expected = _case([9, 33], [23, 4], 4, 2, 64, block_size, torch.float32, seed=block_size)
+    assert_close(paged_prefill_attention(*args), expected)
