@@ -128,6 +128,11 @@ def run(args: argparse.Namespace) -> dict:
     vocab = ours.config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     max_batch = max(args.batches)
+    block_size = 16
+    blocks_per_seq = -(-(args.prompt_len + args.decode_tokens + 2) // block_size)
+    if device.type == "cpu":  # as the server does at load: its CPU op choices, timed here
+        plan = on_own_thread(ours.plan_cpu_ops, max_batch, blocks_per_seq * block_size)
+        print(plan.describe(), file=sys.stderr)
     prompts = torch.randint(0, min(vocab, 151643), (max_batch, args.prompt_len))
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -137,6 +142,7 @@ def run(args: argparse.Namespace) -> dict:
         "memory_bandwidth_GBps": on_own_thread(memory_bandwidth, device) / 1e9,
         "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens,
+        "cpu_plan": ours.cpu_plan.describe() if ours.cpu_plan else None,
     }
 
     print("prefill ...", file=sys.stderr)
@@ -146,8 +152,6 @@ def run(args: argparse.Namespace) -> dict:
         "nanoserve": args.prompt_len / on_own_thread(ours_prefill_time, ours, prompts[0].tolist(), args.repeats, device),
     }
 
-    block_size = 16
-    blocks_per_seq = -(-(args.prompt_len + args.decode_tokens + 2) // block_size)
     config = EngineConfig(block_size=block_size, num_kv_blocks=blocks_per_seq * max_batch + 1,
                           max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * args.prompt_len))
     decode = {}

@@ -137,6 +137,8 @@ def main() -> None:
 
     model_dir = model_dir_or_demo(args.model)
     model = on_own_thread(load_model, model_dir, "cpu", "float32")
+    config = resolve_config(EngineConfig(), model)
+    print(on_own_thread(model.plan_cpu_ops, config.max_num_seqs, config.max_model_len).describe())  # as the server
     hf = on_own_thread(load_hf, model_dir)
     tokenizer = Tokenizer(model_dir)
     prompt_ids = tokenizer.encode(PROMPT)

@@ -24,19 +24,12 @@ from kernels import (
     rms_norm,
     store_kv,
 )
+from kernels.backend import use_triton
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
+from model.cpu_plan import AttentionFn, CpuPlan, measure_cpu_plan
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), each [blocks, block_size, Hk, D]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # A single bf16 row on CPU (batch-1 decode): torch.mv's GEMV reads the weight about 35% faster
-    # than F.linear's oneDNN matmul (measured on an AVX-512 Xeon, torch 2.13; fp32 and fp16 gain
-    # nothing or lose). Weight reads are the whole cost of such a step.
-    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return torch.mv(weight, x[0]).unsqueeze(0)
-    return F.linear(x, weight)
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -72,6 +65,25 @@ class Qwen3Model(nn.Module):
         )
         self.cos_sin_cache = build_cos_sin_cache(c.max_position_embeddings, c.head_dim, c.rope_theta, self.device)
         self.scale = c.head_dim**-0.5
+        self.cpu_plan: CpuPlan | None = None  # None: F.linear and the reference decode attention
+
+    def plan_cpu_ops(self, max_batch: int, max_context: int) -> CpuPlan:
+        """Time the CPU candidates of the ops that have several (see `model.cpu_plan`) on this model's
+        weights and head shapes, and use the winners from now on. Run it on a thread that ends or
+        on the thread that runs the model (see `server.engine.async_engine.create_engine`)."""
+        layer, c = self.layers[0], self.config
+        weights = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj, self.lm_head]
+        self.cpu_plan = measure_cpu_plan(weights, c.num_heads, c.num_kv_heads, c.head_dim, max_batch, max_context)
+        return self.cpu_plan
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)
+
+    def _decode_attention(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
+        """The step's decode attention: the kernels' op, or on CPU what the plan measured fastest."""
+        if self.cpu_plan is None or use_triton(k_cache):
+            return paged_decode_attention
+        return self.cpu_plan.attention_for(max(batch.num_decodes, 1), batch.block_tables.shape[1] * k_cache.shape[1])
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.config
@@ -85,6 +97,7 @@ class Qwen3Model(nn.Module):
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Stores the batch's K/V in `kv_cache` and returns fp32 logits [N, vocab] for `logits_indices`."""
         eps = self.config.rms_norm_eps
+        decode_attention = self._decode_attention(batch, kv_cache[0][0])
         hidden = F.embedding(batch.token_ids, self.embed_tokens)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
@@ -93,47 +106,48 @@ class Qwen3Model(nn.Module):
                 x = rms_norm(hidden, layer.input_norm, eps)
             else:
                 x, residual = fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self._attention(layer, x, batch, k_cache, v_cache)
+            hidden = self._attention(layer, x, batch, k_cache, v_cache, decode_attention)
             x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
             hidden = self._mlp(layer, x)
         # Only the rows that need logits go through the final norm and the LM head.
         rows = batch.logits_indices
         x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, eps)
-        return _linear(x, self.lm_head).float()
+        return self._linear(x, self.lm_head).float()
 
     def _attention(
-        self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        decode_attention: AttentionFn,
     ) -> torch.Tensor:
         c = self.config
         num_tokens = x.shape[0]
-        q, k, v = _linear(x, layer.qkv_proj).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q, k, v = self._linear(x, layer.qkv_proj).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = rms_norm(q.view(num_tokens, c.num_heads, c.head_dim), layer.q_norm, c.rms_norm_eps)
         k = rms_norm(k.view(num_tokens, c.num_kv_heads, c.head_dim), layer.k_norm, c.rms_norm_eps)
         v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, k, batch.positions, self.cos_sin_cache)
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale)
-        return _linear(out.reshape(num_tokens, c.q_size), layer.o_proj)
+        out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention)
+        return self._linear(out.reshape(num_tokens, c.q_size), layer.o_proj)
 
     def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = _linear(x, layer.gate_up_proj).chunk(2, dim=-1)
-        return _linear(F.silu(gate) * up, layer.down_proj)
+        gate, up = self._linear(x, layer.gate_up_proj).chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, layer.down_proj)
 
 
 def _paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, scale: float,
+    v_cache: torch.Tensor, scale: float, decode_attention: AttentionFn,
 ) -> torch.Tensor:
     """Attention of the batch's new tokens over their cached context: decode attention for the
     leading one-token sequences, prefill attention for the prompt chunks after them."""
     d = batch.num_decodes
     if d == len(batch.query_lens):
-        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+        return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
     prefill_args = (k_cache, v_cache, batch.block_tables[d:], batch.prefill_query_start_loc, batch.context_lens[d:],
                     batch.max_query_len, scale)
     if d == 0:
         return paged_prefill_attention(q, k, v, *prefill_args)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d], scale)
+    out[:d] = decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d], scale)
     out[d:] = paged_prefill_attention(q[d:], k[d:], v[d:], *prefill_args)
     return out

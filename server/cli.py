@@ -1,6 +1,7 @@
 """`nanoserve` command line: `generate` (one prompt, printed) and `serve` (the OpenAI server)."""
 
 import argparse
+import logging
 import os
 import sys
 
@@ -126,8 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_logs() -> None:
+    """nanoserve's own INFO lines (the engine's startup choices, ...) on stderr, like the CLI's messages."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nanoserve: %(message)s"))
+    logger = logging.getLogger("nanoserve")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_logs()
     # Must be set before `kernels` is imported: the Triton interpreter is chosen at import time.
     os.environ["NANOSERVE_KERNELS"] = args.kernels
     try:

@@ -230,10 +230,19 @@ def _call_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, Reque
 def create_engine(args: argparse.Namespace) -> AsyncEngine:
     """Load the model and tokenizer that the CLI flags name and start an engine over them."""
     model_dir = model_dir_or_demo(args.model)
-    # Loaded on a thread that then ends, so that the engine's loop thread is the only one that ever
-    # runs torch's parallel CPU ops: OpenMP (libgomp) keeps a worker team for every such thread,
-    # and once teams outnumber the cores all of them sleep between ops, halving CPU decode speed.
-    with ThreadPoolExecutor(max_workers=1) as loader:
-        model = loader.submit(load_model, model_dir, args.device, args.dtype).result()
     config = EngineConfig(**{field.name: getattr(args, field.name) for field in fields(EngineConfig)})  # flag names
+    # Loaded (and its CPU ops timed) on a thread that then ends, so that the engine's loop thread is
+    # the only one that ever runs torch's parallel CPU ops: OpenMP (libgomp) keeps a worker team
+    # for every such thread, and once teams outnumber the cores all of them sleep between ops,
+    # halving CPU decode speed.
+    with ThreadPoolExecutor(max_workers=1) as loader:
+        model, config = loader.submit(_load, model_dir, args.device, args.dtype, config).result()
     return AsyncEngine(model, Tokenizer(model_dir), model_dir, config)
+
+
+def _load(model_dir: Path, device: str, dtype: str, config: EngineConfig) -> tuple[Qwen3Model, EngineConfig]:
+    model = load_model(model_dir, device, dtype)
+    config = resolve_config(config, model)
+    if model.device.type == "cpu":
+        logger.info(model.plan_cpu_ops(config.max_num_seqs, config.max_model_len).describe())
+    return model, config

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.decode_attention import paged_decode_attention_reference
+from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
 from kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
 from kernels.rope import apply_rope_reference, build_cos_sin_cache
 from kernels.store_kv import store_kv_reference
@@ -70,15 +70,22 @@ def test_store_kv_reference_skips_padding_slots():
     assert k_cache.isnan().flatten(0, 1).all(-1).all(-1).sum() == blocks * block_size - 4
 
 
+@pytest.mark.parametrize("implementation", [paged_decode_attention_reference, paged_decode_attention_grouped],
+                         ids=["sdpa", "grouped"])
 @pytest.mark.parametrize("group", [1, 2, 5])
-def test_paged_decode_attention_reference(group):
+def test_paged_decode_attention_torch_implementations(implementation, group):
+    """Both CPU implementations against float64 attention; slots past each sequence's end hold NaN."""
     kv_heads, dim, block_size, blocks = 2, 16, 4, 12
     context_lens = [1, 4, 5, 11]
     q = torch.randn(len(context_lens), kv_heads * group, dim)
     k_cache = torch.randn(blocks, block_size, kv_heads, dim)
     v_cache = torch.randn(blocks, block_size, kv_heads, dim)
-    tables = torch.stack([torch.randperm(blocks)[:3] for _ in context_lens]).int()
-    out = paged_decode_attention_reference(q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32), 0.3)
+    tables = torch.randperm(blocks).view(len(context_lens), 3).int()  # disjoint, shuffled
+    for b, n in enumerate(context_lens):
+        for p in range(n, 3 * block_size):
+            k_cache[tables[b, p // block_size], p % block_size] = float("nan")
+            v_cache[tables[b, p // block_size], p % block_size] = float("nan")
+    out = implementation(q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32), 0.3)
     for b, n in enumerate(context_lens):
         slots = [(tables[b, p // block_size].item(), p % block_size) for p in range(n)]
         keys = torch.stack([k_cache[blk, off] for blk, off in slots]).double()  # [n, Hk, D]

@@ -35,6 +35,9 @@ def test_generate_on_demo_without_model_flag(demo_dir):
     result = _run("--max-tokens", "8", "--ignore-eos", "Hello")
     assert result.returncode == 0, result.stderr
     assert len(Tokenizer(demo_dir).encode(result.stdout.rstrip("\n"))) >= 4
+    # The CPU op choices, timed at load, in one line on stderr (stdout holds only the text).
+    [plan] = [line for line in result.stderr.splitlines() if "CPU ops chosen by timing them here" in line]
+    assert "one-row matmul: " in plan and "decode attention: " in plan
 
 
 def test_generate_reports_bad_model_dir_cleanly(tmp_path):

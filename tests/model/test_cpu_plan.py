@@ -1,0 +1,101 @@
+"""CPU op choices by measurement: the chooser picks what is faster (and keeps the default on a
+near tie), the plan dispatches by shape and batch, and every candidate gives the model's results."""
+
+import random
+import time
+
+import pytest
+import torch
+
+from model.batch import SequenceStep, make_batch
+from model.cpu_plan import DECODE_ATTENTIONS, ONE_ROW_LINEARS, AttentionChoice, CpuPlan, fastest
+from model.demo import write_checkpoint
+from model.load import load_model
+
+VOCAB = 384
+
+
+def _sleeper(seconds: float):
+    return lambda: time.sleep(seconds)
+
+
+def test_fastest_takes_a_clearly_faster_challenger():
+    assert fastest({"default": _sleeper(0.012), "challenger": _sleeper(0.002)}, rounds=5) == "challenger"
+
+
+def test_fastest_keeps_the_default_when_it_wins_or_ties():
+    assert fastest({"default": _sleeper(0.002), "challenger": _sleeper(0.012)}, rounds=5) == "default"
+    # A challenger that is no faster never replaces the default.
+    assert fastest({"default": _sleeper(0.004), "challenger": _sleeper(0.004)}, rounds=5) == "default"
+
+
+def test_plan_dispatches_single_rows_by_weight_shape(monkeypatch):
+    used = []
+    monkeypatch.setitem(ONE_ROW_LINEARS, "mv", lambda x, w: used.append(tuple(w.shape)) or torch.mv(w, x[0])[None])
+    plan = CpuPlan({(8, 4): "mv", (4, 8): "linear"}, [AttentionChoice(1, 16, "sdpa")], 0.0)
+    w1, w2 = torch.randn(8, 4), torch.randn(4, 8)
+    x1, x2, x3 = torch.randn(1, 4), torch.randn(1, 8), torch.randn(3, 4)
+    torch.testing.assert_close(plan.linear(x1, w1), x1 @ w1.T)
+    torch.testing.assert_close(plan.linear(x2, w2), x2 @ w2.T)
+    torch.testing.assert_close(plan.linear(x3, w1), x3 @ w1.T)  # several rows: always F.linear
+    assert used == [(8, 4)]
+
+
+def test_plan_picks_the_nearest_measured_attention_point():
+    plan = CpuPlan({}, [AttentionChoice(1, 128, "grouped"), AttentionChoice(1, 2048, "sdpa"),
+                        AttentionChoice(8, 128, "grouped"), AttentionChoice(8, 2048, "grouped")], 0.0)
+    assert plan.attention_for(1, 100) is DECODE_ATTENTIONS["grouped"]
+    assert plan.attention_for(2, 1500) is DECODE_ATTENTIONS["sdpa"]
+    assert plan.attention_for(6, 1500) is DECODE_ATTENTIONS["grouped"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, dtype="float32")
+    return load_model(write_checkpoint(tmp_path_factory.mktemp("plan"), shape, seed=5, with_tokenizer=False), "cpu")
+
+
+def _greedy(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy tokens for a batch of prompts: one prefill step, then decode steps."""
+    block_size, width = 8, 6
+    cache = model.allocate_kv_cache(width * len(prompts), block_size)
+    tables = [range(i * width, (i + 1) * width) for i in range(len(prompts))]
+    seqs = [list(p) for p in prompts]
+    batch = [SequenceStep(p, 0, t) for p, t in zip(prompts, tables)]
+    for _ in range(steps):
+        tokens = model.forward(make_batch(batch, block_size, "cpu"), cache).argmax(-1).tolist()
+        batch = [SequenceStep([tok], len(seq), t) for tok, seq, t in zip(tokens, seqs, tables)]
+        for seq, tok in zip(seqs, tokens):
+            seq.append(tok)
+    return [seq[len(p):] for seq, p in zip(seqs, prompts)]
+
+
+@pytest.mark.parametrize("one_row,attention", [("mv", "grouped"), ("linear", "sdpa"), ("mv", "sdpa")])
+def test_every_candidate_gives_the_models_tokens(model, one_row, attention):
+    rng = random.Random(3)
+    single = [[rng.randrange(VOCAB) for _ in range(7)]]
+    batch = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 11, 3)]
+    model.cpu_plan = None
+    expected = _greedy(model, single, 20), _greedy(model, batch, 20)
+    c = model.config
+    shapes = {(c.q_size + 2 * c.kv_size, c.hidden_size), (c.hidden_size, c.q_size),
+              (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size), (VOCAB, c.hidden_size)}
+    model.cpu_plan = CpuPlan({shape: one_row for shape in shapes}, [AttentionChoice(1, 64, attention)], 0.0)
+    try:
+        assert (_greedy(model, single, 20), _greedy(model, batch, 20)) == expected
+    finally:
+        model.cpu_plan = None
+
+
+def test_plan_cpu_ops_measures_every_projection_shape(model):
+    try:
+        plan = model.plan_cpu_ops(max_batch=4, max_context=64)
+    finally:
+        model.cpu_plan = None
+    c = model.config
+    assert set(plan.one_row_linear) == {(c.q_size + 2 * c.kv_size, c.hidden_size), (c.hidden_size, c.q_size),
+                                        (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size),
+                                        (VOCAB, c.hidden_size)}
+    assert [(a.batch, a.context) for a in plan.decode_attention] == [(1, 64), (4, 64)]
+    assert "CPU ops chosen by timing them here" in plan.describe()
