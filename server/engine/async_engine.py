@@ -95,8 +95,8 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.model_dir = Path(model_dir)
         self.max_model_len: int = self.config.max_model_len
-        self.vocab_size = model.config.vocab_size
         self._core = EngineCore(model, tokenizer, self.config)
+        self.vocab_size = self._core.vocab_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _streams, _num_queued, _dead
         self._streams: dict[str, _Stream] = {}

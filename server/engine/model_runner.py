@@ -34,12 +34,12 @@ class _InputBuffer:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3Model, config: EngineConfig, eos_token_ids: tuple[int, ...]):
-        """`config` is resolved: every size in it is set."""
+    def __init__(self, model: Qwen3Model, config: EngineConfig, eos_token_ids: tuple[int, ...], num_token_ids: int):
+        """`config` is resolved: every size in it is set; ids from `num_token_ids` on have no token."""
         self.model = model
         self.block_size = config.block_size
         self.kv_cache: KVCache = model.allocate_kv_cache(config.num_kv_blocks, config.block_size)
-        self.sampler = Sampler(model.config.vocab_size, model.device, eos_token_ids)
+        self.sampler = Sampler(model.config.vocab_size, model.device, eos_token_ids, num_token_ids)
         device = model.device
         max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)

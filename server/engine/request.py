@@ -26,7 +26,17 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings; never part of the returned text
     stop_token_ids: list[int] = field(default_factory=list)  # besides the checkpoint's EOS ids
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob + top-k alternatives
+    # None: none; k >= 0: each prompt token's logprob (the first has none) + top-k alternatives. Such a
+    # request computes every prompt token (no prefix-cache reuse: `uses_prefix_cache` is False), and
+    # may have max_tokens 0: the prompt is scored, nothing is generated.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # drop special tokens (e.g. <|im_end|>) from the text
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Whether the prompt's cached K/V may be reused: not when its tokens' logprobs are wanted,
+        which needs the logits of every prompt position."""
+        return self.prompt_logprobs is None
 
 
 @dataclass
