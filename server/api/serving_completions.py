@@ -20,10 +20,13 @@ async def create_completion(ctx: ServingContext, body: bytes) -> Response:
     ctx.check_model(request.model)
     prompt_ids, echoes = [], []
     for prompt in request.prompts:
-        ids = ctx.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        ctx.check_token_ids(ids, param="prompt")
+        if isinstance(prompt, str):
+            ids = await ctx.encode(prompt, param="prompt")
+        else:
+            ids = prompt
+            ctx.check_token_ids(ids, param="prompt")
         prompt_ids.append(ids)
-        echoes.append((prompt if isinstance(prompt, str) else ctx.tokenizer.decode(prompt)) if request.echo else "")
+        echoes.append((prompt if isinstance(prompt, str) else await ctx.decode(prompt)) if request.echo else "")
     params = request.sampling_params(request.max_tokens, request.logprobs)
     completion_id = random_id("cmpl-")
     generation_requests = [GenerationRequest(f"{completion_id}-{i}", ids, params) for i, ids in enumerate(prompt_ids)]
