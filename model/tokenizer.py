@@ -39,6 +39,10 @@ def _byte_of_char() -> dict[str, int]:
     return {char: byte for byte, char in byte_alphabet().items()}
 
 
+class TokenizerError(ValueError):
+    """A checkpoint's tokenizer files are unreadable (truncated, corrupt)."""
+
+
 class PromptTooLong(ValueError):
     """A text that certainly has more tokens than allowed, known from its length alone."""
 
@@ -52,7 +56,11 @@ class Tokenizer:
         model_dir = Path(model_dir)
         if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
             raise FileNotFoundError(f"no tokenizer files (tokenizer.json or vocab.json) in {model_dir}")
-        self._hf = AutoTokenizer.from_pretrained(str(model_dir))
+        try:
+            self._hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as err:  # transformers and tokenizers raise many kinds; each means the same here
+            raise TokenizerError(f"the tokenizer files in {model_dir} cannot be read ({type(err).__name__}: {err})") \
+                from None
         # Encoding and decoding go straight to the Rust tokenizer: transformers' encode re-applies
         # padding and truncation settings to it on every call (which fails while another thread
         # decodes), and its decode holds the GIL for a second on a megabyte of tokens.

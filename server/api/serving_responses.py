@@ -113,7 +113,8 @@ class ResponsesAPI:
                 prompt_tokens = output.prompt_tokens
                 for delta in output.choices:
                     token_ids += delta.token_ids
-                    events = builder.add(reply.add(delta))
+                    logprobs = self._ctx.logprobs.chat(delta.logprobs) if delta.logprobs else None
+                    events = builder.add(reply.add(delta), logprobs)
                     if delta.finish_reason is not None:
                         terminal = self._terminal(builder, delta.finish_reason, usage())
                     for event in events:

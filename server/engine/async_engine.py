@@ -79,7 +79,8 @@ def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
             finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason,
         )
-    return replace(second, choices=[choices[index] for index in sorted(choices)])
+    return replace(second, choices=[choices[index] for index in sorted(choices)],
+                   prompt_logprobs=first.prompt_logprobs or second.prompt_logprobs)
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput | Exception]]) -> None:

@@ -85,12 +85,14 @@ class EngineCore:
             if result is None:
                 continue
             state = self.requests[seq.request_id]
-            state.add(seq.append_token(*result))
+            state.add(seq.append_token(*result) if seq.max_tokens else seq.finish_unsampled())
             if seq.is_finished:
                 self.scheduler.remove(seq)
             advanced[seq.request_id] = state
         outputs: list[tuple[str, RequestOutput | Exception]] = []
         for request_id, state in advanced.items():
+            if not state.has_output:  # choice 0 is still scoring the prompt
+                continue
             output = state.take_output()
             if output.finished:
                 del self.requests[request_id]
@@ -125,10 +127,8 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
         check(outside is None, f"{param} token ids must be in [0, {vocab_size}); {outside} is not", param)
 
     check(prompt_len > 0, "the prompt is empty", "prompt")
-    # Only a prompt that asks for its own logprobs may generate nothing: it is being scored.
-    least_tokens = 0 if p.prompt_logprobs is not None else 1
-    check(p.max_tokens is None or p.max_tokens >= least_tokens, f"max_tokens must be at least {least_tokens}",
-          "max_tokens")
+    # 0 runs the prompt and generates nothing: how a prompt is scored (with prompt_logprobs).
+    check(p.max_tokens is None or p.max_tokens >= 0, "max_tokens must be at least 0", "max_tokens")
     # Before the prompt's ids are read one by one: a prompt of millions of ids is refused at once.
     wanted = prompt_len + (1 if p.max_tokens is None else p.max_tokens)
     check(
