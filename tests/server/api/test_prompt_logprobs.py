@@ -3,7 +3,6 @@ log-softmax of transformers' logits (over the tokens that exist), and `max_token
 without generating; the engine computes them across prefill chunks too."""
 
 import asyncio
-import json
 
 import pytest
 import torch
