@@ -8,10 +8,13 @@ its token ids, chat format and speed are real.
 """
 
 import base64
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,15 +22,12 @@ from safetensors.torch import save_file
 
 from model.tokenizer import byte_alphabet
 
-DEMO_NAME = "demo-qwen3-v2"
+DEMO_NAME = "demo-qwen3-v3"
 DEMO_SEED = 20260101
-# The demo's tied embeddings are also its LM head: at this spread its logits are soft enough that
-# sampled text wanders through the vocabulary instead of repeating one token (greedy still picks
-# a clear best).
-DEMO_EMBEDDING_STD = 0.3
+MANIFEST = "nanoserve-manifest.json"  # sha256 of every file, written last: a build is complete and intact
 
-# Qwen3-shaped (GQA 4:2, head_dim 128, q/k norm, tied embeddings, the full vocabulary) but tiny,
-# so that it builds in seconds and decodes far above 50 tokens/s on a 2-core CPU.
+# Qwen3-shaped (GQA 4:2, head_dim 128, q/k norm, the full vocabulary) but tiny, so that it builds
+# in seconds and decodes far above 50 tokens/s on a 2-core CPU. Untied: its LM head is engineered.
 DEMO_CONFIG = {
     "hidden_size": 64,
     "intermediate_size": 192,
@@ -35,9 +35,24 @@ DEMO_CONFIG = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 128,
-    "tie_word_embeddings": True,
+    "tie_word_embeddings": False,
     "dtype": "float32",
 }
+
+# How the demo ends its replies (see `demo_weights`): every token has a level in [0, 1]; the next
+# token's level is about the current one's + LEVEL_STEP, and the end token <|im_end|> gains on the
+# others as the level rises, winning near the top. Template tokens sit at level 0, so a reply
+# starts at the bottom and ends after about 10-20 tokens; which token of a level comes is random.
+LEVEL_STEP = 0.07
+LEVEL_ANGLE = 3.0  # levels 0..1 as angles 0..LEVEL_ANGLE radians
+PEAK = 22.0  # the bump's height: a token's logit is PEAK * (cos(angle to the next level) - 1), at most 0
+END_AT_TOP = 14.0  # the end token's logit at level 1 ...
+END_SLOPE = 40.0  # ... and how much lower it is per unit of level below 1
+NOISE_STD = 0.012  # the LM head's random part: which token near the next level comes
+LEVEL_WOBBLE = 0.3  # the layers' context-dependent nudge to the next level, so lengths vary
+RESIDUAL_SCALE = 8.0  # the level dimensions of the residual stream are O(1) x this
+BLOCKED = -1000.0  # the other special tokens and token-less ids: never chosen, even with logit_bias
+LEVEL_ZERO_TEXT = ("user", "assistant", "system", "tool", "developer", "\n", "\n\n")
 
 QWEN3_VOCAB_SIZE = 151936  # embedding rows; the tokenizer uses 151669 of them
 BPE_RANKS = 151643
@@ -99,22 +114,75 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NANOSERVE_CACHE") or Path.home() / ".cache" / "nanoserve")
 
 
+def _say(message: str) -> None:
+    print(f"nanoserve: {message}", file=sys.stderr, flush=True)
+
+
 def demo_checkpoint() -> Path:
-    """The demo checkpoint's directory, built on first use (atomically, so concurrent first uses are safe)."""
+    """The demo checkpoint's directory, built on first use and rebuilt when its files no longer
+    match the manifest written with them (truncated, changed); atomically, so concurrent first
+    uses are safe."""
     target = cache_dir() / DEMO_NAME
-    if (target / "config.json").is_file():
+    problem = _manifest_problem(target)
+    if problem is None:
         return target
+    if target.exists():
+        _say(f"rebuilding the demo checkpoint in {target}: {problem}")
+    else:
+        _say(f"building the demo checkpoint in {target} (once, a few seconds)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=target.parent))
+    started = time.monotonic()
     try:
-        write_checkpoint(staging, DEMO_CONFIG, seed=DEMO_SEED, embedding_std=DEMO_EMBEDDING_STD)
+        _build_demo(staging)
+        if target.exists():  # a damaged build: moved aside first, as a directory is replaced only when empty
+            shutil.rmtree(target.rename(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-old-", dir=target.parent)))
         os.rename(staging, target)
     except OSError:
-        if not (target / "config.json").is_file():  # not just another process winning the race
+        if _manifest_problem(target) is not None:  # not just another process winning the race
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _say(f"demo checkpoint ready in {time.monotonic() - started:.1f} s")
     return target
+
+
+def _build_demo(directory: Path) -> None:
+    _say("  tokenizer: Qwen3's byte-level BPE (151,643 ranks, 26 special tokens)")
+    write_tokenizer(directory)
+    _say("  weights: 2 layers, hidden 64, 151,936-token vocabulary, engineered to end replies")
+    ranks = _load_bpe_ranks()
+    level_zero = [ranks[text.encode()] for text in LEVEL_ZERO_TEXT] + list(range(BPE_RANKS, BPE_RANKS + 26))
+    config = hf_config(DEMO_CONFIG)
+    write_checkpoint(directory, DEMO_CONFIG, DEMO_SEED, with_tokenizer=False,
+                     tensors=demo_weights(config, DEMO_SEED, level_zero))
+    files = {path.name: _sha256(path) for path in sorted(directory.iterdir())}
+    (directory / MANIFEST).write_text(json.dumps(files, indent=2) + "\n")
+
+
+def _manifest_problem(directory: Path) -> str | None:
+    """What is wrong with a built demo directory, or None when every file matches its manifest."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} is not the file that was written (truncated or changed)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def hf_config(shape: dict) -> dict:
@@ -139,12 +207,12 @@ def hf_config(shape: dict) -> dict:
     return config
 
 
-def random_weights(config: dict, seed: int, embedding_std: float = 1.0) -> dict[str, torch.Tensor]:
+def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     """HF-named random Qwen3 tensors in fp32 (the caller casts).
 
-    The spread is wider than HF's init (linear weights ~ N(0, 1/fan_in), embeddings ~
-    N(0, embedding_std), norm weights around 1) so that activations stay O(1) and the top logits
-    are far apart: greedy choices are then decisive and identical across implementations.
+    The spread is wider than HF's init (linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1),
+    norm weights around 1) so that activations stay O(1) and the top logits are far apart:
+    greedy choices are then decisive and identical across implementations.
     """
     gen = torch.Generator().manual_seed(seed)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
@@ -158,7 +226,7 @@ def random_weights(config: dict, seed: int, embedding_std: float = 1.0) -> dict[
     def norm(size: int) -> torch.Tensor:
         return 1.0 + 0.2 * torch.randn(size, generator=gen)
 
-    tensors = {"model.embed_tokens.weight": embedding_std * torch.randn(config["vocab_size"], hidden, generator=gen)}
+    tensors = {"model.embed_tokens.weight": torch.randn(config["vocab_size"], hidden, generator=gen)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors |= {
@@ -180,20 +248,64 @@ def random_weights(config: dict, seed: int, embedding_std: float = 1.0) -> dict[
     return tensors
 
 
+def demo_weights(config: dict, seed: int, level_zero_ids: list[int]) -> dict[str, torch.Tensor]:
+    """Random Qwen3 weights (as `random_weights`) built so that replies end on their own.
+
+    The residual stream's first four dimensions hold, for the current token, the angle of the next
+    level (cos, sin), a constant and the level itself; the layers write only to the others (and a
+    small context-dependent nudge to the angle), so the final hidden state still holds them. Token
+    v's LM-head row reads them as PEAK * (cos(angle_v - next angle) - 1), a bump of at most 0 around
+    the next level, plus a small random part: the next token is one about LEVEL_STEP higher, which
+    one being random. The end token's row reads the level: END_AT_TOP - END_SLOPE * (1 - level), so
+    it wins once the level is high. Levels only rise, so even greedy decoding, which has no
+    randomness to leave a loop by, ends. Logits stay within [-2 PEAK, END_AT_TOP], about a real
+    model's range, so a logit_bias of 100 still decides. (The final norm scales each row of logits
+    by about 0.55, which these figures include.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = random_weights(config | {"tie_word_embeddings": True}, seed)  # layers, norms, embedding spread
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    level = torch.rand(vocab, generator=gen)
+    level[level_zero_ids] = 0.0
+    next_angle = LEVEL_ANGLE * (level + LEVEL_STEP)
+    embed = tensors["model.embed_tokens.weight"]
+    embed[:, :4] = RESIDUAL_SCALE * torch.stack([next_angle.cos(), next_angle.sin(), torch.ones(vocab), level], 1)
+    for i in range(config["num_hidden_layers"]):
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            writes = tensors[f"model.layers.{i}.{name}"]
+            writes[:2] *= LEVEL_WOBBLE
+            writes[2:4] = 0.0
+    tensors["model.norm.weight"] = torch.ones(hidden)
+    scale = 1.0 / (RESIDUAL_SCALE * 0.55)  # from a logit back through the residual's scale and the final norm
+    angle = LEVEL_ANGLE * level
+    head = NOISE_STD * torch.randn(vocab, hidden, generator=gen)
+    head[:, :4] = scale * PEAK * torch.stack([angle.cos(), angle.sin(), -torch.ones(vocab), torch.zeros(vocab)], 1)
+    end_id = EOS_TOKEN_IDS[0]
+    head[end_id] = 0.0
+    head[end_id, 2:4] = scale * torch.tensor([END_AT_TOP - END_SLOPE, END_SLOPE])
+    blocked = [i for i in range(BPE_RANKS, vocab) if i != end_id]  # other special tokens, token-less rows
+    head[blocked] = 0.0
+    head[blocked, 2] = scale * BLOCKED
+    tensors["lm_head.weight"] = head
+    return tensors
+
+
 def write_checkpoint(
     directory: str | Path,
     shape: dict,
     seed: int,
     num_shards: int = 1,
     with_tokenizer: bool = True,
-    embedding_std: float = 1.0,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a random Qwen3 checkpoint in HF layout; `shape` overrides `hf_config` defaults."""
+    """Write a Qwen3 checkpoint in HF layout: `tensors` (fp32, HF names), by default random ones
+    from `seed`; `shape` overrides `hf_config` defaults."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = hf_config(shape)
     dtype = getattr(torch, config["dtype"])
-    tensors = {name: t.to(dtype).contiguous() for name, t in random_weights(config, seed, embedding_std).items()}
+    tensors = random_weights(config, seed) if tensors is None else tensors
+    tensors = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
     _write_safetensors(directory, tensors, num_shards)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": 151643, "eos_token_id": EOS_TOKEN_IDS, "do_sample": False}

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from model.qwen3 import Qwen3Model
@@ -112,12 +112,15 @@ def load_checkpoint(model: Qwen3Model, model_dir: str | Path, progress: bool | N
     assigner = _Assigner(model)
     with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
         for path in files:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    view = f.get_slice(name)
-                    shape = tuple(view.get_shape())
-                    assigner.assign(name, shape, lambda: f.get_tensor(name))
-                    bar.update(_nbytes(shape, view.get_dtype()))
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        view = f.get_slice(name)
+                        shape = tuple(view.get_shape())
+                        assigner.assign(name, shape, lambda: f.get_tensor(name))
+                        bar.update(_nbytes(shape, view.get_dtype()))
+            except SafetensorError as err:
+                raise WeightsError(f"{path} is truncated or corrupt (safetensors: {err})") from None
     assigner.finish()
 
 

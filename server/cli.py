@@ -1,9 +1,21 @@
-"""`nanoserve` command line: `generate` (one prompt, printed) and `serve` (the OpenAI server)."""
+"""`nanoserve` command line: `generate` (one prompt, printed) and `serve` (the OpenAI server).
+
+Flags are checked before the model loads, each bad one reported in one line that names it.
+"""
 
 import argparse
 import logging
+import math
 import os
 import sys
+from pathlib import Path
+
+DESCRIPTION = "A small, readable LLM inference server: generate one completion, or serve the OpenAI API."
+# Ordinary chat requests fit in a few KiB; a smaller limit would refuse them.
+MIN_BODY_BYTES = 4096
+# Engine and server sizes that must be at least 1 when given.
+POSITIVE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
+                  "max_queue", "max_tokens", "response_store_max")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -112,8 +124,20 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _PrintVersion(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print nanoserve's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args) -> None:
+        from server.api.app import nanoserve_version
+
+        print(f"nanoserve {nanoserve_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nanoserve", description=DESCRIPTION)
+    parser.add_argument("--version", action=_PrintVersion)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a completion of PROMPT and print it")
     _add_model_flags(gen)
@@ -137,12 +161,78 @@ def _show_logs() -> None:
     logger.propagate = False
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """ValueError naming the first flag whose value cannot work."""
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.model is not None:
+        model = Path(args.model)
+        if not model.exists():
+            raise ValueError(f"--model {args.model}: no such directory")
+        if not model.is_dir():
+            raise ValueError(f"--model {args.model} is a file: give the checkpoint's directory")
+    if args.command == "generate":
+        _check_sampling_flags(args)
+    else:
+        _check_server_flags(args)
+    _check_kv_cache_size(args)
+
+
+def _check_kv_cache_size(args: argparse.Namespace) -> None:
+    """Without --max-model-len, --num-kv-blocks must hold the context the engine would serve (as
+    vLLM asks); a smaller cache is a typo more often than a wish for a tiny context."""
+    if args.num_kv_blocks is None or args.max_model_len is not None:
+        return
+    from model.config import load_config
+    from model.load import model_dir_or_demo, resolve_device
+    from server.engine.config import default_max_model_len
+
+    positions = load_config(model_dir_or_demo(args.model)).max_position_embeddings
+    context = default_max_model_len(positions, resolve_device(args.device).type)
+    capacity = args.num_kv_blocks * args.block_size
+    if capacity < context:
+        raise ValueError(f"--num-kv-blocks {args.num_kv_blocks} holds {capacity} tokens (x --block-size "
+                         f"{args.block_size}), less than the {context}-token context: give more blocks, or "
+                         f"--max-model-len {capacity} or less")
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be at least 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.min_p <= 1:
+        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be at least 0 (0: off), got {args.top_k}")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be positive, got {args.repetition_penalty}")
+
+
+def _check_server_flags(args: argparse.Namespace) -> None:
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_body_bytes < MIN_BODY_BYTES:
+        raise ValueError(f"--max-body-bytes must be at least {MIN_BODY_BYTES} (ordinary requests need that much), "
+                         f"got {args.max_body_bytes}")
+    if not args.host:
+        raise ValueError("--host must not be empty")
+    if args.served_model_name == "":
+        raise ValueError("--served-model-name must not be empty")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_logs()
     # Must be set before `kernels` is imported: the Triton interpreter is chosen at import time.
     os.environ["NANOSERVE_KERNELS"] = args.kernels
     try:
+        check_flags(args)
         if args.command == "generate":
             from server.generate import generate_main
 
@@ -152,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout was closed early (`nanoserve generate … | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail
+        return 141  # as a process ended by SIGPIPE
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"nanoserve: error: {err}", file=sys.stderr)
         return 2

@@ -33,10 +33,12 @@ async def _stream(engine: AsyncEngine, request: GenerationRequest) -> None:
 def generate_main(args: argparse.Namespace) -> int:
     engine = create_engine(args)
     try:
-        prompt = args.prompt
-        if args.chat:
-            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        request = GenerationRequest("generate", engine.tokenizer.encode(prompt), sampling_params(args))
+        tokenizer = engine.tokenizer
+        if args.chat:  # as the server does: special-token text in PROMPT stays text
+            prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        else:
+            prompt_ids = tokenizer.encode(args.prompt)
+        request = GenerationRequest("generate", prompt_ids, sampling_params(args))
         asyncio.run(_stream(engine, request))
     finally:
         engine.shutdown()

@@ -1,5 +1,6 @@
-"""The HTTP app (Quart, served by hypercorn): routes, the API-key check, per-route counters,
-and `nanoserve serve`, which loads the model, serves it and shuts down cleanly on SIGINT/SIGTERM."""
+"""The HTTP app (Quart, served by hypercorn): routes, the API-key check, request ids, per-route
+counters, and `nanoserve serve`, which loads the model, serves it and shuts down cleanly on
+SIGINT/SIGTERM."""
 
 import argparse
 import asyncio
@@ -20,7 +21,7 @@ from quart import Quart, Response, request
 from model.demo import cache_dir
 from server.api.errors import APIError, model_not_found, register_error_handlers
 from server.api.metrics import CONTENT_TYPE, ServerMetrics
-from server.api.protocol import parse_request
+from server.api.protocol import parse_request, random_id
 from server.api.protocol_tokenize import DetokenizeRequest, TokenizeRequest
 from server.api.response_store import ResponseStore
 from server.api.serving import ServingContext, json_response
@@ -32,6 +33,12 @@ if TYPE_CHECKING:  # the app never imports the engine's torch side at run time
     from server.engine.async_engine import AsyncEngine
 
 DEMO_MODEL_NAME = "nanoserve-demo"
+# Routes that answer without an API key: probes for load balancers and monitoring, which do no work.
+OPEN_ROUTES = frozenset({"/health", "/metrics", "/version"})
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# A client's own x-request-id is echoed when it is a plain token of at most this many characters.
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(f"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}")
 # Hypercorn's wait for open connections after shutdown starts; streams end at once by then.
 GRACEFUL_TIMEOUT_SECONDS = 5.0
 
@@ -57,9 +64,13 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
     version = nanoserve_version()
     register_error_handlers(app)
 
+    @app.after_serving
+    async def stop_tokenizer_thread() -> None:
+        ctx.close()
+
     @app.before_request
     async def check_api_key() -> None:
-        if api_key is None or not request.path.startswith("/v1/"):
+        if api_key is None or request.path in OPEN_ROUTES:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
@@ -69,6 +80,7 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
     async def count_request(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.http_requests.labels(route, str(response.status_code)).inc()
+        response.headers["x-request-id"] = request_id(request.headers.get("x-request-id"))
         return response
 
     async def body() -> bytes:
@@ -136,10 +148,10 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
         if req.model is not None:
             ctx.check_model(req.model)
         if req.messages is not None:
-            tokens = ctx.chat_prompt_ids([m.template_message() for m in req.messages], req.enable_thinking,
-                                         "messages", add_generation_prompt=req.add_generation_prompt is not False)
+            tokens = await ctx.chat_prompt_ids([m.template_message() for m in req.messages], req.enable_thinking,
+                                               "messages", add_generation_prompt=req.add_generation_prompt is not False)
         else:
-            tokens = ctx.tokenizer.encode(req.prompt)
+            tokens = await ctx.encode(req.prompt, param="prompt")
         return json_response({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
 
     @app.post("/detokenize")
@@ -148,9 +160,35 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
         if req.model is not None:
             ctx.check_model(req.model)
         ctx.check_token_ids(req.tokens, param="tokens")
-        return json_response({"prompt": ctx.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+        return json_response({"prompt": await ctx.decode(req.tokens, skip_special_tokens=False)})
 
     return app
+
+
+def request_id(client_id: str | None) -> str:
+    """The client's x-request-id when it is a plain token, else a new one (as OpenAI's `req_…`)."""
+    return client_id if client_id and _REQUEST_ID.fullmatch(client_id) else random_id("req_")
+
+
+def resolve_api_key(flag: str | None) -> str | None:
+    """--api-key, else $NANOSERVE_API_KEY; an empty or unsendable key is refused (ValueError)."""
+    source, key = ("--api-key", flag) if flag is not None else ("$NANOSERVE_API_KEY", os.environ.get("NANOSERVE_API_KEY"))
+    if key is None:
+        return None
+    if not key:
+        raise ValueError(f"{source} is empty: give a key, or leave it unset to serve without one")
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise ValueError(f"{source} must be printable ASCII without spaces (it travels in an HTTP header)")
+    return key
+
+
+def _announce_auth(api_key: str | None, host: str) -> None:
+    if api_key is not None:
+        _say(f"API key required on every route except {', '.join(sorted(OPEN_ROUTES))}")
+        return
+    _say("no API key: every route is open (--api-key or $NANOSERVE_API_KEY sets one)")
+    if host not in LOCAL_HOSTS:
+        _say(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model")
 
 
 def _say(message: str) -> None:
@@ -182,6 +220,7 @@ async def _serve(app: Quart, config: Config, engine: "AsyncEngine") -> None:
 def serve_main(args: argparse.Namespace) -> int:
     from server.engine.async_engine import create_engine  # the app itself never imports torch
 
+    api_key = resolve_api_key(args.api_key)
     store = ResponseStore(args.response_store or cache_dir() / "responses.sqlite3", args.response_store_max)
     name = served_model_name(args)
     _say(f"loading {args.model or 'the demo checkpoint'} (--device {args.device}, --dtype {args.dtype})")
@@ -190,7 +229,8 @@ def serve_main(args: argparse.Namespace) -> int:
     _say(f"loaded {engine.model_dir} as '{name}' in {time.monotonic() - started:.1f} s: "
          f"max_model_len {engine.max_model_len}, {engine.stats().kv_blocks_total} KV blocks")
     try:
-        app = create_app(engine, name, store, args.api_key or os.environ.get("NANOSERVE_API_KEY"), args.max_body_bytes)
+        _announce_auth(api_key, args.host)
+        app = create_app(engine, name, store, api_key, args.max_body_bytes)
         config = Config()
         host = f"[{args.host}]" if ":" in args.host else args.host
         config.bind = [f"{host}:{args.port}"]

@@ -7,6 +7,8 @@ they would change the answer in ways this server does not implement.
 """
 
 import json
+import math
+import re
 import uuid
 from typing import TypeVar
 
@@ -54,7 +56,7 @@ class SamplingRequest(RequestModel):
         if self.stream_options is not None and not self.stream:
             raise invalid_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
         for token, bias in (self.logit_bias or {}).items():
-            if not token.lstrip("-").isdigit():
+            if not is_ascii_number(token):
                 raise invalid_request(f"Invalid key in 'logit_bias': {token!r} is not a token id.", param="logit_bias")
             if not -100 <= bias <= 100:
                 raise invalid_request(f"Invalid 'logit_bias' for token {token}: {bias} is outside [-100, 100].",
@@ -86,6 +88,12 @@ class SamplingRequest(RequestModel):
         )
 
 
+def is_ascii_number(text: str) -> bool:
+    """A non-negative integer in ASCII digits ("²" and "٣" are digits to `str.isdigit`, not to
+    OpenAI), short enough to be read without Python's limit on long integer strings."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop or []
     return [s for s in stops if s]  # an empty stop string would end every reply before it starts
@@ -95,16 +103,58 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def parse_request(model_class: type[M], body: bytes) -> M:
-    try:
-        data = json.loads(body)
-    except ValueError as err:
-        raise invalid_request(f"We could not parse the JSON body of your request ({err}).") from None
-    if not isinstance(data, dict):
-        raise invalid_request("The request body must be a JSON object.")
+    data = parse_json_object(body)
     try:
         return model_class.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
+
+
+# Deeper than any request needs (a JSON schema in a tool definition included), far below the
+# depth at which Python's JSON parser runs out of stack.
+MAX_JSON_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json_object(body: bytes) -> dict:
+    """The body as a JSON object whose every string is valid Unicode and every number finite, so
+    that nothing unreadable is ever stored or streamed; 400 naming the field otherwise."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise invalid_request(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.") from None
+    except ValueError as err:
+        raise invalid_request(f"We could not parse the JSON body of your request ({err}).") from None
+    if not isinstance(data, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    _check_values(data)
+    return data
+
+
+def _check_values(data: dict) -> None:
+    # Iterative, so a deep body costs no stack; json.loads has already built it within its own limit.
+    pending: list[tuple[object, str, int]] = [(data, "", 1)]
+    while pending:
+        value, param, depth = pending.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise invalid_request(f"Invalid '{param}': the string holds an unpaired UTF-16 surrogate, which is "
+                                      "not valid Unicode.", param=param)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise invalid_request(f"Invalid '{param}': {value} is not a finite number.", param=param)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise invalid_request(f"Invalid '{param}': nested more than {MAX_JSON_DEPTH} levels deep.",
+                                      param=param)
+            if isinstance(value, list):
+                pending += ((item, f"{param}[{i}]", depth + 1) for i, item in enumerate(value))
+                continue
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    raise invalid_request(f"Invalid '{param or 'body'}': a key holds an unpaired UTF-16 surrogate, "
+                                          "which is not valid Unicode.", param=param or None)
+                pending.append((item, f"{param}.{key}" if param else key, depth + 1))
 
 
 def _param(loc: tuple) -> str:

@@ -9,7 +9,7 @@ from server.engine.request import ChoiceDelta, TokenLogprob
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 (with echo): score the prompt, generate nothing
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -32,10 +32,14 @@ class CompletionRequest(SamplingRequest):
             raise not_supported("suffix")
         if self.best_of is not None and self.best_of > (self.n or 1):
             raise not_supported("best_of")
-        if self.echo and self.logprobs is not None:
-            raise invalid_request("'echo' together with 'logprobs' is not supported yet (prompt tokens have no "
-                                  "logprobs here).", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid_request("'max_tokens' may be 0 only with 'echo' (to score the prompt).", param="max_tokens")
         return self
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """With echo, the echoed prompt's tokens get logprobs too (the first one's is null)."""
+        return self.logprobs if self.echo else None
 
     @property
     def prompts(self) -> list[str] | list[list[int]]:
@@ -50,8 +54,10 @@ class CompletionChoice:
 
     def __init__(self, index: int, echo: str):
         self.index = index
+        self.echo = echo
         self.text = echo
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: dict | None = None  # the echoed prompt's legacy columns
         self.finish_reason: str | None = None
         self.text_offset = len(echo)  # where the next token's text starts, for legacy logprobs
 
@@ -70,3 +76,8 @@ def completion(completion_id: str, created: int, model: str, choices: list[dict]
 
 def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def joined_columns(first: dict, second: dict) -> dict:
+    """Two runs of legacy logprob columns as one."""
+    return {name: first[name] + second[name] for name in first}

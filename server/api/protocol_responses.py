@@ -13,6 +13,9 @@ from server.api.reasoning import SplitText
 from server.engine.request import SamplingParams
 
 
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+
+
 class ContentPart(RequestModel):
     type: Literal["input_text", "output_text", "reasoning_text"]
     text: str
@@ -50,11 +53,15 @@ class ResponsesRequest(RequestModel):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None  # accepted and ignored, as it only identifies the end user
+    include: list[str] | None = None  # of these, only "message.output_text.logprobs" adds anything here
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     # Accepted only as "nothing asked for": each would change the answer in ways not implemented.
     tools: list[Any] | None = None
     tool_choice: Any = None
     text: TextConfig | None = None
     background: bool | None = None
+    conversation: Any = None  # the Conversations API is not implemented
+    prompt: Any = None  # nor stored prompt templates
 
     @model_validator(mode="after")
     def _check_responses(self):
@@ -66,6 +73,9 @@ class ResponsesRequest(RequestModel):
             raise not_supported("text.format")
         if self.background:
             raise not_supported("background")
+        for name in ("conversation", "prompt"):
+            if getattr(self, name) is not None:
+                raise not_supported(name)
         if self.input in ("", []):
             raise invalid_request("'input' must not be empty.", param="input")
         for i, item in enumerate(self.input if isinstance(self.input, list) else []):
@@ -77,11 +87,17 @@ class ResponsesRequest(RequestModel):
     def items(self) -> list[InputItem]:
         return [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
 
+    @property
+    def logprobs_count(self) -> int | None:
+        """Alternatives per token when the output text's logprobs are asked for, else None."""
+        return (self.top_logprobs or 0) if OUTPUT_TEXT_LOGPROBS in (self.include or []) else None
+
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=self.top_p or 1.0,
             max_tokens=self.max_output_tokens,
+            logprobs=self.logprobs_count,
         )
 
 
@@ -136,6 +152,7 @@ def response_object(request: ResponsesRequest, response_id: str, created_at: int
         "tools": [],
         "truncation": "disabled",
         "metadata": request.metadata or {},
+        "top_logprobs": request.top_logprobs,
         "usage": None,
     }
 
@@ -143,7 +160,7 @@ def response_object(request: ResponsesRequest, response_id: str, created_at: int
 def response_usage(input_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict:
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cache_write_tokens": 0, "cached_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,
@@ -176,6 +193,8 @@ class ResponseBuilder:
         self._text = ""  # the open item's text so far
         self.message_text = ""
         self.reasoning_text: str | None = None
+        self._logprobs: list[dict] = []  # the open message's token logprobs, when asked for
+        self._unsent_logprobs: list[dict] = []  # of tokens whose text has not come out yet
 
     def _event(self, event_type: str, **fields: Any) -> tuple[str, dict]:
         payload = {"type": event_type, "sequence_number": self._sequence_number, **fields}
@@ -188,14 +207,23 @@ class ResponseBuilder:
     def start(self) -> list[tuple[str, dict]]:
         return [self._snapshot("response.created"), self._snapshot("response.in_progress")]
 
-    def add(self, split: SplitText) -> list[tuple[str, dict]]:
+    def add(self, split: SplitText, logprobs: list[dict] | None = None) -> list[tuple[str, dict]]:
+        """`logprobs`: entries of the tokens behind `split`; they go with the message's text only
+        (a token's text can come out a step after it), as OpenAI shows no reasoning logprobs."""
+        self._unsent_logprobs += logprobs or []
+        if split.reasoning and not split.content:
+            self._unsent_logprobs = []
         events = []
         for kind, text in (("reasoning", split.reasoning), ("message", split.content)):
             if text:
                 events += self._open(kind)
                 self._text += text
+                delta_logprobs = []
+                if kind == "message":
+                    delta_logprobs, self._unsent_logprobs = self._unsent_logprobs, []
+                    self._logprobs += delta_logprobs
                 events.append(self._event(f"{_ITEM_KINDS[kind][3]}.delta", **self._where(), delta=text,
-                                          **self._logprobs_field()))
+                                          **self._logprobs_field(delta_logprobs)))
         return events
 
     def finish(self, status: str, usage: dict | None, incomplete_details: dict | None = None,
@@ -214,12 +242,12 @@ class ResponseBuilder:
         return {"item_id": self.response["output"][-1]["id"], "output_index": len(self.response["output"]) - 1,
                 "content_index": 0}
 
-    def _logprobs_field(self) -> dict:
-        return {"logprobs": []} if self._kind == "message" else {}
+    def _logprobs_field(self, logprobs: list[dict]) -> dict:
+        return {"logprobs": logprobs} if self._kind == "message" else {}
 
-    def _part(self, text: str) -> dict:
+    def _part(self, text: str, logprobs: list[dict]) -> dict:
         part = {"type": _ITEM_KINDS[self._kind][2], "text": text}
-        return part | {"annotations": []} if self._kind == "message" else part
+        return part | {"annotations": [], "logprobs": logprobs} if self._kind == "message" else part
 
     def _open(self, kind: str) -> list[tuple[str, dict]]:
         if self._kind == kind:
@@ -229,15 +257,15 @@ class ResponseBuilder:
         item = {"id": random_id(prefix), "type": item_type, "status": "in_progress"}
         item |= {"role": "assistant", "content": []} if kind == "message" else {"summary": [], "content": []}
         self.response["output"].append(item)
-        self._kind, self._text = kind, ""
+        self._kind, self._text, self._logprobs = kind, "", []
         where = self._where()
         events.append(self._event("response.output_item.added", output_index=where["output_index"],
                                   item=copy.deepcopy(item)))
-        events.append(self._event("response.content_part.added", **where, part=self._part("")))
+        events.append(self._event("response.content_part.added", **where, part=self._part("", [])))
         return events
 
     def _close(self, item_status: str) -> list[tuple[str, dict]]:
-        where, part = self._where(), self._part(self._text)
+        where, part = self._where(), self._part(self._text, self._logprobs)
         item = self.response["output"][-1]
         item.update(status=item_status, content=[part])
         if self._kind == "message":
@@ -245,7 +273,8 @@ class ResponseBuilder:
         else:
             self.reasoning_text = self._text
         events = [
-            self._event(f"{_ITEM_KINDS[self._kind][3]}.done", **where, text=self._text, **self._logprobs_field()),
+            self._event(f"{_ITEM_KINDS[self._kind][3]}.done", **where, text=self._text,
+                        **self._logprobs_field(self._logprobs)),
             self._event("response.content_part.done", **where, part=part),
             self._event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item)),
         ]

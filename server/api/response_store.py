@@ -4,10 +4,13 @@ One connection, used only from one worker thread: sqlite3 calls block, so they s
 loop, and a single thread serialises every read and write without locks. Rows keep, besides the
 response object, its input items (for `GET …/input_items`) and the whole conversation as chat
 messages (for a later `previous_response_id`). Past `max_responses`, the oldest rows go first.
+The file holds people's conversations, so it is created readable by its owner only (0600); SQLite
+gives its journal the database's permissions.
 """
 
 import asyncio
 import json
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +50,10 @@ class ResponseStore:
             raise RuntimeError(f"cannot open the response store {self.path}: {err}") from None
 
     def _open(self) -> sqlite3.Connection:
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # sqlite would create it 0644
+        except OSError as err:
+            raise sqlite3.OperationalError(str(err)) from None
         db = sqlite3.connect(self.path, check_same_thread=False)  # used by the one worker thread only
         db.execute(_SCHEMA)
         # A response that was being generated when the server stopped will never finish.

@@ -1,23 +1,28 @@
 """What every generation endpoint shares: the engine, tokenizer and served name, prompts rendered
 and tokenized, engine streams opened, and answers sent as JSON or as a server-sent event stream."""
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import jinja2
 from quart import Response
 
 from server.api import sse
 from server.api.engine_stream import EngineStreams
-from server.api.errors import as_api_error, invalid_request, model_not_found
+from model.tokenizer import PromptTooLong
+from server.api.errors import APIError, as_api_error, invalid_request, model_not_found
 from server.api.metrics import ServerMetrics
 from server.api.protocol_logprobs import LogprobFormatter
 from server.engine.request import GenerationRequest, RequestRejected
 
 if TYPE_CHECKING:  # the app never imports the engine's torch side at run time
     from server.engine.async_engine import AsyncEngine
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,24 +34,51 @@ class ServingContext:
     def __post_init__(self) -> None:
         self.tokenizer = self.engine.tokenizer
         self.logprobs = LogprobFormatter(self.tokenizer)
+        # Templating, tokenizing and detokenizing run on this one thread: a big input (megabytes
+        # take seconds) must not stop the event loop, and one worker keeps the tokenizer's
+        # not-thread-safe parts (its lazily built copies, the template cache) to one thread.
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(cancel_futures=True)
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise model_not_found(model)
 
-    # Tokenizing stays on the event-loop thread: one HF tokenizer must not encode in two threads
-    # at once (it mutates its padding state), and prompts are cheap next to a model step.
-    def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool | None, param: str,
-                        add_generation_prompt: bool = True) -> list[int]:
+    async def _on_tokenizer_thread(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    def _too_long(self, err: PromptTooLong, param: str) -> APIError:
+        limit = self.engine.max_model_len
+        return invalid_request(f"This model's maximum context length is {limit} tokens. However, your prompt is "
+                               f"certainly longer: {err}.", param=param, code="context_length_exceeded")
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        """Raw text as the tokenizer reads it (special-token text included); a text certainly
+        longer than the context is refused from its length alone, before any tokenizing."""
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                        enable_thinking=enable_thinking)
+            return await self._on_tokenizer_thread(self.tokenizer.encode, text, self.engine.max_model_len)
+        except PromptTooLong as err:
+            raise self._too_long(err, param) from None
+
+    async def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool | None, param: str,
+                              add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's prompt, special tokens only where the template put them."""
+        try:
+            return await self._on_tokenizer_thread(self.tokenizer.encode_chat, messages, add_generation_prompt,
+                                                   enable_thinking, self.engine.max_model_len)
         except jinja2.TemplateError as err:
             raise invalid_request(f"The chat template rejected the messages: {err}", param=param) from None
-        return self.tokenizer.encode(prompt)
+        except PromptTooLong as err:
+            raise self._too_long(err, param) from None
+
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self._on_tokenizer_thread(self.tokenizer.decode, token_ids, skip_special_tokens)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab_size = len(self.tokenizer)
+        """Token ids must name tokens: ids past the tokenizer's (embedding rows without a token) too."""
+        vocab_size = self.engine.vocab_size
         if not token_ids:
             raise invalid_request("The prompt must not be empty.", param=param)
         for token_id in token_ids:

@@ -29,7 +29,7 @@ async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
     request = parse_request(ChatCompletionRequest, body)
     ctx.check_model(request.model)
     messages = [message.template_message() for message in request.messages]
-    prompt_ids = ctx.chat_prompt_ids(messages, request.enable_thinking, param="messages")
+    prompt_ids = await ctx.chat_prompt_ids(messages, request.enable_thinking, param="messages")
     params = request.sampling_params(request.max_new_tokens, request.logprobs_count)
     completion_id = random_id("chatcmpl-")
     streams = await ctx.open_streams([GenerationRequest(completion_id, prompt_ids, params)], "messages")

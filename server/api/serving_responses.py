@@ -18,7 +18,7 @@ from quart import Response
 from server.api import sse
 from server.api.engine_stream import EngineStreams
 from server.api.errors import APIError, as_api_error, invalid_request
-from server.api.protocol import parse_request, random_id
+from server.api.protocol import is_ascii_number, parse_request, random_id
 from server.api.protocol_chat import ChatChoice
 from server.api.protocol_responses import (
     ResponseBuilder,
@@ -73,7 +73,7 @@ class ResponsesAPI:
         items = request.items()
         conversation = history + chat_messages(items)
         instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
-        prompt_ids = self._ctx.chat_prompt_ids(instructions + conversation, None, param="input")
+        prompt_ids = await self._ctx.chat_prompt_ids(instructions + conversation, None, param="input")
         response_id = random_id("resp_")
         generation = GenerationRequest(response_id, prompt_ids, request.sampling_params())
         streams = await self._ctx.open_streams([generation], "input")
@@ -113,7 +113,8 @@ class ResponsesAPI:
                 prompt_tokens = output.prompt_tokens
                 for delta in output.choices:
                     token_ids += delta.token_ids
-                    events = builder.add(reply.add(delta))
+                    logprobs = self._ctx.logprobs.chat(delta.logprobs) if delta.logprobs else None
+                    events = builder.add(reply.add(delta), logprobs)
                     if delta.finish_reason is not None:
                         terminal = self._terminal(builder, delta.finish_reason, usage())
                     for event in events:
@@ -173,7 +174,7 @@ class ResponsesAPI:
         if order not in ("asc", "desc"):
             raise invalid_request("'order' must be 'asc' or 'desc'.", param="order")
         limit = query.get("limit", "20")
-        if not (limit.isdigit() and 1 <= int(limit) <= 100):
+        if not (is_ascii_number(limit) and 1 <= int(limit) <= 100):
             raise invalid_request("'limit' must be an integer from 1 to 100.", param="limit")
         if order == "desc":
             items = items[::-1]

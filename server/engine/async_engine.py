@@ -79,7 +79,8 @@ def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
             finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason,
         )
-    return replace(second, choices=[choices[index] for index in sorted(choices)])
+    return replace(second, choices=[choices[index] for index in sorted(choices)],
+                   prompt_logprobs=first.prompt_logprobs or second.prompt_logprobs)
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput | Exception]]) -> None:
@@ -95,8 +96,8 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.model_dir = Path(model_dir)
         self.max_model_len: int = self.config.max_model_len
-        self.vocab_size = model.config.vocab_size
         self._core = EngineCore(model, tokenizer, self.config)
+        self.vocab_size = self._core.vocab_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _streams, _num_queued, _dead
         self._streams: dict[str, _Stream] = {}

@@ -24,6 +24,11 @@ class EngineConfig:
     max_queue: int = 1024  # requests waiting for their first output before new ones are refused
 
 
+def default_max_model_len(max_positions: int, device: str) -> int:
+    """The context when --max-model-len is not given: the model's, capped on CPU."""
+    return max_positions if device == "cuda" else min(max_positions, CPU_MAX_MODEL_LEN)
+
+
 def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
     """`config` with every default filled in for this model and device, or ValueError."""
     for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
@@ -41,9 +46,7 @@ def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
             f"--max-num-batched-tokens {max_num_batched_tokens} is below --max-num-seqs {max_num_seqs}: "
             "a decode step takes one token from every running sequence"
         )
-    max_model_len = config.max_model_len or (
-        max_positions if device == "cuda" else min(max_positions, CPU_MAX_MODEL_LEN)
-    )
+    max_model_len = config.max_model_len or default_max_model_len(max_positions, device)
     num_kv_blocks = config.num_kv_blocks
     if num_kv_blocks is None and device == "cuda":
         num_kv_blocks = kv_blocks_for_free_memory(model, config.block_size, max_num_batched_tokens, max_num_seqs)

@@ -6,6 +6,7 @@ is touched by one thread only (the loop thread of `AsyncEngine`), so it needs no
 
 import itertools
 import logging
+import math
 
 from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
@@ -28,9 +29,12 @@ class EngineCore:
     def __init__(self, model: Qwen3Model, tokenizer: Tokenizer, config: EngineConfig):
         self.tokenizer = tokenizer
         self.config = config
+        # Ids past the tokenizer's (Qwen3 pads its embedding table to 151,936 rows for 151,669
+        # tokens) have no text: no request may name them and the sampler never picks them.
+        self.vocab_size = min(len(tokenizer), model.config.vocab_size)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, config, tokenizer.eos_token_ids)
+        self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
 
@@ -81,12 +85,14 @@ class EngineCore:
             if result is None:
                 continue
             state = self.requests[seq.request_id]
-            state.add(seq.append_token(*result))
+            state.add(seq.append_token(*result) if seq.max_tokens else seq.finish_unsampled())
             if seq.is_finished:
                 self.scheduler.remove(seq)
             advanced[seq.request_id] = state
         outputs: list[tuple[str, RequestOutput | Exception]] = []
         for request_id, state in advanced.items():
+            if not state.has_output:  # choice 0 is still scoring the prompt
+                continue
             output = state.take_output()
             if output.finished:
                 del self.requests[request_id]
@@ -107,7 +113,8 @@ class EngineCore:
 
 
 def validate_request(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:
-    """RequestRejected for a request the engine can never serve."""
+    """RequestRejected for a request the engine can never serve. Token ids must be below
+    `vocab_size`, the ids that have a token."""
     p = request.params
     prompt_len = len(request.prompt_token_ids)
 
@@ -115,13 +122,15 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
         if not ok:
             raise RequestRejected(message, code=code, param=param)
 
-    check(prompt_len > 0, "the prompt is empty", "prompt")
-    def in_vocab(token_ids) -> bool:
-        return all(0 <= t < vocab_size for t in token_ids)
+    def check_ids(token_ids, param: str) -> None:
+        outside = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+        check(outside is None, f"{param} token ids must be in [0, {vocab_size}); {outside} is not", param)
 
-    check(in_vocab(request.prompt_token_ids), f"prompt token ids must be in [0, {vocab_size})", "prompt")
-    check(p.max_tokens is None or p.max_tokens >= 1, "max_tokens must be at least 1", "max_tokens")
-    wanted = prompt_len + (p.max_tokens or 1)
+    check(prompt_len > 0, "the prompt is empty", "prompt")
+    # 0 runs the prompt and generates nothing: how a prompt is scored (with prompt_logprobs).
+    check(p.max_tokens is None or p.max_tokens >= 0, "max_tokens must be at least 0", "max_tokens")
+    # Before the prompt's ids are read one by one: a prompt of millions of ids is refused at once.
+    wanted = prompt_len + (1 if p.max_tokens is None else p.max_tokens)
     check(
         wanted <= max_model_len,
         f"This model's maximum context length is {max_model_len} tokens. However, you requested {wanted} tokens "
@@ -130,6 +139,9 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
         "max_tokens" if prompt_len < max_model_len else "prompt",
         code="context_length_exceeded",
     )
+    check_ids(request.prompt_token_ids, "prompt")
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        check(math.isfinite(getattr(p, name)), f"{name} must be a finite number", name)
     check(p.n >= 1, "n must be at least 1", "n")
     check(p.temperature >= 0, "temperature must be at least 0", "temperature")
     check(0 < p.top_p <= 1, "top_p must be in (0, 1]", "top_p")
@@ -138,6 +150,9 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
     check(p.repetition_penalty > 0, "repetition_penalty must be positive", "repetition_penalty")
     check(p.min_tokens >= 0, "min_tokens must be at least 0", "min_tokens")
     check(p.max_tokens is None or p.min_tokens <= p.max_tokens, "min_tokens must not exceed max_tokens", "min_tokens")
-    check(p.logprobs is None or 0 <= p.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
-    check(in_vocab(p.logit_bias), f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
-    check(in_vocab(p.stop_token_ids), f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(p, name)
+        check(value is None or 0 <= value <= MAX_LOGPROBS, f"{name} must be in [0, {MAX_LOGPROBS}]", name)
+    check_ids(p.logit_bias, "logit_bias")
+    check(all(math.isfinite(bias) for bias in p.logit_bias.values()), "logit_bias values must be finite", "logit_bias")
+    check_ids(p.stop_token_ids, "stop_token_ids")

@@ -6,6 +6,8 @@ with asynchronous copies from pinned memory. The step's results come back to the
 synchronisation, the step's only one.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -34,12 +36,12 @@ class _InputBuffer:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3Model, config: EngineConfig, eos_token_ids: tuple[int, ...]):
-        """`config` is resolved: every size in it is set."""
+    def __init__(self, model: Qwen3Model, config: EngineConfig, eos_token_ids: tuple[int, ...], num_token_ids: int):
+        """`config` is resolved: every size in it is set; ids from `num_token_ids` on have no token."""
         self.model = model
         self.block_size = config.block_size
         self.kv_cache: KVCache = model.allocate_kv_cache(config.num_kv_blocks, config.block_size)
-        self.sampler = Sampler(model.config.vocab_size, model.device, eos_token_ids)
+        self.sampler = Sampler(model.config.vocab_size, model.device, eos_token_ids, num_token_ids)
         device = model.device
         max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
@@ -57,10 +59,17 @@ class ModelRunner:
         sampling_rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         seqs = [batch.seqs[i] for i in sampling_rows]
         forward_batch = self._prepare_prefill(batch, sampling_rows) if batch.is_prefill else self._prepare_decode(batch)
+        scoring = _prompt_scoring(batch)
+        if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
+            rows = torch.tensor(scoring.rows, dtype=torch.int64).to(forward_batch.logits_indices.device)
+            forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
         if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
             self.sampler.prepare(seqs)
         logits = self.model.forward(forward_batch, self.kv_cache)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
+        if scoring is not None:
+            self._score_prompts(logits[len(sampling_rows):], scoring)
+            logits = logits[: len(sampling_rows)]
         if not sampling_rows:
             return results
         sampled = self.sampler.sample(logits, seqs)
@@ -71,6 +80,24 @@ class ModelRunner:
         for row, i in enumerate(sampling_rows):
             results[i] = (token_ids[row], logprob_of.get(row))
         return results
+
+    @torch.inference_mode()
+    def _score_prompts(self, logits: torch.Tensor, scoring: "_PromptScoring") -> None:
+        """Each scored row's next prompt token: its logprob and the top alternatives, over the
+        tokens the sampler may pick (as sampled tokens' logprobs are), onto its sequence."""
+        logits[:, self.sampler.num_token_ids :] = float("-inf")
+        log_total = logits.logsumexp(-1, keepdim=True)
+        targets = torch.tensor(scoring.targets, dtype=torch.int64).to(logits.device)
+        target_logprobs = logits.gather(-1, targets[:, None]).sub_(log_total).squeeze(-1)
+        top_logits, top_ids = logits.topk(max(seq.params.prompt_logprobs for seq in scoring.seqs), -1)
+        target_logprobs, top_ids, top_logprobs = _to_host(target_logprobs, top_ids, top_logits.sub_(log_total))
+        row = 0
+        for seq, count in zip(scoring.seqs, scoring.counts):
+            k = seq.params.prompt_logprobs
+            for target in scoring.targets[row : row + count]:
+                top = list(zip(top_ids[row][:k], top_logprobs[row][:k]))
+                seq.prompt_logprobs.append(TokenLogprob(target, target_logprobs[row], top))
+                row += 1
 
     def _prepare_decode(self, batch: ScheduledBatch) -> ForwardBatch:
         seqs, bs = batch.seqs, self.block_size
@@ -130,6 +157,34 @@ class ModelRunner:
         for row, seq in enumerate(seqs):
             tables[row, : len(seq.block_table)] = seq.block_table
         return self._block_tables.load(rows * width).view(rows, width)
+
+
+@dataclass
+class _PromptScoring:
+    """Rows of a step whose logits score the prompt token after them, for `prompt_logprobs`."""
+
+    seqs: list[Sequence]
+    counts: list[int]  # rows per sequence
+    rows: list[int]  # in the step's token order
+    targets: list[int]  # the prompt token each row predicts
+
+
+def _prompt_scoring(batch: ScheduledBatch) -> _PromptScoring | None:
+    """The rows that predict a prompt token not scored yet (a recomputed prompt is not rescored):
+    position p predicts token p + 1, and the prompt's last position predicts a generated token."""
+    scoring = _PromptScoring([], [], [], [])
+    start = 0
+    for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        if seq.wants_prompt_logprobs:
+            first = max(seq.num_cached, len(seq.prompt_logprobs))
+            end = min(seq.num_cached + num_new, seq.num_prompt_tokens - 1)
+            if first < end:
+                scoring.seqs.append(seq)
+                scoring.counts.append(end - first)
+                scoring.rows += range(start + first - seq.num_cached, start + end - seq.num_cached)
+                scoring.targets += seq.token_ids[first + 1 : end + 1]
+        start += num_new
+    return scoring if scoring.seqs else None
 
 
 def _to_host(*tensors: torch.Tensor | None) -> list:

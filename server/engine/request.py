@@ -20,13 +20,23 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # HF/vLLM: divide positive (multiply negative) logits of prompt+generated tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    max_tokens: int | None = None  # None = until the context (max_model_len) is full
+    max_tokens: int | None = None  # None = until the context (max_model_len) is full; 0 = only the prompt
     min_tokens: int = 0  # EOS and stop token ids are suppressed before this many tokens
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)  # stop strings; never part of the returned text
     stop_token_ids: list[int] = field(default_factory=list)  # besides the checkpoint's EOS ids
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob + top-k alternatives
+    # None: none; k >= 0: each prompt token's logprob (the first has none) + top-k alternatives. Such a
+    # request computes every prompt token (no prefix-cache reuse: `uses_prefix_cache` is False); with
+    # max_tokens 0 the prompt is scored and nothing is generated.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # drop special tokens (e.g. <|im_end|>) from the text
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Whether the prompt's cached K/V may be reused: not when its tokens' logprobs are wanted,
+        which needs the logits of every prompt position."""
+        return self.prompt_logprobs is None
 
 
 @dataclass
@@ -62,6 +72,9 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # generated so far, summed over choices
     finished: bool  # every choice has a finish_reason: this is the last output
+    # With `prompt_logprobs`, once, in the first output: one per prompt token after the first
+    # (the first has nothing before it to be predicted from).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class RequestRejected(ValueError):

@@ -68,8 +68,11 @@ def _uses_penalties(params: SamplingParams) -> bool:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: tuple[int, ...]):
+    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: tuple[int, ...],
+                 num_token_ids: int | None = None):
+        """Rows of logits are `vocab_size` wide; ids from `num_token_ids` on (default: none) have no token."""
         self.vocab_size = vocab_size
+        self.num_token_ids = vocab_size if num_token_ids is None else num_token_ids
         self.device = device
         self.eos_token_ids = eos_token_ids
         self._params: _BatchParams | None = None
@@ -107,6 +110,8 @@ class Sampler:
         """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
         self.prepare(seqs)
         p = self._params
+        if self.num_token_ids < self.vocab_size:  # ids without a token are never sampled nor listed
+            logits[:, self.num_token_ids :] = float("-inf")
         logprobs = None
         if p.logprob_rows:  # from the logits as the model gave them
             rows = logits if p.logprob_index is None else logits[p.logprob_index]

@@ -54,6 +54,10 @@ class Sequence:
         self.sampling: SequenceSampling | None = None  # the sampler's state: generator, penalty counts
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        # Choice 0 of a request that asks scores its prompt: the model runner fills this with one
+        # entry per prompt token after the first, as prefill chunks compute them.
+        self.wants_prompt_logprobs = self.params.prompt_logprobs is not None and index == 0
+        self.prompt_logprobs: list[TokenLogprob] = []
         self._stop_ids = frozenset(() if self.params.ignore_eos else eos_token_ids)
         self._detokenizer = detokenizer
         self._stop_strings = StopStrings(self.params.stop)
@@ -98,6 +102,11 @@ class Sequence:
             stop_reason=self.stop_reason,
         )
 
+    def finish_unsampled(self) -> ChoiceDelta:
+        """End a choice with max_tokens 0 once its prompt is computed: scored, nothing generated."""
+        self._finish("length", None)
+        return ChoiceDelta(index=self.index, text="", token_ids=[], logprobs=None, finish_reason="length")
+
     def abort(self) -> ChoiceDelta:
         self._finish("abort", None)
         return ChoiceDelta(index=self.index, text="", token_ids=[], logprobs=None, finish_reason="abort")
@@ -122,6 +131,15 @@ class RequestState:
         self.request = request
         self.seqs = seqs
         self._deltas: list[ChoiceDelta] = []
+        self._prompt_logprobs_pending = request.params.prompt_logprobs is not None
+
+    @property
+    def has_output(self) -> bool:
+        """Whether deltas wait and may go out: not before the prompt's logprobs, which come first."""
+        return bool(self._deltas) and not (self._prompt_logprobs_pending and not self._prompt_scored())
+
+    def _prompt_scored(self) -> bool:
+        return len(self.seqs[0].prompt_logprobs) == self.seqs[0].num_prompt_tokens - 1
 
     @property
     def is_finished(self) -> bool:
@@ -132,10 +150,14 @@ class RequestState:
 
     def take_output(self) -> RequestOutput:
         deltas, self._deltas = self._deltas, []
+        prompt_logprobs = None
+        if self._prompt_logprobs_pending and self._prompt_scored():
+            prompt_logprobs, self._prompt_logprobs_pending = self.seqs[0].prompt_logprobs, False
         return RequestOutput(
             request_id=self.request.request_id,
             choices=sorted(deltas, key=lambda delta: delta.index),
             prompt_tokens=len(self.request.prompt_token_ids),
             completion_tokens=sum(seq.num_generated for seq in self.seqs),
             finished=self.is_finished,
+            prompt_logprobs=prompt_logprobs,
         )

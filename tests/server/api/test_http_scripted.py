@@ -34,6 +34,7 @@ class ScriptedEngine:
     the first request to reach step `fail_at` fails there."""
 
     max_model_len = 4096
+    vocab_size = 151669
     is_alive = True
 
     def __init__(self, tokenizer: Tokenizer, pieces: list[str], fail_at: int | None = None,

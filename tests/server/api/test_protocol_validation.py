@@ -88,7 +88,7 @@ def test_missing_field_and_malformed_json():
     [
         ({"logprobs": 6}, "logprobs", "less than or equal to 5"),
         ({"suffix": "end"}, "suffix", "not supported yet"),
-        ({"echo": True, "logprobs": 1}, "echo", "not supported yet"),
+        ({"max_tokens": 0}, "max_tokens", "only with 'echo'"),
         ({"prompt": []}, "prompt", "must not be empty"),
         ({"prompt": [[1, 2], []]}, "prompt", "must not be empty"),
         ({"prompt": [1, "a"]}, "prompt", "valid"),
