@@ -32,7 +32,7 @@ from kernels.store_kv import store_kv_launch
 TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}
 
 # Qwen3-8B: hidden 4096, 32 query heads over 8 kv heads; head_dim 128 (and 64, as in small models).
-HIDDEN, Q_HEADS, KV_HEADS, TOKENS, BLOCK_SIZE = 4096, 32, 8, 4096, 16
+HIDDEN, Q_HEADS, KV_HEADS, TOKENS, BLOCK_SIZE, MAX_MODEL_LEN = 4096, 32, 8, 4096, 16, 40960
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (64, 128)
 
@@ -88,20 +88,21 @@ def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Va
     cache = torch.empty(4096, BLOCK_SIZE, KV_HEADS, head_dim, **meta)
     slots = torch.empty(TOKENS, dtype=torch.int64, device="meta")
     yield Variant("store_kv", shape, store_kv_launch(k, v, cache, cache, slots))
-    # Batch 64 at 2k tokens fills the GPU with one split, so stage 1 writes the output itself;
-    # batch 1 at 32k tokens takes many splits: stage 1 writes fp32 partials, stage 2 merges them.
-    for batch, context in ((64, 2048), (1, 32768)):
-        stage1, *merge = _decode_launches(dtype, head_dim, cache, batch, context)
-        decode_shape = f"{shape} B={batch} L={context // 1024}k"
+    # Block tables at full width (Qwen3's 40,960 positions), as a CUDA graph passes them. Batch 64
+    # fills the GPU with one split, so stage 1 writes the output itself; batch 1 takes many
+    # splits: stage 1 writes fp32 partials, stage 2 merges them.
+    for batch in (64, 1):
+        stage1, *merge = _decode_launches(dtype, head_dim, cache, batch)
+        decode_shape = f"{shape} B={batch}"
         yield Variant("paged_decode_attention", decode_shape, stage1)
         yield from (Variant("paged_decode_attention merge", decode_shape, launch) for launch in merge)
 
 
-def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, batch: int, context: int) -> list[Launch]:
+def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, batch: int) -> list[Launch]:
     q = torch.empty(batch, Q_HEADS, head_dim, dtype=dtype, device="meta")
-    tables = torch.empty(batch, context // BLOCK_SIZE, dtype=torch.int32, device="meta")
+    tables = torch.empty(batch, MAX_MODEL_LEN // BLOCK_SIZE, dtype=torch.int32, device="meta")
     lens = torch.empty(batch, dtype=torch.int32, device="meta")
-    splits = choose_num_splits(batch, KV_HEADS, context, TARGETS["sm_90"][1])
+    splits = choose_num_splits(batch, KV_HEADS, head_dim, MAX_MODEL_LEN, TARGETS["sm_90"][1])
     return paged_decode_attention_launches(q, cache, cache, tables, lens, head_dim**-0.5, q, splits)
 
 
