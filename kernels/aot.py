@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 from kernels._triton import Launch
 from kernels.decode_attention import choose_num_splits, paged_decode_attention_launches
+from kernels.prefill_attention import paged_prefill_attention_launch
 from kernels.rms_norm import rms_norm_launch
 from kernels.rope import apply_rope_launch
 from kernels.store_kv import store_kv_launch
@@ -96,6 +97,7 @@ def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Va
         decode_shape = f"{shape} B={batch}"
         yield Variant("paged_decode_attention", decode_shape, stage1)
         yield from (Variant("paged_decode_attention merge", decode_shape, launch) for launch in merge)
+    yield Variant("paged_prefill_attention", shape, _prefill_launch(q, cache))
 
 
 def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, batch: int) -> list[Launch]:
@@ -104,6 +106,14 @@ def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, bat
     lens = torch.empty(batch, dtype=torch.int32, device="meta")
     splits = choose_num_splits(batch, KV_HEADS, head_dim, MAX_MODEL_LEN, TARGETS["sm_90"][1])
     return paged_decode_attention_launches(q, cache, cache, tables, lens, head_dim**-0.5, q, splits)
+
+
+def _prefill_launch(q: torch.Tensor, cache: torch.Tensor) -> Launch:
+    """Two prompts of TOKENS / 2 new tokens each, over cached prefixes (tables at full width)."""
+    meta = dict(dtype=torch.int32, device="meta")
+    tables = torch.empty(2, MAX_MODEL_LEN // BLOCK_SIZE, **meta)
+    starts, lens = torch.empty(3, **meta), torch.empty(2, **meta)
+    return paged_prefill_attention_launch(q, cache, cache, tables, starts, lens, TOKENS // 2, q.shape[-1] ** -0.5, q)
 
 
 def _specialise(value) -> tuple[str, bool]:

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels._attention import attend_tile, check_layout
 from kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
 from kernels.backend import use_triton
 
@@ -68,25 +69,11 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    positions = tl.full([GROUP_PAD], 0, tl.int32) + end - 1  # the new token sees the whole split
     for tile in range(start, end, BLOCK_N):
-        tokens = tile + tl.arange(0, BLOCK_N)
-        valid = tokens < end
-        # Each token finds its block in the table, so tiles need not align with cache blocks.
-        blocks = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slots = blocks * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_slot + head_offset
-        kv_offsets = slots[:, None] + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)
-        if FP32_DOT:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m = m_new
+        acc, m, l = attend_tile(q, acc, m, l, tile, positions, end, table, k_cache_ptr, v_cache_ptr, head_offset,
+                                cache_stride_block, cache_stride_slot, scale_log2,
+                                True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, FP32_DOT)
     store = rows < GROUP
     out = partial_out_ptr + seq * out_stride_seq + heads[:, None] * out_stride_head + split * out_stride_split
     tl.store(out + dims[None, :], acc / l[:, None], mask=store[:, None])
@@ -172,7 +159,7 @@ def paged_decode_attention_launches(
     Nothing here reads a context length: the launches stay valid for any lengths that the
     tensors later hold (up to the table's width), which is what a CUDA graph replays.
     """
-    _check_layout(q, k_cache, v_cache, out)
+    check_layout("paged_decode_attention", q, k_cache, v_cache, out)
     batch, q_heads, head_dim = q.shape
     lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
     split_args = (q, k_cache, v_cache, block_tables, context_lens, scale, lse)
@@ -213,15 +200,6 @@ def _merge_launch(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, c
         out_stride_head=out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_power_of_2(num_splits),
         BLOCK_N=_block_n(head_dim),
     ), num_warps=4)
-
-
-def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-    head_dim, q_heads, kv_heads = q.shape[2], q.shape[1], k_cache.shape[2]
-    if head_dim < 16 or head_dim & (head_dim - 1) or q_heads % kv_heads:
-        raise ValueError(f"paged_decode_attention needs a power-of-two head_dim >= 16 (got {head_dim}) "
-                         f"and query heads a multiple of kv heads (got {q_heads} over {kv_heads})")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("paged_decode_attention needs k/v caches of one layout and contiguous head rows")
 
 
 def paged_decode_attention(
