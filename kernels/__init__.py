@@ -3,6 +3,7 @@
 This package imports only torch and triton; it knows nothing of models or requests.
 """
 
+from kernels.attention_frontend import attention_frontend
 from kernels.backend import get_backend, set_backend
 from kernels.decode_attention import paged_decode_attention
 from kernels.prefill_attention import paged_prefill_attention
@@ -12,6 +13,7 @@ from kernels.store_kv import store_kv
 
 __all__ = [
     "apply_rope",
+    "attention_frontend",
     "build_cos_sin_cache",
     "fused_add_rms_norm",
     "get_backend",

@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels._triton import Launch
+from kernels.attention_frontend import attention_frontend_launch
 from kernels.decode_attention import choose_num_splits, paged_decode_attention_launches
 from kernels.prefill_attention import paged_prefill_attention_launch
 from kernels.rms_norm import rms_norm_launch
@@ -89,6 +90,8 @@ def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Va
     cache = torch.empty(4096, BLOCK_SIZE, KV_HEADS, head_dim, **meta)
     slots = torch.empty(TOKENS, dtype=torch.int64, device="meta")
     yield Variant("store_kv", shape, store_kv_launch(k, v, cache, cache, slots))
+    yield Variant("attention_frontend", shape,
+                  attention_frontend_launch(qkv, weight, weight, 1e-6, positions, cos_sin, cache, cache, slots, q))
     # Block tables at full width (Qwen3's 40,960 positions), as a CUDA graph passes them. Batch 64
     # fills the GPU with one split, so stage 1 writes the output itself; batch 1 takes many
     # splits: stage 1 writes fp32 partials, stage 2 merges them.
