@@ -140,7 +140,7 @@ def attention_frontend(
     Returns (q, k, v): q [T, Hq, D] normed and rotated; k and v [T, Hk, D] as stored when the
     torch reference ran, None when the kernel ran (it writes them into the cache only).
     """
-    if not use_triton(qkv):
+    if not use_triton(qkv, "attention_frontend"):
         return attention_frontend_reference(
             qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache, slot_mapping
         )

@@ -211,7 +211,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Returns out [B, Hq, D]: softmax(q·K * scale)·V over each sequence's cached tokens."""
-    if not use_triton(q):
+    if not use_triton(q, "decode_attention"):
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
     batch, _, head_dim = q.shape
     max_context = block_tables.shape[1] * k_cache.shape[1]

@@ -162,7 +162,7 @@ def paged_prefill_attention(
     a kernel grid without reading the device). `k`/`v` may be None (see the module docstring);
     the Triton kernel reads every key and value from the cache either way.
     """
-    if not use_triton(q):
+    if not use_triton(q, "prefill_attention"):
         return paged_prefill_attention_reference(
             q, k, v, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len, scale
         )

@@ -106,7 +106,7 @@ def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` ([..., H]); returns a new tensor."""
-    if not use_triton(x):
+    if not use_triton(x, "rms_norm"):
         return rms_norm_reference(x, weight, eps)
     out = _out_like(x, weight)
     rms_norm_launch(x, None, weight, eps, out, None)()
@@ -117,7 +117,7 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual)."""
-    if not use_triton(x):
+    if not use_triton(x, "rms_norm"):
         return fused_add_rms_norm_reference(x, residual, weight, eps)
     out, residual_out = _out_like(x, weight), torch.empty_like(x, memory_format=torch.contiguous_format)
     rms_norm_launch(x, residual, weight, eps, out, residual_out)()

@@ -91,7 +91,7 @@ def apply_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [T, Hq, D] and k [T, Hk, D] in place at `positions` [T]; returns (q, k)."""
-    if not use_triton(q):
+    if not use_triton(q, "rope"):
         return apply_rope_reference(q, k, positions, cos_sin_cache)
     apply_rope_launch(q, k, positions, cos_sin_cache)()
     return q, k

@@ -72,7 +72,7 @@ def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """k, v [T, Hk, D] go to the cache slots in `slot_mapping` [T] (int64; -1 skips the token)."""
-    if not use_triton(k):
+    if not use_triton(k, "store_kv"):
         store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
         return
     store_kv_launch(k, v, k_cache, v_cache, slot_mapping)()

@@ -115,14 +115,17 @@ def test_batched_steps_on_triton_equal_torch_ops(checkpoint, dtype, tol):
         assert ((ours - ref).abs().max() / ref.abs().max()).item() <= tol
 
 
-def test_generate_cli_on_triton_kernels(chat_checkpoint):
+# All on Triton, and one op on its reference (per-op backends): prefill on the kernels, decode
+# attention on torch.
+@pytest.mark.parametrize("spec", ["triton", "triton,decode_attention=torch"])
+def test_generate_cli_on_triton_kernels(chat_checkpoint, spec):
     prompt = "The capital of France is"
     tokenizer = Tokenizer(chat_checkpoint)
     ids = tokenizer.encode(prompt)
     hf = Qwen3ForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
     expected = tokenizer.decode(hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist())
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "generate", "--kernels", "triton", "--model", str(chat_checkpoint),
+        [sys.executable, "-m", "server.cli", "generate", "--kernels", spec, "--model", str(chat_checkpoint),
          "--max-tokens", "6", prompt],
         capture_output=True, text=True, timeout=300, env=os.environ.copy(),
     )
