@@ -81,9 +81,11 @@ def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Va
     meta = dict(dtype=dtype, device="meta")
     qkv = torch.empty(TOKENS, (Q_HEADS + 2 * KV_HEADS) * head_dim, **meta)
     q, k, v = (t.unflatten(1, (-1, head_dim)) for t in qkv.split([Q_HEADS * head_dim, *[KV_HEADS * head_dim] * 2], 1))
-    q, k = q.contiguous(), k.contiguous()  # as rms_norm returns them
     weight = torch.empty(head_dim, **meta)
-    yield Variant("rms_norm (q/k heads)", shape, rms_norm_launch(q, None, weight, 1e-6, q, None))
+    # The per-head norm on the strided q view of the QKV output; RoPE and store_kv on q and k as
+    # the norm returns them (contiguous).
+    yield Variant("rms_norm (q/k heads)", shape, rms_norm_launch(q, None, weight, 1e-6, q.contiguous(), None))
+    q, k = q.contiguous(), k.contiguous()
     cos_sin = torch.empty(40960, head_dim, dtype=torch.float32, device="meta")
     positions = torch.empty(TOKENS, dtype=torch.int64, device="meta")
     yield Variant("apply_rope", shape, apply_rope_launch(q, k, positions, cos_sin))
