@@ -103,6 +103,8 @@ def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Va
         yield Variant("paged_decode_attention", decode_shape, stage1)
         yield from (Variant("paged_decode_attention merge", decode_shape, launch) for launch in merge)
     yield Variant("paged_prefill_attention", shape, _prefill_launch(q, cache))
+    q_14b = torch.empty(TOKENS, 5 * KV_HEADS, head_dim, **meta)  # Qwen3-14B: GQA groups of 5
+    yield Variant("paged_prefill_attention", f"{shape} G=5", _prefill_launch(q_14b, cache))
 
 
 def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, batch: int) -> list[Launch]:

@@ -55,8 +55,11 @@ def _prefill_kernel(
     valid = (rows < BLOCK_Q * GROUP) & (tokens < query_len)
     positions = num_cached + tokens
     dims = tl.arange(0, HEAD_DIM)
-    q_rows = (first_row + tokens).to(tl.int64) * q_stride_token + heads * q_stride_head
-    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+    # int64 only in the sequence's base: row offsets within one sequence fit in int32, and an
+    # int64 vector kept live across the loop would cost registers.
+    q_rows = tokens * q_stride_token + heads * q_stride_head
+    q = tl.load(q_ptr + first_row.to(tl.int64) * q_stride_token + q_rows[:, None] + dims[None, :],
+                mask=valid[:, None], other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * table_stride
@@ -76,8 +79,9 @@ def _prefill_kernel(
         acc, m, l = attend_tile(q, acc, m, l, tile, positions, kv_end, table, k_cache_ptr, v_cache_ptr,
                                  head_offset, cache_stride_block, cache_stride_slot, scale_log2,
                                  True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, FP32_DOT)
-    out_rows = (first_row + tokens).to(tl.int64) * out_stride_token + heads * out_stride_head
-    tl.store(out_ptr + out_rows[:, None] + dims[None, :], acc / l[:, None], mask=valid[:, None])
+    out_rows = tokens * out_stride_token + heads * out_stride_head
+    out = out_ptr + first_row.to(tl.int64) * out_stride_token
+    tl.store(out + out_rows[:, None] + dims[None, :], acc / l[:, None], mask=valid[:, None])
 
 
 def paged_prefill_attention_reference(
@@ -136,7 +140,10 @@ def paged_prefill_attention_launch(
         scale_log2=scale * math.log2(math.e), q_stride_token=q.stride(0), q_stride_head=q.stride(1),
         out_stride_token=out.stride(0), out_stride_head=out.stride(1), cache_stride_block=k_cache.stride(0),
         cache_stride_slot=k_cache.stride(1), cache_stride_head=k_cache.stride(2), table_stride=block_tables.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=64,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        # A group that is not a power of two (Qwen3-14B's 5) costs registers in the row -> (token,
+        # head) arithmetic: 64-key tiles then spill on sm_80 at head_dim 128, 32-key tiles do not.
+        BLOCK_N=64 if group & (group - 1) == 0 else 32,
         FP32_DOT=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
     )
     grid = (cdiv(max_query_len, block_q), block_tables.shape[0], kv_heads)
