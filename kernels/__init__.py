@@ -3,7 +3,8 @@
 This package imports only torch and triton; it knows nothing of models or requests.
 """
 
-from kernels.backend import get_backend, set_backend
+from kernels.backend import get_backend, set_backend  # first: it picks the interpreter before any kernel is defined
+from kernels.attention_frontend import attention_frontend
 from kernels.decode_attention import paged_decode_attention
 from kernels.prefill_attention import paged_prefill_attention
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
@@ -12,6 +13,7 @@ from kernels.store_kv import store_kv
 
 __all__ = [
     "apply_rope",
+    "attention_frontend",
     "build_cos_sin_cache",
     "fused_add_rms_norm",
     "get_backend",

@@ -23,7 +23,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels._triton import Launch
+from kernels.attention_frontend import attention_frontend_launch
 from kernels.decode_attention import choose_num_splits, paged_decode_attention_launches
+from kernels.prefill_attention import paged_prefill_attention_launch
 from kernels.rms_norm import rms_norm_launch
 from kernels.rope import apply_rope_launch
 from kernels.store_kv import store_kv_launch
@@ -32,7 +34,7 @@ from kernels.store_kv import store_kv_launch
 TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}
 
 # Qwen3-8B: hidden 4096, 32 query heads over 8 kv heads; head_dim 128 (and 64, as in small models).
-HIDDEN, Q_HEADS, KV_HEADS, TOKENS, BLOCK_SIZE = 4096, 32, 8, 4096, 16
+HIDDEN, Q_HEADS, KV_HEADS, TOKENS, BLOCK_SIZE, MAX_MODEL_LEN = 4096, 32, 8, 4096, 16, 40960
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (64, 128)
 
@@ -79,30 +81,46 @@ def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Va
     meta = dict(dtype=dtype, device="meta")
     qkv = torch.empty(TOKENS, (Q_HEADS + 2 * KV_HEADS) * head_dim, **meta)
     q, k, v = (t.unflatten(1, (-1, head_dim)) for t in qkv.split([Q_HEADS * head_dim, *[KV_HEADS * head_dim] * 2], 1))
-    q, k = q.contiguous(), k.contiguous()  # as rms_norm returns them
     weight = torch.empty(head_dim, **meta)
-    yield Variant("rms_norm (q/k heads)", shape, rms_norm_launch(q, None, weight, 1e-6, q, None))
+    # The per-head norm on the strided q view of the QKV output; RoPE and store_kv on q and k as
+    # the norm returns them (contiguous).
+    yield Variant("rms_norm (q/k heads)", shape, rms_norm_launch(q, None, weight, 1e-6, q.contiguous(), None))
+    q, k = q.contiguous(), k.contiguous()
     cos_sin = torch.empty(40960, head_dim, dtype=torch.float32, device="meta")
     positions = torch.empty(TOKENS, dtype=torch.int64, device="meta")
     yield Variant("apply_rope", shape, apply_rope_launch(q, k, positions, cos_sin))
     cache = torch.empty(4096, BLOCK_SIZE, KV_HEADS, head_dim, **meta)
     slots = torch.empty(TOKENS, dtype=torch.int64, device="meta")
     yield Variant("store_kv", shape, store_kv_launch(k, v, cache, cache, slots))
-    # Batch 64 at 2k tokens fills the GPU with one split, so stage 1 writes the output itself;
-    # batch 1 at 32k tokens takes many splits: stage 1 writes fp32 partials, stage 2 merges them.
-    for batch, context in ((64, 2048), (1, 32768)):
-        stage1, *merge = _decode_launches(dtype, head_dim, cache, batch, context)
-        decode_shape = f"{shape} B={batch} L={context // 1024}k"
+    yield Variant("attention_frontend", shape,
+                  attention_frontend_launch(qkv, weight, weight, 1e-6, positions, cos_sin, cache, cache, slots, q))
+    # Block tables at full width (Qwen3's 40,960 positions), as a CUDA graph passes them. Batch 64
+    # fills the GPU with one split, so stage 1 writes the output itself; batch 1 takes many
+    # splits: stage 1 writes fp32 partials, stage 2 merges them.
+    for batch in (64, 1):
+        stage1, *merge = _decode_launches(dtype, head_dim, cache, batch)
+        decode_shape = f"{shape} B={batch}"
         yield Variant("paged_decode_attention", decode_shape, stage1)
         yield from (Variant("paged_decode_attention merge", decode_shape, launch) for launch in merge)
+    yield Variant("paged_prefill_attention", shape, _prefill_launch(q, cache))
+    q_14b = torch.empty(TOKENS, 5 * KV_HEADS, head_dim, **meta)  # Qwen3-14B: GQA groups of 5
+    yield Variant("paged_prefill_attention", f"{shape} G=5", _prefill_launch(q_14b, cache))
 
 
-def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, batch: int, context: int) -> list[Launch]:
+def _decode_launches(dtype: torch.dtype, head_dim: int, cache: torch.Tensor, batch: int) -> list[Launch]:
     q = torch.empty(batch, Q_HEADS, head_dim, dtype=dtype, device="meta")
-    tables = torch.empty(batch, context // BLOCK_SIZE, dtype=torch.int32, device="meta")
+    tables = torch.empty(batch, MAX_MODEL_LEN // BLOCK_SIZE, dtype=torch.int32, device="meta")
     lens = torch.empty(batch, dtype=torch.int32, device="meta")
-    splits = choose_num_splits(batch, KV_HEADS, context, TARGETS["sm_90"][1])
+    splits = choose_num_splits(batch, KV_HEADS, head_dim, MAX_MODEL_LEN, TARGETS["sm_90"][1])
     return paged_decode_attention_launches(q, cache, cache, tables, lens, head_dim**-0.5, q, splits)
+
+
+def _prefill_launch(q: torch.Tensor, cache: torch.Tensor) -> Launch:
+    """Two prompts of TOKENS / 2 new tokens each, over cached prefixes (tables at full width)."""
+    meta = dict(dtype=torch.int32, device="meta")
+    tables = torch.empty(2, MAX_MODEL_LEN // BLOCK_SIZE, **meta)
+    starts, lens = torch.empty(3, **meta), torch.empty(2, **meta)
+    return paged_prefill_attention_launch(q, cache, cache, tables, starts, lens, TOKENS // 2, q.shape[-1] ** -0.5, q)
 
 
 def _specialise(value) -> tuple[str, bool]:

@@ -8,9 +8,15 @@ The Triton version is split-KV ("flash decoding"). Stage 1 runs one program per 
 kv head, split): it reads its share of the sequence's K/V once for all query heads of the GQA
 group (padded to 16 rows, the smallest `tl.dot` on the GPU), keeps an fp32 online softmax, and
 writes the split's normalised output and log-sum-exp. Stage 2 merges the splits by their
-log-sum-exp. The number of splits grows as batch x kv heads falls short of filling the GPU's
-SMs, so a single long sequence still reads its cache with the whole chip; with one split,
-stage 1 writes the output directly and stage 2 is skipped.
+log-sum-exp; with one split, stage 1 writes the output directly and stage 2 is skipped.
+
+CUDA-graph safe: the grid and every non-tensor argument depend only on static shapes (batch,
+heads, the block table's width, dtype) and the GPU, never on context lengths, so one captured
+launch serves every later step. The number of splits is fixed from those shapes (enough
+programs to fill the SMs when every sequence is long); each program computes on the device how
+many tokens its own sequence gives a split (the context rounded up to whole tiles, over the
+splits), and programs past their sequence's end exit at once. The merge recomputes how many
+splits each sequence used the same way, as vLLM's and SGLang's Triton decode kernels do.
 """
 
 import functools
@@ -19,27 +25,35 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels._attention import attend_tile, check_layout
 from kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
 from kernels.backend import use_triton
 
-MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more to merge than it saves
-MAX_SPLITS = 128
+MAX_SPLITS = 128  # bounds the merge's [splits, D] tile
 PROGRAMS_PER_SM = 4  # registers and shared memory let an SM hold four stage-1 programs at once
 INTERPRETER_SMS = 8  # the interpreter has no SMs; this keeps small test batches on several splits
 
 
 @jit
+def _tokens_per_split(context_len, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens of one split of a sequence: its context over the splits, rounded up to whole tiles."""
+    return tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+
+
+@jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2, q_stride_seq, q_stride_head, cache_stride_block, cache_stride_slot, cache_stride_head,
+    scale_log2, num_splits, q_stride_seq, q_stride_head, cache_stride_block, cache_stride_slot, cache_stride_head,
     table_stride, out_stride_seq, out_stride_head, out_stride_split, lse_stride_seq, lse_stride_head,
-    tokens_per_split,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    tokens_per_split = _tokens_per_split(context_len, num_splits, BLOCK_N)
     start = split * tokens_per_split
+    if start >= context_len:  # past this sequence's end: the merge never reads this split
+        return
     end = tl.minimum(start + tokens_per_split, context_len)
     rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + rows
@@ -55,28 +69,12 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    positions = tl.full([GROUP_PAD], 0, tl.int32) + end - 1  # the new token sees the whole split
     for tile in range(start, end, BLOCK_N):
-        tokens = tile + tl.arange(0, BLOCK_N)
-        valid = tokens < end
-        # Each token finds its block in the table, so tiles need not align with cache blocks.
-        blocks = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slots = blocks * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_slot + head_offset
-        kv_offsets = slots[:, None] + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)
-        if FP32_DOT:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m = m_new
-    # A split past the end of a short sequence stores nothing (stage 2 never reads it).
-    store = (rows < tl.where(start < context_len, GROUP, 0))
-    l = tl.where(store, l, 1.0)
+        acc, m, l = attend_tile(q, acc, m, l, tile, positions, end, table, k_cache_ptr, v_cache_ptr, head_offset,
+                                cache_stride_block, cache_stride_slot, scale_log2,
+                                True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, FP32_DOT)
+    store = rows < GROUP
     out = partial_out_ptr + seq * out_stride_seq + heads[:, None] * out_stride_head + split * out_stride_split
     tl.store(out + dims[None, :], acc / l[:, None], mask=store[:, None])
     lse = partial_lse_ptr + seq * lse_stride_seq + heads * lse_stride_head + split
@@ -85,12 +83,13 @@ def _decode_split_kernel(
 
 @jit
 def _merge_splits_kernel(
-    partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, tokens_per_split,
+    partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, num_splits,
     partial_stride_seq, partial_stride_head, lse_stride_seq, lse_stride_head, out_stride_seq, out_stride_head,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seq, head = tl.program_id(0), tl.program_id(1)
-    used_splits = tl.cdiv(tl.load(context_lens_ptr + seq), tokens_per_split)
+    context_len = tl.load(context_lens_ptr + seq)
+    used_splits = tl.cdiv(context_len, _tokens_per_split(context_len, num_splits, BLOCK_N))
     splits = tl.arange(0, SPLITS_PAD)
     lse = tl.load(partial_lse_ptr + seq * lse_stride_seq + head * lse_stride_head + splits,
                   mask=splits < used_splits, other=float("-inf"))
@@ -178,10 +177,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
-    """Splits per (sequence, kv head): enough programs to fill the SMs, none shorter than the minimum."""
+def choose_num_splits(batch: int, kv_heads: int, head_dim: int, max_context: int, sm_count: int) -> int:
+    """Splits per (sequence, kv head), from static shapes only: enough programs to fill the SMs
+    with one wave when every sequence is long, no more than the widest table holds tiles."""
     to_fill = PROGRAMS_PER_SM * sm_count // (batch * kv_heads)
-    return max(1, min(to_fill, cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+    return max(1, min(to_fill, cdiv(max_context, _block_n(head_dim)), MAX_SPLITS))
 
 
 def _block_n(head_dim: int) -> int:
@@ -194,63 +194,50 @@ def paged_decode_attention_launches(
 ) -> list[Launch]:
     """Stage 1 (and, with several splits, stage 2) writing attention to `out` ([B, Hq, D]).
 
-    Splits cover `tokens_per_split` tokens each, a whole number of tiles; the table's width bounds
-    the context, so no device value has to be read back to size the grid.
+    Nothing here reads a context length: the launches stay valid for any lengths that the
+    tensors later hold (up to the table's width), which is what a CUDA graph replays.
     """
-    _check_layout(q, k_cache, v_cache, out)
+    check_layout("paged_decode_attention", q, k_cache, v_cache, out)
     batch, q_heads, head_dim = q.shape
-    block_n = _block_n(head_dim)
-    max_context = block_tables.shape[1] * k_cache.shape[1]
-    tokens_per_split = cdiv(cdiv(max_context, num_splits), block_n) * block_n
-    num_splits = cdiv(max_context, tokens_per_split)
     lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
-    split_args = (q, k_cache, v_cache, block_tables, context_lens, scale, tokens_per_split, lse)
+    split_args = (q, k_cache, v_cache, block_tables, context_lens, scale, lse)
     if num_splits == 1:  # stage 1 writes the output itself
         return [_split_launch(*split_args, out)]
     partial = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    return [_split_launch(*split_args, partial), _merge_launch(partial, lse, out, context_lens, tokens_per_split)]
+    return [_split_launch(*split_args, partial), _merge_launch(partial, lse, out, context_lens)]
 
 
 def _split_launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, tokens_per_split: int, lse: torch.Tensor, partial: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, lse: torch.Tensor, partial: torch.Tensor,
 ) -> Launch:
     """Stage 1; `partial` is [B, Hq, splits, D] fp32, or the output [B, Hq, D] when there is one split."""
     _, block_size, kv_heads, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
     return Launch(_decode_split_kernel, (q.shape[0], kv_heads, lse.shape[2]), dict(
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
-        context_lens_ptr=context_lens, partial_out_ptr=partial, partial_lse_ptr=lse, scale_log2=scale * math.log2(math.e),
+        context_lens_ptr=context_lens, partial_out_ptr=partial, partial_lse_ptr=lse,
+        scale_log2=scale * math.log2(math.e), num_splits=lse.shape[2],
         q_stride_seq=q.stride(0), q_stride_head=q.stride(1), cache_stride_block=k_cache.stride(0),
         cache_stride_slot=k_cache.stride(1), cache_stride_head=k_cache.stride(2), table_stride=block_tables.stride(0),
         out_stride_seq=partial.stride(0), out_stride_head=partial.stride(1),
         out_stride_split=partial.stride(2) if partial.dim() == 4 else 0,
-        lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), tokens_per_split=tokens_per_split,
+        lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=_block_n(head_dim), FP32_DOT=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
     ), num_warps=4)
 
 
-def _merge_launch(
-    partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, context_lens: torch.Tensor, tokens_per_split: int
-) -> Launch:
+def _merge_launch(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, context_lens: torch.Tensor) -> Launch:
     """Stage 2: one program per (sequence, query head) over the contiguous [splits, D] partials."""
     batch, q_heads, num_splits, head_dim = partial.shape
     return Launch(_merge_splits_kernel, (batch, q_heads), dict(
         partial_out_ptr=partial, partial_lse_ptr=lse, out_ptr=out, context_lens_ptr=context_lens,
-        tokens_per_split=tokens_per_split, partial_stride_seq=partial.stride(0), partial_stride_head=partial.stride(1),
+        num_splits=num_splits, partial_stride_seq=partial.stride(0), partial_stride_head=partial.stride(1),
         lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), out_stride_seq=out.stride(0),
         out_stride_head=out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_power_of_2(num_splits),
+        BLOCK_N=_block_n(head_dim),
     ), num_warps=4)
-
-
-def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-    head_dim, q_heads, kv_heads = q.shape[2], q.shape[1], k_cache.shape[2]
-    if head_dim < 16 or head_dim & (head_dim - 1) or q_heads % kv_heads:
-        raise ValueError(f"paged_decode_attention needs a power-of-two head_dim >= 16 (got {head_dim}) "
-                         f"and query heads a multiple of kv heads (got {q_heads} over {kv_heads})")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("paged_decode_attention needs k/v caches of one layout and contiguous head rows")
 
 
 def paged_decode_attention(
@@ -262,11 +249,11 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Returns out [B, Hq, D]: softmax(q·K * scale)·V over each sequence's cached tokens."""
-    if not use_triton(q):
+    if not use_triton(q, "decode_attention"):
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
-    batch, _, _ = q.shape
+    batch, _, head_dim = q.shape
     max_context = block_tables.shape[1] * k_cache.shape[1]
-    num_splits = choose_num_splits(batch, k_cache.shape[2], max_context, _sm_count(q.device))
+    num_splits = choose_num_splits(batch, k_cache.shape[2], head_dim, max_context, _sm_count(q.device))
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for launch in paged_decode_attention_launches(q, k_cache, v_cache, block_tables, context_lens, scale, out, num_splits):
         launch()

@@ -6,8 +6,12 @@ residual in the input dtype first (as HF's decoder layer does) and returns both 
 
 The kernel sees its input as rows of H elements indexed `[outer, inner]` with one stride each,
 so Qwen3's q/k norm runs on the `[T, heads, D]` view of the fused QKV output without a copy.
-A program normalises ROWS rows at once: one for wide hidden-size rows, up to 16 for the
-128-wide head rows, so every program moves a few thousand elements.
+
+Launch heuristic (first principles; the numbers are still to be measured on a GPU with
+`python -m bench.kernels --sweep`, which times the candidates and prints the winner): a program
+normalises ROWS rows, ELEMENTS_PER_PROGRAM elements in all (one 4096-wide hidden row, 16
+128-wide head rows), with one warp per 512 elements, so each thread holds 16 16-bit values:
+two 128-bit loads per tensor, and 8 KB per program in flight to cover DRAM latency.
 """
 
 import torch
@@ -22,17 +26,20 @@ ELEMENTS_PER_PROGRAM = 2048  # enough per program to hide latency, small enough 
 @jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, out_ptr, residual_out_ptr, weight_ptr,
-    num_rows, inner_rows, x_stride_outer, x_stride_inner, res_stride_outer, res_stride_inner, eps,
-    H: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    num_rows, x_stride_outer, x_stride_inner, res_stride_outer, res_stride_inner, eps,
+    H: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, INNER_ROWS: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
+    # The weight first: its load then overlaps the row's instead of waiting for the reduction.
+    weight = tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     mask = (rows < num_rows)[:, None] & (cols < H)[None, :]
-    rows = rows.to(tl.int64)  # row * stride overflows int32 on long prompts
-    outer, inner = rows // inner_rows, rows % inner_rows
+    # Row indices fit in int32, and dividing by a constant is a multiply; offsets need int64.
+    outer, inner = (rows // INNER_ROWS).to(tl.int64), (rows % INNER_ROWS).to(tl.int64)
     x_rows = outer * x_stride_outer + inner * x_stride_inner
     x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out_offsets = rows[:, None] * H + cols[None, :]
+    out_offsets = rows.to(tl.int64)[:, None] * H + cols[None, :]
     if ADD_RESIDUAL:
         res_rows = outer * res_stride_outer + inner * res_stride_inner
         residual = tl.load(residual_ptr + res_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -42,15 +49,14 @@ def _rms_norm_kernel(
         x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
     normed = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_offsets, normed * weight[None, :], mask=mask)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     """x as [outer, inner, H] with unit stride along H, without a copy where the layout allows.
 
-    Leading dimensions that flatten give inner = 1 (the kernel then divides by a constant 1);
-    the [T, heads, D] view of a fused QKV output keeps its two strides.
+    Leading dimensions that flatten give inner = 1; the [T, heads, D] view of a fused QKV output
+    keeps its two strides.
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -63,26 +69,29 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 def rms_norm_launch(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
     out: torch.Tensor, residual_out: torch.Tensor | None,
+    rows_per_program: int | None = None, num_warps: int | None = None,
 ) -> Launch:
     """The launch that writes rms_norm(x [+ residual]) to `out` (and the sum to `residual_out`).
 
-    `out` and `residual_out` are contiguous tensors of x's shape; `residual` has x's shape.
+    `out` and `residual_out` are contiguous tensors of x's shape; `residual` has x's shape, any layout.
+    `rows_per_program` and `num_warps` override the heuristic (the sweep times candidates).
     """
     hidden = x.shape[-1]
     rows = _as_rows(x)
-    res_rows = _as_rows(residual) if residual is not None else rows
+    res_rows = rows
+    if residual is not None:  # indexed like x's rows, whatever its own layout
+        res_rows = (residual if residual.stride(-1) == 1 else residual.contiguous()).reshape(rows.shape)
     block_h = next_power_of_2(hidden)
-    rows_per_program = max(1, min(16, ELEMENTS_PER_PROGRAM // block_h))
+    rows_per_program = rows_per_program or max(1, min(16, ELEMENTS_PER_PROGRAM // block_h))
+    num_warps = num_warps or min(16, max(4, block_h * rows_per_program // 512))
     num_rows = rows.shape[0] * rows.shape[1]
     args = dict(
         x_ptr=rows, residual_ptr=res_rows, out_ptr=out,
         residual_out_ptr=residual_out if residual_out is not None else out, weight_ptr=weight,
-        num_rows=num_rows, inner_rows=rows.shape[1],
-        x_stride_outer=rows.stride(0), x_stride_inner=rows.stride(1),
+        num_rows=num_rows, x_stride_outer=rows.stride(0), x_stride_inner=rows.stride(1),
         res_stride_outer=res_rows.stride(0), res_stride_inner=res_rows.stride(1), eps=eps,
-        H=hidden, BLOCK_H=block_h, ROWS=rows_per_program, ADD_RESIDUAL=residual is not None,
+        H=hidden, BLOCK_H=block_h, ROWS=rows_per_program, INNER_ROWS=rows.shape[1], ADD_RESIDUAL=residual is not None,
     )
-    num_warps = min(16, max(4, block_h * rows_per_program // 512))  # 16 bf16 (two 128-bit loads) per thread
     return Launch(_rms_norm_kernel, (-(num_rows // -rows_per_program),), args, num_warps=num_warps)
 
 
@@ -106,7 +115,7 @@ def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` ([..., H]); returns a new tensor."""
-    if not use_triton(x):
+    if not use_triton(x, "rms_norm"):
         return rms_norm_reference(x, weight, eps)
     out = _out_like(x, weight)
     rms_norm_launch(x, None, weight, eps, out, None)()
@@ -117,7 +126,7 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual)."""
-    if not use_triton(x):
+    if not use_triton(x, "rms_norm"):
         return fused_add_rms_norm_reference(x, residual, weight, eps)
     out, residual_out = _out_like(x, weight), torch.empty_like(x, memory_format=torch.contiguous_format)
     rms_norm_launch(x, residual, weight, eps, out, residual_out)()

@@ -2,10 +2,12 @@
 
 The batch is plain tensors (see `ForwardBatch`): the new tokens of every sequence concatenated,
 their positions, the cache slot each one's K/V goes to, and each sequence's block table and
-context length. Sequences that bring one token (decodes) come first and run
+context length. Attention starts with `attention_frontend` (q/k norm, rotary embedding and the
+K/V cache write: one kernel on CUDA). Sequences that bring one token (decodes) come first and run
 `paged_decode_attention` over the cache; prompt chunks after them run `paged_prefill_attention`
-over the prefix the cache already holds and themselves; one step may hold both. Every op beyond matmuls and the embedding lookup goes
-through `kernels`, so the same code runs Triton kernels on CUDA and torch references on CPU.
+over the prefix the cache already holds and themselves; one step may hold both. Every op beyond
+matmuls and the embedding lookup goes through `kernels`, so the same code runs Triton kernels on
+CUDA and torch references on CPU.
 
 Weights are stored fused where that saves launches: `qkv_proj` is q, k and v stacked by rows,
 `gate_up_proj` is gate and up stacked (the loader fills the row ranges from the HF tensors).
@@ -16,13 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import (
-    apply_rope,
+    attention_frontend,
     build_cos_sin_cache,
     fused_add_rms_norm,
     paged_decode_attention,
     paged_prefill_attention,
     rms_norm,
-    store_kv,
 )
 from kernels.backend import use_triton
 from model.batch import ForwardBatch
@@ -81,7 +82,7 @@ class Qwen3Model(nn.Module):
 
     def _decode_attention(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
         """The step's decode attention: the kernels' op, or on CPU what the plan measured fastest."""
-        if self.cpu_plan is None or use_triton(k_cache):
+        if self.cpu_plan is None or use_triton(k_cache, "decode_attention"):
             return paged_decode_attention
         return self.cpu_plan.attention_for(max(batch.num_decodes, 1), batch.block_tables.shape[1] * k_cache.shape[1])
 
@@ -119,15 +120,12 @@ class Qwen3Model(nn.Module):
         decode_attention: AttentionFn,
     ) -> torch.Tensor:
         c = self.config
-        num_tokens = x.shape[0]
-        q, k, v = self._linear(x, layer.qkv_proj).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = rms_norm(q.view(num_tokens, c.num_heads, c.head_dim), layer.q_norm, c.rms_norm_eps)
-        k = rms_norm(k.view(num_tokens, c.num_kv_heads, c.head_dim), layer.k_norm, c.rms_norm_eps)
-        v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, k, batch.positions, self.cos_sin_cache)
-        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        # k and v come back only where the unfused references ran (on CPU); the fused kernel
+        # writes them into the cache alone, and attention reads them from there.
+        q, k, v = attention_frontend(self._linear(x, layer.qkv_proj), layer.q_norm, layer.k_norm, c.rms_norm_eps,
+                                     batch.positions, self.cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
         out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention)
-        return self._linear(out.reshape(num_tokens, c.q_size), layer.o_proj)
+        return self._linear(out.reshape(x.shape[0], c.q_size), layer.o_proj)
 
     def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = self._linear(x, layer.gate_up_proj).chunk(2, dim=-1)
@@ -135,11 +133,12 @@ class Qwen3Model(nn.Module):
 
 
 def _paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, batch: ForwardBatch, k_cache: torch.Tensor,
     v_cache: torch.Tensor, scale: float, decode_attention: AttentionFn,
 ) -> torch.Tensor:
     """Attention of the batch's new tokens over their cached context: decode attention for the
-    leading one-token sequences, prefill attention for the prompt chunks after them."""
+    leading one-token sequences, prefill attention for the prompt chunks after them. `k`/`v`, the
+    new tokens' keys and values, are None when they exist only in the cache."""
     d = batch.num_decodes
     if d == len(batch.query_lens):
         return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
@@ -149,5 +148,6 @@ def _paged_attention(
         return paged_prefill_attention(q, k, v, *prefill_args)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     out[:d] = decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d], scale)
-    out[d:] = paged_prefill_attention(q[d:], k[d:], v[d:], *prefill_args)
+    new_kv = (None, None) if k is None else (k[d:], v[d:])
+    out[d:] = paged_prefill_attention(q[d:], *new_kv, *prefill_args)
     return out

@@ -31,8 +31,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kernels",
         default="auto",
-        choices=["auto", "triton", "torch"],
-        help="auto: Triton on CUDA, torch ops on CPU; triton on CPU runs the Triton interpreter (slow)",
+        metavar="auto|triton|torch[,OP=BACKEND...]",
+        help="auto: Triton on CUDA, torch ops on CPU; triton on CPU runs the Triton interpreter (slow); "
+        "per-op overrides, e.g. triton,decode_attention=torch (ops: attention_frontend, decode_attention, "
+        "prefill_attention, rms_norm, rope, store_kv)",
     )
 
 
@@ -231,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     _show_logs()
     # Must be set before `kernels` is imported: the Triton interpreter is chosen at import time.
     os.environ["NANOSERVE_KERNELS"] = args.kernels
+    try:
+        from kernels import set_backend
+
+        set_backend(args.kernels)
+    except (ValueError, RuntimeError) as err:
+        print(f"nanoserve: error: argument --kernels: {err}", file=sys.stderr)
+        return 2
     try:
         check_flags(args)
         if args.command == "generate":

@@ -236,9 +236,10 @@ def create_engine(args: argparse.Namespace) -> AsyncEngine:
     # the only one that ever runs torch's parallel CPU ops: OpenMP (libgomp) keeps a worker team
     # for every such thread, and once teams outnumber the cores all of them sleep between ops,
     # halving CPU decode speed.
+    tokenizer = Tokenizer(model_dir)  # first: a broken tokenizer fails before the slow part
     with ThreadPoolExecutor(max_workers=1) as loader:
         model, config = loader.submit(_load, model_dir, args.device, args.dtype, config).result()
-    return AsyncEngine(model, Tokenizer(model_dir), model_dir, config)
+    return AsyncEngine(model, tokenizer, model_dir, config)
 
 
 def _load(model_dir: Path, device: str, dtype: str, config: EngineConfig) -> tuple[Qwen3Model, EngineConfig]:

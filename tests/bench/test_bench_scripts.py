@@ -15,11 +15,11 @@ def _bench(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedP
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA these run for many minutes")
-@pytest.mark.parametrize("module", ["kernels", "gpu"])
+@pytest.mark.parametrize("module", ["kernels", "gpu", "profile"])
 def test_gpu_benchmarks_say_they_need_cuda(module, tmp_path):
     result = _bench(module, "--help")
     assert result.returncode == 0 and "usage" in result.stdout
-    out_flag = ["--out", str(tmp_path / "k.json")] if module == "kernels" else ["--out-dir", str(tmp_path)]
+    out_flag = ["--out", str(tmp_path / "k.json")] if module == "kernels" else ["--out-dir", str(tmp_path / "out")]
     result = _bench(module, *out_flag)
     assert result.returncode == 2
     assert f"bench.{module} needs a CUDA GPU" in result.stderr

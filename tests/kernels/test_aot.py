@@ -12,7 +12,8 @@ import sys
 import pytest
 
 OPS = {"rms_norm", "fused_add_rms_norm", "rms_norm (q/k heads)", "apply_rope", "store_kv",
-       "paged_decode_attention", "paged_decode_attention merge"}
+       "paged_decode_attention", "paged_decode_attention merge", "paged_prefill_attention",
+       "attention_frontend"}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from kernels.decode_attention import (
     paged_decode_attention_launches,
     paged_decode_attention_reference,
 )
-from tests.kernels.common import DTYPE_IDS, DTYPES, assert_close, nan_like, randn
+from tests.kernels.common import DTYPE_IDS, DTYPES, assert_close, kernel_backend, nan_like, randn
 
 
 def _paged(lens: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, spare: int = 3):
@@ -126,13 +126,96 @@ def test_public_function_chooses_splits_itself(triton_backend):
     assert_close(out, paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.125))
 
 
-def test_num_splits_fill_the_gpu_only_when_needed():
+def test_num_splits_depend_on_static_shapes_and_fill_the_gpu():
     h100 = 132
-    assert choose_num_splits(batch=64, kv_heads=8, max_context=2048, sm_count=h100) == 1  # 512 programs
-    assert choose_num_splits(batch=1, kv_heads=8, max_context=32768, sm_count=h100) == 66
-    assert choose_num_splits(batch=1, kv_heads=8, max_context=300, sm_count=h100) == 2  # >= 256 tokens a split
-    assert choose_num_splits(batch=1, kv_heads=1, max_context=10**6, sm_count=h100) == 128  # capped
-    assert choose_num_splits(batch=512, kv_heads=8, max_context=40960, sm_count=h100) == 1
+    # Batch 64 x 8 kv heads already fills 132 SMs: one split, and no merge.
+    assert choose_num_splits(batch=64, kv_heads=8, head_dim=128, max_context=40960, sm_count=h100) == 1
+    # Small batches split every sequence so that one wave of programs covers the SMs.
+    assert choose_num_splits(batch=1, kv_heads=8, head_dim=128, max_context=40960, sm_count=h100) == 66
+    assert choose_num_splits(batch=8, kv_heads=8, head_dim=128, max_context=40960, sm_count=h100) == 8
+    # Never more splits than the widest table holds tiles (64 tokens at head_dim 128), nor than the cap.
+    assert choose_num_splits(batch=1, kv_heads=8, head_dim=128, max_context=300, sm_count=h100) == 5
+    assert choose_num_splits(batch=1, kv_heads=1, head_dim=64, max_context=10**6, sm_count=h100) == 128
+
+
+def _graph_buffers(batch: int, q_heads: int, kv_heads: int, head_dim: int, block_size: int, max_model_len: int,
+                   dtype: torch.dtype):
+    """Static inputs as a CUDA-graph runner keeps them: tables at full width, room for every row."""
+    width = max_model_len // block_size
+    k_cache = torch.empty(batch * width + 1, block_size, kv_heads, head_dim, dtype=dtype)
+    q = torch.empty(batch, q_heads, head_dim, dtype=dtype)
+    tables = torch.zeros(batch, width, dtype=torch.int32)
+    return q, k_cache, torch.empty_like(k_cache), tables, torch.ones(batch, dtype=torch.int32)
+
+
+def _write_step(q, k_cache, v_cache, tables, context_lens, lens: list[int]) -> None:
+    """Writes a new step into the static buffers in place: fresh queries, each sequence's K/V in
+    shuffled blocks, NaN in every other slot. A length of 1 with an all-zero table row is padding,
+    as a graph runner pads a batch up to its bucket."""
+    block_size = k_cache.shape[1]
+    k_cache.fill_(float("nan")), v_cache.fill_(float("nan"))
+    q.copy_(randn(*q.shape, dtype=q.dtype))
+    tables.zero_()
+    free = torch.randperm(k_cache.shape[0]).tolist()
+    for seq, n in enumerate(lens):
+        if n == 1 and seq % 2:  # odd rows of one token: padding, block 0 (maybe another row's)
+            k_cache[0, 0], v_cache[0, 0] = (randn(*k_cache.shape[2:], dtype=q.dtype) for _ in "kv")
+            continue
+        count = -(-n // block_size)
+        blocks, free = free[:count], free[count:]
+        tables[seq, :count] = torch.tensor(blocks, dtype=torch.int32)
+        for block in blocks:
+            k_cache[block], v_cache[block] = (randn(*k_cache.shape[1:], dtype=q.dtype) for _ in "kv")
+    context_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+
+
+def _static_args(launches) -> list:
+    return [(launch.kernel, launch.grid, {k: v for k, v in launch.args.items() if not isinstance(v, torch.Tensor)})
+            for launch in launches]
+
+
+def _replay_and_compare(steps: list[list[int]], max_model_len: int) -> None:
+    """One launch configuration, built once, replayed over steps of other context lengths: each
+    replay equals a fresh call of the public function (to the bit) and the torch reference."""
+    buffers = _graph_buffers(len(steps[0]), 4, 2, 64, 16, max_model_len, torch.float32)
+    q, k_cache, v_cache, tables, context_lens = buffers
+    out = nan_like(q)
+    splits = choose_num_splits(q.shape[0], 2, 64, max_model_len, sm_count=8)
+    assert splits > 1  # the merge runs too
+    captured = paged_decode_attention_launches(q, k_cache, v_cache, tables, context_lens, 0.125, out, splits)
+    for lens in steps:
+        _write_step(*buffers, lens)
+        out.fill_(float("nan"))
+        for launch in captured:
+            launch()
+        with kernel_backend("triton"):
+            fresh = kernels.paged_decode_attention(*buffers, 0.125)
+        assert torch.equal(out, fresh), lens
+        real = [seq for seq, n in enumerate(lens) if not (n == 1 and seq % 2)]
+        want = paged_decode_attention_reference(q[real], k_cache, v_cache, tables[real], context_lens[real], 0.125)
+        assert_close(out[real], want)
+        assert not out.isnan().any()  # padding rows get an output too (they are sliced off later)
+
+
+def test_launch_arguments_do_not_depend_on_context_lengths():
+    q, k_cache, v_cache, tables, _ = _graph_buffers(3, 8, 2, 128, 16, 4096, torch.bfloat16)
+    short, long = torch.tensor([1, 1, 1], dtype=torch.int32), torch.tensor([4096, 17, 2000], dtype=torch.int32)
+    splits = choose_num_splits(3, 2, 128, 4096, sm_count=132)
+    built = [_static_args(paged_decode_attention_launches(q, k_cache, v_cache, tables, lens, 0.1, q, splits))
+             for lens in (short, long)]
+    assert built[0] == built[1] and len(built[0]) == 2
+
+
+def test_fixed_launch_replayed_at_other_context_lengths():
+    # Lengths 1 to the full table, on and past tile (128) and block (16) boundaries, padding rows.
+    steps = [[4096, 1, 129], [1, 1, 1], [127, 4096, 2048], [3000, 1, 16], [128, 17, 4095]]
+    _replay_and_compare(steps, max_model_len=4096)
+
+
+@pytest.mark.slow
+def test_fixed_launch_replayed_up_to_32k():
+    steps = [[32768, 1, 5], [1, 1, 32767], [20000, 32768, 1]]
+    _replay_and_compare(steps, max_model_len=32768)
 
 
 @pytest.mark.slow
@@ -146,5 +229,5 @@ def test_batch_512():
 def test_context_of_max_model_len(dtype):
     """Qwen3's 40960 positions, split as an H100 would split one sequence."""
     lens = [40960, 40960 - 17]
-    splits = choose_num_splits(len(lens), 1, max(lens), sm_count=132)
+    splits = choose_num_splits(len(lens), 1, 128, max(lens), sm_count=132)
     _check(lens, 4, 1, 128, 16, dtype, splits)

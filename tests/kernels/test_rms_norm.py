@@ -75,3 +75,15 @@ def test_rms_norm_at_qwen3_8b_shapes(dtype):
         out = nan_like(x)
         rms_norm_launch(x, None, weight, EPS, out, None)()
         assert_close(out, rms_norm_reference(x, weight, EPS))
+
+
+@pytest.mark.parametrize("rows_per_program,num_warps", [(2, 1), (4, 8)])
+def test_rms_norm_in_other_launch_configurations(rows_per_program, num_warps):
+    """The configurations `bench.kernels --sweep` times: several rows per program, a partial last
+    program, any warp count."""
+    for x in (INPUTS["37x1024"](torch.bfloat16), INPUTS["qkv-view-9x6x64"](torch.bfloat16)):
+        weight, residual = randn(x.shape[-1], dtype=torch.bfloat16), randn(*x.shape, dtype=torch.bfloat16)
+        out, residual_out = nan_like(x), nan_like(x)
+        rms_norm_launch(x, residual, weight, EPS, out, residual_out, rows_per_program, num_warps)()
+        assert_close(residual_out, fused_add_rms_norm_reference(x, residual, weight, EPS)[1])
+        assert_close(out, rms_norm_reference(residual_out, weight, EPS))

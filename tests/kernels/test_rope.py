@@ -62,3 +62,15 @@ def test_rope_refuses_a_layout_it_cannot_rotate_in_place():
     q = randn(64, 3, dtype=torch.float32).t().unsqueeze(1).expand(3, 2, 64)
     with pytest.raises(ValueError, match="contiguous last dimension"):
         apply_rope_launch(q, q, torch.zeros(3, dtype=torch.int64), cache)
+
+
+@pytest.mark.parametrize("tokens_per_program,num_warps", [(4, 1), (3, 4)])
+def test_rope_with_several_tokens_per_program(tokens_per_program, num_warps):
+    """The configurations `bench.kernels --sweep` times; 13 tokens leave a partial last program."""
+    cache = build_cos_sin_cache(MAX_POSITION, 128, 1e6)
+    qkv = randn(13, (8 + 2 * 2) * 128, dtype=torch.bfloat16, scale=2)
+    positions = _positions(13)
+    expected = qkv.clone()
+    apply_rope_reference(*_split_qkv(expected, 8, 2, 128), positions, cache)
+    apply_rope_launch(*_split_qkv(qkv, 8, 2, 128), positions, cache, tokens_per_program, num_warps)()
+    assert_close(qkv, expected)

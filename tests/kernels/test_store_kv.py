@@ -41,6 +41,20 @@ def test_store_kv_matches_reference_exactly(case, dtype):
     torch.testing.assert_close(v_cache, want_v, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("tokens_per_program,num_warps", [(4, 1), (3, 2)])
+def test_store_kv_with_several_tokens_per_program(tokens_per_program, num_warps):
+    """The configurations `bench.kernels --sweep` times; 13 tokens leave a partial last program."""
+    k, v = _new_kv(13, 4, 2, 128, torch.bfloat16)
+    slots = _slots(13, 5 * 16)
+    k_cache = torch.full((5, 16, 2, 128), float("nan"), dtype=torch.bfloat16)
+    v_cache = k_cache.clone()
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    store_kv_reference(k, v, want_k, want_v, slots)
+    store_kv_launch(k, v, k_cache, v_cache, slots, tokens_per_program, num_warps)()
+    torch.testing.assert_close(k_cache, want_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, want_v, rtol=0, atol=0, equal_nan=True)
+
+
 def test_public_store_kv(triton_backend):
     k, v = _new_kv(5, 4, 2, 64, torch.bfloat16)
     k_cache = torch.full((3, 4, 2, 64), float("nan"), dtype=torch.bfloat16)

@@ -54,6 +54,43 @@ def test_greedy_tokens_on_triton_kernels_match_hf(checkpoint):
     assert produced == expected
 
 
+def _hf_greedy(checkpoint, prompt: list[int], steps: int) -> list[int]:
+    hf = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return hf.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)[0, len(prompt):].tolist()
+
+
+def test_chunked_prefill_and_mixed_steps_on_triton_kernels_match_hf(checkpoint):
+    """The fused front-end and the prefill kernel on every path a step takes: a prompt in two
+    chunks (the second over a cached prefix that ends inside a block), then a step that decodes
+    it while prefilling a second prompt, then batched decodes; greedy tokens equal HF's."""
+    first, second, steps, block_size = _prompt(21, seed=3), _prompt(13, seed=4), 6, 8
+    expected = [_hf_greedy(checkpoint, first, steps), _hf_greedy(checkpoint, second, steps)]
+    model = load_model(checkpoint, DEVICE, "float32")
+    cache = model.allocate_kv_cache(12, block_size)
+    for k, v in cache:
+        k.normal_(), v.normal_()  # stale values, never zeros
+    tables = [[7, 2, 9, 4], [0, 11, 5, 1]]
+    produced: list[list[int]] = [[], []]
+
+    def step(seqs: list[SequenceStep]) -> list[int]:
+        return model.forward(make_batch(seqs, block_size, DEVICE), cache).argmax(-1).tolist()
+
+    with kernel_backend("triton"):
+        step([SequenceStep(first[:10], 0, tables[0])])
+        produced[0] += step([SequenceStep(first[10:], 10, tables[0])])
+        mixed = step([SequenceStep(produced[0][-1:], len(first), tables[0]), SequenceStep(second, 0, tables[1])])
+        for seq, token in enumerate(mixed):
+            produced[seq].append(token)
+        for _ in range(steps - 1):
+            decodes = [SequenceStep(out[-1:], len(prompt) + len(out) - 1, table)
+                       for prompt, out, table in zip((first, second), produced, tables)]
+            for seq, token in enumerate(step(decodes)):
+                if len(produced[seq]) < steps:
+                    produced[seq].append(token)
+    assert produced == expected
+
+
 def _batched_logits(model, backend: str) -> list[torch.Tensor]:
     """A prefill of four sequences (lengths on and past block boundaries), then three decode steps."""
     block_size, lengths = 4, [4, 5, 7, 1]
@@ -78,14 +115,17 @@ def test_batched_steps_on_triton_equal_torch_ops(checkpoint, dtype, tol):
         assert ((ours - ref).abs().max() / ref.abs().max()).item() <= tol
 
 
-def test_generate_cli_on_triton_kernels(chat_checkpoint):
+# All on Triton, and one op on its reference (per-op backends): prefill on the kernels, decode
+# attention on torch.
+@pytest.mark.parametrize("spec", ["triton", "triton,decode_attention=torch"])
+def test_generate_cli_on_triton_kernels(chat_checkpoint, spec):
     prompt = "The capital of France is"
     tokenizer = Tokenizer(chat_checkpoint)
     ids = tokenizer.encode(prompt)
     hf = Qwen3ForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
     expected = tokenizer.decode(hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist())
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "generate", "--kernels", "triton", "--model", str(chat_checkpoint),
+        [sys.executable, "-m", "server.cli", "generate", "--kernels", spec, "--model", str(chat_checkpoint),
          "--max-tokens", "6", prompt],
         capture_output=True, text=True, timeout=300, env=os.environ.copy(),
     )
