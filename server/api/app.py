@@ -188,7 +188,7 @@ def serve_main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     engine = create_engine(args)
     _say(f"loaded {engine.model_dir} as '{name}' in {time.monotonic() - started:.1f} s: "
-         f"max_model_len {engine.max_model_len}, {engine.stats().kv_blocks_total} KV blocks")
+         f"max_model_len {engine.max_model_len}, {engine.stats().kv_blocks_total} KV blocks; {engine.decode_mode}")
     try:
         app = create_app(engine, name, store, args.api_key or os.environ.get("NANOSERVE_API_KEY"), args.max_body_bytes)
         config = Config()
