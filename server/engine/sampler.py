@@ -6,8 +6,9 @@ their temperature and filter by min-p, top-k and top-p, then draw with the expon
 (`argmax(probs / q)`, q ~ Exp(1)), which equals a multinomial draw. A seeded row draws its q from
 its own generator, so its tokens do not depend on the rest of the batch.
 
-Work is only done for what some row asks for: an all-greedy batch is one max over the logits,
-and the vocabulary is sorted only when a row uses top-p. Per-row parameters are turned into
+Work is only done for what some row asks for: a batch whose rows are all greedy and ask for
+nothing else (no logprobs, logit_bias, penalties or min_tokens) is one max over the logits and
+nothing more, and the vocabulary is sorted only when a row uses top-p. Per-row parameters are turned into
 tensors once per batch composition, not every step.
 """
 
@@ -40,6 +41,7 @@ class SamplerOutput:
 class _BatchParams:
     seq_ids: tuple[int, ...]
     all_greedy: bool
+    argmax_only: bool  # every row greedy, and none biased, penalised, held by min_tokens or asking for logprobs
     greedy: torch.Tensor | None  # [B] bool, when greedy rows share the batch with sampled ones
     temperature: torch.Tensor | None  # [B, 1], 1 on greedy rows
     min_p: torch.Tensor | None  # [B, 1]
@@ -102,11 +104,15 @@ class Sampler:
             seen=seen,
         )
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
         self.prepare(seqs)
-        p = self._params
+        if self._params.argmax_only:  # the common case: one op, no inference-mode switch, no loops
+            return SamplerOutput(logits.max(-1).indices, [])
+        return self._sample(logits, self._params)
+
+    @torch.inference_mode()
+    def _sample(self, logits: torch.Tensor, p: _BatchParams) -> SamplerOutput:
         logprobs = None
         if p.logprob_rows:  # from the logits as the model gave them
             rows = logits if p.logprob_index is None else logits[p.logprob_index]
@@ -186,9 +192,13 @@ class Sampler:
         any_top_k = any(_uses_top_k(sp, self.vocab_size) for sp in params)
         top_k = [sp.top_k if _uses_top_k(sp, self.vocab_size) else self.vocab_size for sp in params]
         logprob_rows = [row for row, sp in enumerate(params) if sp.logprobs is not None]
+        biased = [(row, seq) for row, seq in enumerate(seqs) if seq.params.logit_bias]
+        min_tokens = [(row, seq) for row, seq in enumerate(seqs) if seq.params.min_tokens]
+        penalized = [(row, seq) for row, seq in enumerate(seqs) if _uses_penalties(seq.params)]
         return _BatchParams(
             seq_ids=seq_ids,
             all_greedy=all(greedy),
+            argmax_only=all(greedy) and not (biased or min_tokens or penalized or logprob_rows),
             greedy=column(greedy, torch.bool)[:, 0] if any(greedy) and sampled else None,
             temperature=column([1.0 if g else sp.temperature for sp, g in zip(params, greedy)]) if sampled else None,
             min_p=column([sp.min_p for sp in params]) if any(sp.min_p > 0 for sp in sampled) else None,
@@ -198,9 +208,9 @@ class Sampler:
             if any(sp.top_p < 1 for sp in sampled)
             else None,
             seeded=[(row, s.sampling.generator) for row, s in enumerate(seqs) if s.sampling.generator is not None],
-            biased=[(row, seq) for row, seq in enumerate(seqs) if seq.params.logit_bias],
-            min_tokens=[(row, seq) for row, seq in enumerate(seqs) if seq.params.min_tokens],
-            penalized=[(row, seq) for row, seq in enumerate(seqs) if _uses_penalties(seq.params)],
+            biased=biased,
+            min_tokens=min_tokens,
+            penalized=penalized,
             logprob_rows=logprob_rows,
             logprob_index=None
             if len(logprob_rows) == len(seqs)
