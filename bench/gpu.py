@@ -13,7 +13,8 @@ from those files alone (`python -m bench.gpu --table-only` rebuilds it from an e
 3. `bench.generate` on the Qwen3-8B and Qwen3-0.6B shapes (random bf16 weights), nanoserve with
    CUDA graphs and with `--enforce-eager` side by side, against HF eager `generate()`;
 4. `bench.serve` against `nanoserve serve` on a random Qwen3-0.6B-shaped checkpoint (default
-   engine flags), 1, 16 and 64 clients streaming 128-token replies.
+   engine flags), 1, 16 and 64 clients streaming 128-token replies;
+and `bench.launch_overhead`, whose figures (no target) print in one line under the table.
 
 `--quick` keeps repeats small and compiles nothing with torch.compile: about five minutes on an
 H100/H200, model builds and graph capture included. Exit status 0 when every target passes, 1
@@ -181,6 +182,17 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def launch_summary(report: dict) -> str:
+    """bench.launch_overhead's figures in one line (no target: to know them)."""
+    line = (f"host cost of a Qwen3-8B-structured decode step's {report['launches_per_step']} Triton launches: "
+            f"{report['build_us_per_step']:.0f} us building them")
+    if "triton_launch_us" in report:
+        line += (f", {report['triton_ops_us_per_step']:.0f} us with the launches (a bare Triton launch "
+                 f"{report['triton_launch_us']:.1f} us, a torch op {report['torch_op_us']:.1f} us); eager step "
+                 f"{report['eager_step_us']:.0f} us, its CUDA-graph replay {report['graph_replay_step_us']:.0f} us")
+    return line
+
+
 def read_reports(out_dir: Path) -> dict[str, dict | None]:
     """Each step's JSON report, None where the step wrote none."""
     reports = {}
@@ -317,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             print("bench.gpu needs a CUDA GPU: none is visible to torch.", file=sys.stderr)
             return 2
         out.mkdir(parents=True, exist_ok=True)
-        for name in (*REPORTS, *(f"serve-{clients}" for clients in SERVE_LEVELS)):
+        for name in (*REPORTS, "launch_overhead", *(f"serve-{clients}" for clients in SERVE_LEVELS)):
             (out / f"{name}.json").unlink(missing_ok=True)  # a step failing now shows no earlier figures
         started = time.monotonic()
         if not args.skip_tests:
@@ -325,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         _step("bench.kernels", [sys.executable, "-m", "bench.kernels", "--out", str(out / "kernels.json"),
                                 *(["--no-compile"] if args.quick else [])], 300 if args.quick else 1800,
               out / "kernels.log")
+        _step("bench.launch_overhead", [sys.executable, "-m", "bench.launch_overhead", "--device", "cuda",
+                                        "--repeats", "50" if args.quick else "200",
+                                        "--out", str(out / "launch_overhead.json")], 120, out / "launch_overhead.log")
         run_generate(out, "qwen3-8b", "1,64", args.quick)
         run_generate(out, "qwen3-0.6b", "1", args.quick)
         run_serve(out, args.quick)
@@ -335,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = evaluate(TARGETS, read_reports(out))
     print(f"\n==== issue 9 targets on {device}{' (--quick)' if args.quick else ''} ====")
     print(format_table(rows))
+    if (launches := out / "launch_overhead.json").is_file():
+        print(launch_summary(json.loads(launches.read_text())))
     return 0 if all(row.result == "pass" for row in rows) else 1
 
 

@@ -15,7 +15,8 @@ recorded. Then, per op, median over `--repeats`:
 Per step: launches and host microseconds over all recorded calls. On CUDA also: one bare Triton
 launch of a kernel that does nothing (the floor of any launch), one tiny torch op, the whole eager
 decode step's host time (kernels this small finish before the host launches the next one, so wall
-time is host time) and the same step replayed from a CUDA graph. JSON to `--out`.
+time is host time) and the same step replayed from a CUDA graph, each until the GPU is done.
+JSON to `--out`.
 """
 
 import argparse
@@ -97,14 +98,18 @@ def record_decode_step(model: qwen3.Qwen3Model) -> tuple[list[tuple[str, tuple]]
     return calls, lambda: model.forward(batch, cache)
 
 
-def median_us(fn: Callable[[], object], repeats: int, device: torch.device, per_call: int = 1) -> float:
-    """Median host time of `fn()` over `repeats` runs (after one), per each of its `per_call` calls."""
+def median_us(fn: Callable[[], object], repeats: int, device: torch.device, per_call: int = 1,
+              to_the_end: bool = False) -> float:
+    """Median host time of `fn()` over `repeats` runs (after one), per each of its `per_call`
+    calls; with `to_the_end`, until the device has finished it too."""
     fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if to_the_end:
+            synchronize(device)
         times.append(time.perf_counter() - start)
     synchronize(device)
     return statistics.median(times) / per_call * 1e6
@@ -140,7 +145,7 @@ def graph_replay_us(step: Callable[[], torch.Tensor], repeats: int, device: torc
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         step()
-    return median_us(graph.replay, repeats, device)
+    return median_us(graph.replay, repeats, device, to_the_end=True)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
         result |= cuda_floors(args.repeats, device)
         result["triton_ops_us_per_step"] = sum(row["launch_us"] for row in ops.values())
         with torch.inference_mode():
-            result["eager_step_us"] = median_us(step, args.repeats, device)
+            result["eager_step_us"] = median_us(step, args.repeats, device, to_the_end=True)
             result["graph_replay_step_us"] = graph_replay_us(step, args.repeats, device)
     return result
 

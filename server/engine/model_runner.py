@@ -63,7 +63,9 @@ class ModelRunner:
         into separate static buffers would add a device copy per input to every step.
         """
         if config.enforce_eager:
-            return None, "eager decode (--enforce-eager; the default on CPU)"
+            if self.model.device.type == "cpu":
+                return None, "eager decode (the CPU default; --no-enforce-eager replays recorded decode steps)"
+            return None, "eager decode (--enforce-eager)"
         if reason := graphs_unavailable(self.model.device):
             return None, f"eager decode: {reason}"
         inputs = StaticInputs(self._token_ids.device, self._positions.device, self._slot_mapping.device,

@@ -39,7 +39,7 @@ class SamplerOutput:
 
 @dataclass
 class _BatchParams:
-    seq_ids: tuple[int, ...]
+    seqs: list[Sequence]  # the batch these are for, the same objects in the same order
     all_greedy: bool
     argmax_only: bool  # every row greedy, and none biased, penalised, held by min_tokens or asking for logprobs
     greedy: torch.Tensor | None  # [B] bool, when greedy rows share the batch with sampled ones
@@ -177,11 +177,11 @@ class Sampler:
 
     def prepare(self, seqs: list[Sequence]) -> None:
         """Turn the batch's per-row parameters into tensors, when the batch's sequences changed."""
-        seq_ids = tuple(seq.seq_id for seq in seqs)
-        if self._params is None or self._params.seq_ids != seq_ids:
-            self._params = self._build_params(seq_ids, seqs)
+        # Compared by identity (Sequence has no __eq__), in C: no per-step key to build.
+        if self._params is None or self._params.seqs != seqs:
+            self._params = self._build_params(list(seqs))
 
-    def _build_params(self, seq_ids: tuple[int, ...], seqs: list[Sequence]) -> _BatchParams:
+    def _build_params(self, seqs: list[Sequence]) -> _BatchParams:
         params = [seq.params for seq in seqs]
         greedy = [_is_greedy(sp) for sp in params]
         sampled = [sp for sp, g in zip(params, greedy) if not g]
@@ -196,7 +196,7 @@ class Sampler:
         min_tokens = [(row, seq) for row, seq in enumerate(seqs) if seq.params.min_tokens]
         penalized = [(row, seq) for row, seq in enumerate(seqs) if _uses_penalties(seq.params)]
         return _BatchParams(
-            seq_ids=seq_ids,
+            seqs=seqs,
             all_greedy=all(greedy),
             argmax_only=all(greedy) and not (biased or min_tokens or penalized or logprob_rows),
             greedy=column(greedy, torch.bool)[:, 0] if any(greedy) and sampled else None,

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from bench.gpu import TARGETS, evaluate
+from bench.gpu import TARGETS, evaluate, launch_summary
 
 
 def _bench(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -73,3 +73,5 @@ def test_launch_overhead_bench_counts_and_times_every_launcher(tmp_path):
         assert row["calls"] >= 2 and row["launches"] >= row["calls"] and row["build_us"] > 0
     assert report["launches_per_step"] == sum(row["launches"] for row in report["ops"].values())
     assert "per step:" in result.stdout and "Triton launches" in result.stdout
+    assert launch_summary(report) == (f"host cost of a Qwen3-8B-structured decode step's {report['launches_per_step']} "
+                                      f"Triton launches: {report['build_us_per_step']:.0f} us building them")

@@ -19,7 +19,7 @@ from server.engine.sequence import Sequence
 
 VOCAB = 64
 EOS = 7
-_seq_ids = itertools.count()  # the sampler caches per-batch tensors by sequence ids: keep them unique
+_seq_ids = itertools.count()  # unique ids, as an engine gives them
 
 
 @pytest.fixture
