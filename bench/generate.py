@@ -205,8 +205,7 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(r: dict) -> None:
     print(f"\n{r['shape']} {r['dtype']} on {r['device']}: weights {r['weight_bytes'] / 1e9:.2f} GB, "
           f"memory bandwidth {r['memory_bandwidth_GBps']:.1f} GB/s")
-    if "floor_ms_batch1" in r:
-        print(f"a batch-1 decode step reads {r['step_read_bytes_batch1'] / 1e9:.2f} GB: floor {r['floor_ms_batch1']:.2f} ms")
+    print(f"a batch-1 decode step reads {r['step_read_bytes_batch1'] / 1e9:.2f} GB: floor {r['floor_ms_batch1']:.2f} ms")
     modes = r["modes"]
     print(f"{'metric':<34} {'HF':>10}" + "".join(f" {mode:>10}" for mode in modes)
           + "".join(f" {mode + '/HF':>10}" for mode in modes))

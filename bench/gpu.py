@@ -5,24 +5,27 @@ was measured, pass or FAIL.
 
 Each step runs as a subprocess under a time limit, so a crash or a hang costs its own rows (they
 read "not measured") and not the run; each writes JSON to `--out-dir`, and the table is built
-from those files alone (`python -m bench.gpu --table-only` rebuilds it from an earlier run's):
+from those files alone (`python -m bench.gpu --table-only` rebuilds it from an earlier run's).
+In this order, the most telling first:
 
 1. the test suite on CUDA (kernel, model and engine tests then run compiled Triton kernels and
    real CUDA graphs); `--quick` runs QUICK_TESTS only;
-2. `bench.kernels` (`--no-compile` with `--quick`): each kernel's share of the copy bandwidth;
-3. `bench.generate` on the Qwen3-8B and Qwen3-0.6B shapes (random bf16 weights), nanoserve with
+2. `bench.generate` on the Qwen3-8B and Qwen3-0.6B shapes (random bf16 weights), nanoserve with
    CUDA graphs and with `--enforce-eager` side by side, against HF eager `generate()`;
-4. `bench.serve` against `nanoserve serve` on a random Qwen3-0.6B-shaped checkpoint (default
+3. `bench.serve` against `nanoserve serve` on a random Qwen3-0.6B-shaped checkpoint (default
    engine flags), 1, 16 and 64 clients streaming 128-token replies;
-and `bench.launch_overhead`, whose figures (no target) print in one line under the table.
+4. `bench.kernels` (`--no-compile` with `--quick`): each kernel's share of the copy bandwidth;
+5. `bench.launch_overhead`, whose figures (no target) print in one line under the table.
 
 `--quick` keeps repeats small and compiles nothing with torch.compile: about five minutes on an
-H100/H200, model builds and graph capture included. Exit status 0 when every target passes, 1
-when one fails or was not measured; without CUDA it says so and exits 2.
+H100/H200, model builds and graph capture included, and never more than QUICK_BUDGET_S (a step
+that would run past it is stopped). Exit status 0 when every target passes, 1 when one fails or
+was not measured; without CUDA it says so and exits 2.
 """
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import socket
@@ -38,6 +41,7 @@ from pathlib import Path
 QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py", "tests/kernels/test_decode_attention.py"]
 SERVE_LEVELS = {1: 8, 16: 64, 64: 192}  # clients: requests
 SERVE_OUTPUT_TOKENS = 128
+QUICK_BUDGET_S = 540  # --quick ends within this (and a table), whatever a step does; typically ~5 min
 REPORTS = ("tests", "kernels", "generate-8b", "generate-0.6b", "serve")  # the steps' JSON files, by name
 
 
@@ -223,36 +227,99 @@ def merge_serve_levels(paths: list[Path]) -> dict:
 # ---- the steps (CUDA) ----
 
 
-def _step(name: str, command: list[str], timeout: int, log: Path) -> bool:
-    """Run one step, its output to `log` and the terminal's tail; False if it failed or timed out."""
-    print(f"\n==== {name} (at most {timeout} s) ====", flush=True)
-    started = time.monotonic()
-    with open(log, "w") as out:
+class Steps:
+    """Runs the steps as subprocesses, each under its own limit and all within `budget_s`, so that
+    a hang costs its own figures and the table still comes out in time."""
+
+    def __init__(self, out_dir: Path, quick: bool, budget_s: float):
+        self.out = out_dir
+        self.quick = quick
+        self.ends = time.monotonic() + budget_s
+
+    def run(self, name: str, command: list[str], timeout: float, log: str) -> bool:
+        """One step, its output to `log` in the out dir and its tail to the terminal; False if it
+        failed or ran out of time."""
+        timeout = max(10.0, min(timeout, self.ends - time.monotonic()))
+        print(f"\n==== {name} (at most {timeout:.0f} s) ====", flush=True)
+        started = time.monotonic()
+        with open(self.out / log, "w") as out:
+            # A session of its own: on a timeout its children (a test's live server) end with it.
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                rc = "timeout"
+        print((self.out / log).read_text()[-2500:])
+        print(f"==== {name}: {'ok' if rc == 0 else f'failed ({rc})'} in {time.monotonic() - started:.0f} s ====",
+              flush=True)
+        return rc == 0
+
+    def tests(self) -> None:
+        xml = self.out / "tests.xml"
+        which = "quick: " + ", ".join(QUICK_TESTS) if self.quick else "the whole suite"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                   *(QUICK_TESTS if self.quick else ["tests"])]
+        self.run("CUDA tests", command, 150 if self.quick else 1800, "tests.log")
+        if xml.is_file():
+            (self.out / "tests.json").write_text(json.dumps(junit_report(xml, which), indent=1) + "\n")
+
+    def generate(self, shape: str, batches: str) -> None:
+        name = "generate-8b" if shape == "qwen3-8b" else "generate-0.6b"
+        command = [sys.executable, "-m", "bench.generate", "--shape", shape, "--device", "cuda", "--dtype", "bfloat16",
+                   "--batches", batches, "--prompt-len", "128", "--decode-tokens", "32" if self.quick else "64",
+                   "--repeats", "2" if self.quick else "5", "--modes", "graphs,eager",
+                   "--out", str(self.out / f"{name}.json")]
+        self.run(f"bench.generate {shape}", command, 180 if self.quick else 1200, f"{name}.log")
+
+    def kernels(self) -> None:
+        command = [sys.executable, "-m", "bench.kernels", "--out", str(self.out / "kernels.json"),
+                   *(["--no-compile"] if self.quick else [])]
+        self.run("bench.kernels", command, 150 if self.quick else 1800, "kernels.log")
+
+    def launch_overhead(self) -> None:
+        command = [sys.executable, "-m", "bench.launch_overhead", "--device", "cuda",
+                   "--repeats", "50" if self.quick else "200", "--out", str(self.out / "launch_overhead.json")]
+        self.run("bench.launch_overhead", command, 90, "launch_overhead.log")
+
+    def serve(self) -> None:
+        from bench.generate import SHAPES
+        from model.demo import write_checkpoint
+
+        print("\n==== bench.serve: writing a random Qwen3-0.6B-shaped checkpoint ====", flush=True)
+        checkpoint = Path(tempfile.mkdtemp(prefix="nanoserve-0.6b-"))
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = self.out / "serve-server.log"
+        server = None
         try:
-            rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    print(log.read_text()[-2500:])
-    print(f"==== {name}: {'ok' if rc == 0 else f'failed ({rc})'} in {time.monotonic() - started:.0f} s ====", flush=True)
-    return rc == 0
-
-
-def run_tests(out_dir: Path, quick: bool) -> None:
-    xml = out_dir / "tests.xml"
-    which = "quick: " + ", ".join(QUICK_TESTS) if quick else "the whole suite"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-               *(QUICK_TESTS if quick else ["tests"])]
-    _step("CUDA tests", command, 240 if quick else 1800, out_dir / "tests.log")
-    if xml.is_file():
-        (out_dir / "tests.json").write_text(json.dumps(junit_report(xml, which), indent=1) + "\n")
-
-
-def run_generate(out_dir: Path, shape: str, batches: str, quick: bool) -> None:
-    name = "generate-8b" if shape == "qwen3-8b" else "generate-0.6b"
-    command = [sys.executable, "-m", "bench.generate", "--shape", shape, "--device", "cuda", "--dtype", "bfloat16",
-               "--batches", batches, "--prompt-len", "128", "--decode-tokens", "32" if quick else "64",
-               "--repeats", "2" if quick else "5", "--modes", "graphs,eager", "--out", str(out_dir / f"{name}.json")]
-    _step(f"bench.generate {shape}", command, 300 if quick else 1200, out_dir / f"{name}.log")
+            write_checkpoint(checkpoint, SHAPES["qwen3-0.6b"] | {"dtype": "bfloat16"}, seed=0)
+            with open(log, "w") as server_log:
+                server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint),
+                                           "--port", str(port)], stdout=server_log, stderr=subprocess.STDOUT)
+            if not _wait_healthy(url, server, max(10.0, min(240.0, self.ends - time.monotonic()))):
+                print(f"the server did not come up:\n{log.read_text()[-3000:]}")
+                return
+            print(log.read_text()[-1500:])
+            paths = []
+            for clients, requests in SERVE_LEVELS.items():
+                path = self.out / f"serve-{clients}.json"
+                command = [sys.executable, "-m", "bench.serve", "--url", url, "--endpoint", "completions",
+                           "--concurrency", str(clients), "--requests", str(requests if self.quick else 4 * requests),
+                           "--output-tokens", str(SERVE_OUTPUT_TOKENS), "--prompt-words", "64",
+                           "--out", str(path), "--plot", str(self.out / f"serve-{clients}.png")]
+                if self.run(f"bench.serve, {clients} clients", command, 120, f"serve-{clients}.log"):
+                    paths.append(path)
+            (self.out / "serve.json").write_text(json.dumps(merge_serve_levels(paths), indent=1) + "\n")
+        finally:
+            if server is not None and server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -275,45 +342,6 @@ def _wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> bool:
     return False
 
 
-def run_serve(out_dir: Path, quick: bool) -> None:
-    from bench.generate import SHAPES
-    from model.demo import write_checkpoint
-
-    print("\n==== bench.serve: writing a random Qwen3-0.6B-shaped checkpoint ====", flush=True)
-    checkpoint = Path(tempfile.mkdtemp(prefix="nanoserve-0.6b-"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = out_dir / "serve-server.log"
-    server = None
-    try:
-        write_checkpoint(checkpoint, SHAPES["qwen3-0.6b"] | {"dtype": "bfloat16"}, seed=0)
-        with open(log, "w") as server_log:
-            server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint),
-                                       "--port", str(port)], stdout=server_log, stderr=subprocess.STDOUT)
-        if not _wait_healthy(url, server, 300):
-            print(f"the server did not come up:\n{log.read_text()[-3000:]}")
-            return
-        print(log.read_text()[-1500:])
-        paths = []
-        for clients, requests in SERVE_LEVELS.items():
-            path = out_dir / f"serve-{clients}.json"
-            command = [sys.executable, "-m", "bench.serve", "--url", url, "--endpoint", "completions",
-                       "--concurrency", str(clients), "--requests", str(requests if quick else 4 * requests),
-                       "--output-tokens", str(SERVE_OUTPUT_TOKENS), "--prompt-words", "64",
-                       "--out", str(path), "--plot", str(out_dir / f"serve-{clients}.png")]
-            if _step(f"bench.serve, {clients} clients", command, 180, out_dir / f"serve-{clients}.log"):
-                paths.append(path)
-        (out_dir / "serve.json").write_text(json.dumps(merge_serve_levels(paths), indent=1) + "\n")
-    finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        shutil.rmtree(checkpoint, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="bench/out/gpu", help="where the JSON and logs go (default %(default)s)")
@@ -332,17 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in (*REPORTS, "launch_overhead", *(f"serve-{clients}" for clients in SERVE_LEVELS)):
             (out / f"{name}.json").unlink(missing_ok=True)  # a step failing now shows no earlier figures
         started = time.monotonic()
+        # Most telling first: is replay right, the graph figures, serving; then the kernels.
+        steps = Steps(out, args.quick, QUICK_BUDGET_S if args.quick else float("inf"))
         if not args.skip_tests:
-            run_tests(out, args.quick)
-        _step("bench.kernels", [sys.executable, "-m", "bench.kernels", "--out", str(out / "kernels.json"),
-                                *(["--no-compile"] if args.quick else [])], 300 if args.quick else 1800,
-              out / "kernels.log")
-        _step("bench.launch_overhead", [sys.executable, "-m", "bench.launch_overhead", "--device", "cuda",
-                                        "--repeats", "50" if args.quick else "200",
-                                        "--out", str(out / "launch_overhead.json")], 120, out / "launch_overhead.log")
-        run_generate(out, "qwen3-8b", "1,64", args.quick)
-        run_generate(out, "qwen3-0.6b", "1", args.quick)
-        run_serve(out, args.quick)
+            steps.tests()
+        steps.generate("qwen3-8b", "1,64")
+        steps.generate("qwen3-0.6b", "1")
+        steps.serve()
+        steps.kernels()
+        steps.launch_overhead()
         print(f"\nall steps: {time.monotonic() - started:.0f} s")
         device = torch.cuda.get_device_name()
     else:

@@ -71,7 +71,7 @@ class CaptureSummary:
     buckets: list[int]
     seconds: float
     memory_bytes: int  # device memory the graphs hold: their pool, the logits buffer (0 on CPU)
-    dropped: list[int]  # buckets whose warm-up ran out of memory
+    dropped: list[int]  # buckets whose warm-up ran out of memory, smallest first
 
     def describe(self, device: torch.device) -> str:
         what = "CUDA graphs" if device.type == "cuda" else "recorded decode steps (CPU replay)"
@@ -80,7 +80,7 @@ class CaptureSummary:
         if device.type == "cuda":
             text += f", {self.memory_bytes / 2**30:.2f} GiB of GPU memory"
         if self.dropped:
-            text += f"; batches of {self.dropped[0]} and more run eagerly (out of memory)"
+            text += f"; larger batches run eagerly ({self.dropped[-1]} did not fit in memory)"
         return text
 
 

@@ -49,7 +49,7 @@ def test_capture_summary_is_the_startup_line():
     summary = CaptureSummary([1, 2, 4], 1.234, 3 << 29, [8, 16])
     assert summary.describe(torch.device("cuda")) == (
         "CUDA graphs for 3 batch sizes (1-4) in 1.2 s, 1.50 GiB of GPU memory; "
-        "batches of 8 and more run eagerly (out of memory)"
+        "larger batches run eagerly (16 did not fit in memory)"
     )
     recorded = CaptureSummary([1, 2, 4, 8], 0.01, 0, [])
     assert recorded.describe(torch.device("cpu")) == "recorded decode steps (CPU replay) for 4 batch sizes (1-8) in 0.0 s"
