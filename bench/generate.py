@@ -12,22 +12,27 @@ Measured, each a median over `--repeats` runs:
 - decode tokens/s at batch 1 and ms per decode step (generating `--decode-tokens` after the first);
 - aggregate decode tokens/s at each of `--batches`: nanoserve's engine with that many concurrent
   requests vs HF batched `generate` with that many prompts (equal lengths, so no padding);
-- the weights read per batch-1 decode step over the step time (GB/s) beside the memory floor:
-  weight bytes over the measured memory bandwidth (`bench.timing.memory_bandwidth`).
-Greedy decoding, EOS ignored, so both sides generate exactly the same number of tokens. Every
-phase runs on a thread of its own (see `bench.timing.on_own_thread`).
+- the bytes a batch-1 decode step must read over the step time (GB/s) beside the memory floor:
+  those bytes over the measured memory bandwidth (`bench.timing.memory_bandwidth`). A step reads
+  every weight once, except an untied model's embedding table, of which it reads one row (a tied
+  table is read whole, as the LM head), and the sequence's K/V at its mean decode context.
+nanoserve's decode runs once per engine mode of `--modes`: `graphs` (CUDA graphs on CUDA; on CPU
+the recorded step replayed over static buffers) and `eager` (`--enforce-eager`), one engine per
+mode for all batch sizes. Greedy decoding, EOS ignored, so every side generates exactly the same
+number of tokens. Every phase runs on a thread of its own (see `bench.timing.on_own_thread`).
 """
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from bench.report import run_and_report
 from bench.timing import median_seconds, memory_bandwidth, on_own_thread
 from model.batch import SequenceStep, make_batch
 from model.config import parse_config
@@ -90,6 +95,19 @@ def ours_prefill_time(ours: Qwen3Model, prompt: list[int], repeats: int, device)
     return median_seconds(lambda: ours.forward(batch, cache), repeats, device)
 
 
+MODES = {"graphs": False, "eager": True}  # engine mode: its EngineConfig.enforce_eager
+
+
+def decode_step_bytes(model: Qwen3Model, batch: int, context: int) -> int:
+    """Bytes a decode step of `batch` sequences of `context` tokens reads at the least: every
+    weight once, but of an untied embedding table one row per sequence, and every K/V."""
+    c, itemsize = model.config, model.dtype.itemsize
+    read = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied table counts once
+    if not c.tie_word_embeddings:
+        read -= (c.vocab_size - batch) * c.hidden_size * itemsize
+    return read + batch * context * c.num_layers * 2 * c.kv_size * itemsize
+
+
 async def _engine_decode(engine: AsyncEngine, prompts: list[list[int]], new_tokens: int) -> float:
     """Seconds from the last request's first token to the last request's end (decode only)."""
     first_token_at: list[float] = []
@@ -108,15 +126,21 @@ async def _engine_decode(engine: AsyncEngine, prompts: list[list[int]], new_toke
     return max(finished_at) - max(first_token_at)
 
 
-def ours_decode_time(ours: Qwen3Model, tokenizer_dir: Path, config: EngineConfig, prompts: list[list[int]],
-                     new_tokens: int, repeats: int) -> float:
-    """Median decode time of a fresh engine, shut down afterwards so its loop thread ends."""
+def ours_decode_times(ours: Qwen3Model, tokenizer_dir: Path, config: EngineConfig, prompts: list[list[int]],
+                      batches: list[int], new_tokens: int, repeats: int) -> dict[int, float]:
+    """Per batch size, the median decode time of one engine (its graphs captured once), shut down
+    afterwards so that its loop thread ends."""
     engine = AsyncEngine(ours, Tokenizer(tokenizer_dir), tokenizer_dir, config)
+    print(f"  {engine.decode_mode}", file=sys.stderr)
+    times = {}
     try:
-        asyncio.run(_engine_decode(engine, prompts, new_tokens))  # warm-up
-        return statistics.median(asyncio.run(_engine_decode(engine, prompts, new_tokens)) for _ in range(repeats))
+        for batch in batches:
+            asyncio.run(_engine_decode(engine, prompts[:batch], new_tokens))  # warm-up
+            runs = [asyncio.run(_engine_decode(engine, prompts[:batch], new_tokens)) for _ in range(repeats)]
+            times[batch] = statistics.median(runs)
     finally:
         engine.shutdown()
+    return times
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -143,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens,
         "cpu_plan": ours.cpu_plan.describe() if ours.cpu_plan else None,
+        "modes": args.modes,
     }
 
     print("prefill ...", file=sys.stderr)
@@ -154,43 +179,56 @@ def run(args: argparse.Namespace) -> dict:
 
     config = EngineConfig(block_size=block_size, num_kv_blocks=blocks_per_seq * max_batch + 1,
                           max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * args.prompt_len))
-    decode = {}
+    decode: dict[int, dict[str, float]] = {batch: {} for batch in args.batches}
     for batch in args.batches:
-        print(f"decode at batch {batch} ...", file=sys.stderr)
+        print(f"HF decode at batch {batch} ...", file=sys.stderr)
         hf_prompts = prompts[:batch].to(device)
         hf_first = on_own_thread(hf_generate_time, hf, hf_prompts, 1, args.repeats, device)
         hf_all = on_own_thread(hf_generate_time, hf, hf_prompts, args.decode_tokens + 1, args.repeats, device)
-        ours_s = ours_decode_time(ours, tokenizer_dir, config, prompts[:batch].tolist(), args.decode_tokens, args.repeats)
-        tokens = batch * args.decode_tokens
-        decode[batch] = {"hf": tokens / (hf_all - hf_first), "nanoserve": tokens / ours_s}
+        decode[batch]["hf"] = batch * args.decode_tokens / (hf_all - hf_first)
+    for mode in args.modes:
+        print(f"nanoserve decode, {mode} ...", file=sys.stderr)
+        mode_config = replace(config, enforce_eager=MODES[mode])
+        times = ours_decode_times(ours, tokenizer_dir, mode_config, prompts.tolist(), args.batches,
+                                  args.decode_tokens, args.repeats)
+        for batch, seconds in times.items():
+            decode[batch][mode] = batch * args.decode_tokens / seconds
     result["decode_tok_s"] = decode
-    step_s = {side: 1.0 / decode[1][side] for side in ("hf", "nanoserve")} if 1 in decode else {}
+    step_s = {side: 1.0 / tok_s for side, tok_s in decode.get(1, {}).items()}
     result["ms_per_decode_step_batch1"] = {side: s * 1e3 for side, s in step_s.items()}
-    # Batch-1 decode reads every weight once per step: that is the memory floor of a step.
-    floor_s = weight_bytes / (result["memory_bandwidth_GBps"] * 1e9)
-    result["weight_read_floor_ms"] = floor_s * 1e3
-    result["weight_read_GBps_batch1"] = {side: weight_bytes / s / 1e9 for side, s in step_s.items()}
+    # A batch-1 step's floor: the bytes it must read, at its mean context, over the bandwidth.
+    step_bytes = decode_step_bytes(ours, 1, args.prompt_len + args.decode_tokens // 2)
+    floor_s = step_bytes / (result["memory_bandwidth_GBps"] * 1e9)
+    result["step_read_bytes_batch1"] = step_bytes
+    result["floor_ms_batch1"] = floor_s * 1e3
+    result["read_GBps_batch1"] = {side: step_bytes / s / 1e9 for side, s in step_s.items()}
     result["pct_of_floor_batch1"] = {side: 100 * floor_s / s for side, s in step_s.items()}
     return result
 
 
 def print_table(r: dict) -> None:
     print(f"\n{r['shape']} {r['dtype']} on {r['device']}: weights {r['weight_bytes'] / 1e9:.2f} GB, "
-          f"memory bandwidth {r['memory_bandwidth_GBps']:.1f} GB/s, weight-read floor "
-          f"{r['weight_read_floor_ms']:.2f} ms/step")
-    print(f"{'metric':<34} {'HF':>12} {'nanoserve':>12} {'ratio':>7}")
+          f"memory bandwidth {r['memory_bandwidth_GBps']:.1f} GB/s")
+    print(f"a batch-1 decode step reads {r['step_read_bytes_batch1'] / 1e9:.2f} GB: floor {r['floor_ms_batch1']:.2f} ms")
+    modes = r["modes"]
+    print(f"{'metric':<34} {'HF':>10}" + "".join(f" {mode:>10}" for mode in modes)
+          + "".join(f" {mode + '/HF':>10}" for mode in modes))
 
     def row(name: str, values: dict, fmt: str = "{:.1f}", higher_is_better: bool = True) -> None:
-        hf, ns = values["hf"], values["nanoserve"]
-        ratio = ns / hf if higher_is_better else hf / ns
-        print(f"{name:<34} {fmt.format(hf):>12} {fmt.format(ns):>12} {ratio:>6.2f}x")
+        cells = [values.get(side) for side in modes]
+        ratios = [(v / values["hf"] if higher_is_better else values["hf"] / v) if v else None for v in cells]
+        print(f"{name:<34} {fmt.format(values['hf']):>10}"
+              + "".join(f" {fmt.format(v) if v else '-':>10}" for v in cells)
+              + "".join(f" {format(x, '.2f') + 'x' if x else '-':>10}" for x in ratios))
 
-    row(f"prefill tok/s ({r['prompt_len']} tokens)", r["prefill_tok_s"])
+    prefill, label = r["prefill_tok_s"], f"prefill tok/s ({r['prompt_len']} tokens)"
+    print(f"{label:<34} {prefill['hf']:>10.1f} {prefill['nanoserve']:>10.1f} "
+          f"(one eager forward: {prefill['nanoserve'] / prefill['hf']:.2f}x)")
     for batch, values in r["decode_tok_s"].items():
         row(f"decode tok/s, batch {batch}", values)
     if r["ms_per_decode_step_batch1"]:
         row("ms per decode step, batch 1", r["ms_per_decode_step_batch1"], "{:.2f}", higher_is_better=False)
-        row("weight read GB/s, batch 1", r["weight_read_GBps_batch1"])
+        row("read GB/s, batch 1", r["read_GBps_batch1"])
         row("% of memory floor, batch 1", r["pct_of_floor_batch1"])
 
 
@@ -204,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default %(default)s)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated decode batch sizes (default %(default)s)")
+    p.add_argument("--modes", default="graphs,eager",
+                   help="comma-separated nanoserve engine modes: graphs, eager (--enforce-eager) (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure; medians (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
     p.add_argument("--out", default="bench/out/generate.json", help="JSON output (default %(default)s)")
@@ -212,24 +252,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
         p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    args.modes = args.modes.split(",")
+    if not args.modes or set(args.modes) - set(MODES) or len(set(args.modes)) < len(args.modes):
+        p.error(f"--modes must name graphs and/or eager once each, got {','.join(args.modes)!r}")
     if min(args.batches) < 1 or args.prompt_len < 1 or args.decode_tokens < 1 or args.repeats < 1:
         p.error("--batches, --prompt-len, --decode-tokens and --repeats must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except (RuntimeError, ValueError, FileNotFoundError) as err:
-        print(f"bench/generate.py: {err}", file=sys.stderr)
-        return 2
-    print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result | {"args": vars(args)}, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    return run_and_report("bench.generate", parse_args(argv), run, print_table)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ between consecutive outputs of `AsyncEngine.generate` (the whole path: scheduler
 sampler, detokenizer, thread hand-off); for HF between consecutive calls of a no-op logits
 processor. Also shown: each side's forward pass alone (a decode step's model call and nothing
 else), so that what the engine adds can be told from the model's own cost. Prints medians and
-the ratio; `--profile` adds a torch.profiler table of the engine's decode steps.
+the ratio; `--profile` adds a torch.profiler table of the engine's decode steps; `--replay` adds
+the engine replaying its recorded decode steps (`--no-enforce-eager`), which decides whether CPU
+decode replays by default.
 
 Each measurement runs on a thread of its own (nanoserve's: a fresh engine's loop thread), so that
 one thread at a time holds an OpenMP team; see `create_engine` for why that doubles CPU speed.
 
-    python -m bench.step_overhead [--model DIR] [--tokens 128] [--repeats 5] [--profile]
+    python -m bench.step_overhead [--model DIR] [--tokens 128] [--repeats 5] [--profile] [--replay]
 """
 
 import argparse
@@ -76,9 +78,10 @@ async def _engine_times(engine: AsyncEngine, request: GenerationRequest) -> list
     return times
 
 
-def engine_steps(model: Qwen3Model, tokenizer: Tokenizer, prompt_ids: list[int], tokens: int) -> list[float]:
+def engine_steps(model: Qwen3Model, tokenizer: Tokenizer, prompt_ids: list[int], tokens: int,
+                 config: EngineConfig = EngineConfig()) -> list[float]:
     """Steps of a fresh engine (its loop thread ends with it), the first one a warm-up."""
-    engine = AsyncEngine(model, tokenizer, "", EngineConfig())
+    engine = AsyncEngine(model, tokenizer, "", config)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     try:
         asyncio.run(_engine_times(engine, GenerationRequest("warm-up", prompt_ids, replace(params, max_tokens=4))))
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each, alternating (default 5)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of engine steps")
+    parser.add_argument("--replay", action="store_true",
+                        help="also time the engine replaying recorded decode steps (--no-enforce-eager) against eager")
     args = parser.parse_args()
 
     model_dir = model_dir_or_demo(args.model)
@@ -149,6 +154,9 @@ def main() -> None:
         samples["hf forward"] += on_own_thread(hf_forward_steps, hf, prompt_ids, args.tokens)
         samples["nanoserve"] += engine_steps(model, tokenizer, prompt_ids, args.tokens)
         samples["forward"] += on_own_thread(forward_steps, model, prompt_ids, args.tokens)
+        if args.replay:
+            replay = EngineConfig(enforce_eager=False)
+            samples.setdefault("replay", []).extend(engine_steps(model, tokenizer, prompt_ids, args.tokens, replay))
     if args.profile:
         print(profile_engine_steps(model, tokenizer, prompt_ids, args.tokens))  # last: no thread runs beside it
 
@@ -159,7 +167,11 @@ def main() -> None:
     rows = (("transformers generate()", "hf", "hf forward"), ("nanoserve engine", "nanoserve", "forward"))
     for label, step, forward in rows:
         print(f"{label:36}{ms[step]:8.3f}{ms[forward]:9.3f}{ms[step] - ms[forward]:10.3f}")
+    if args.replay:
+        print(f"{'nanoserve engine, decode replayed':36}{ms['replay']:8.3f}")
     print(f"ratio nanoserve / HF per step: {ms['nanoserve'] / ms['hf']:.2f} (target <= 0.50)")
+    if args.replay:
+        print(f"ratio replayed / eager engine step: {ms['replay'] / ms['nanoserve']:.2f}")
 
 
 if __name__ == "__main__":

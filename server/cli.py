@@ -61,6 +61,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     g.add_argument(
+        "--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+        help="run every step eagerly, without CUDA graphs for decode (default: graphs on CUDA, eager on CPU; "
+        "--no-enforce-eager replays the recorded decode step on CPU too)",
+    )
+    g.add_argument(
         "--max-queue", type=int, default=1024,
         help="requests waiting for their first token at most; beyond it new ones are refused (default 1024)",
     )

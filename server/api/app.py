@@ -227,7 +227,7 @@ def serve_main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     engine = create_engine(args)
     _say(f"loaded {engine.model_dir} as '{name}' in {time.monotonic() - started:.1f} s: "
-         f"max_model_len {engine.max_model_len}, {engine.stats().kv_blocks_total} KV blocks")
+         f"max_model_len {engine.max_model_len}, {engine.stats().kv_blocks_total} KV blocks; {engine.decode_mode}")
     try:
         _announce_auth(api_key, args.host)
         app = create_app(engine, name, store, api_key, args.max_body_bytes)

@@ -22,6 +22,9 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: 256 on CUDA, 8 on CPU
     max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on CPU
     max_queue: int = 1024  # requests waiting for their first output before new ones are refused
+    # None: CUDA graphs for decode on CUDA, eager on CPU, where replaying the recorded step only
+    # adds padding rows and a logits copy (measured: bench/RESULTS.md); False replays on CPU too.
+    enforce_eager: bool | None = None
 
 
 def default_max_model_len(max_positions: int, device: str) -> int:
@@ -64,4 +67,5 @@ def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
         max_model_len=min(max_model_len, capacity),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        enforce_eager=device == "cpu" if config.enforce_eager is None else config.enforce_eager,
     )

@@ -3,7 +3,8 @@
 The step's inputs (token ids, positions, cache slots, block tables, context lengths) are written
 into buffers allocated once, host side through numpy views; on CUDA they reach their device twins
 with asynchronous copies from pinned memory. The step's results come back to the host behind one
-synchronisation, the step's only one.
+synchronisation, the step's only one. A decode step that fits a captured batch size replays its
+CUDA graph (`cuda_graph.py`) over those same buffers; other steps run the model eagerly.
 """
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 from model.batch import ForwardBatch
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
+from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
 from server.engine.request import TokenLogprob
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch
@@ -52,20 +54,45 @@ class ModelRunner:
         self._context_lens = _InputBuffer(max_num_seqs, torch.int32, device)
         self._query_start_loc = _InputBuffer(max_num_seqs + 1, torch.int32, device)
         self._logits_indices = _InputBuffer(max_num_seqs, torch.int64, device)
+        self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
+
+    def _capture_graphs(self, config: EngineConfig, table_width: int) -> tuple[DecodeGraphRunner | None, str]:
+        """The decode graphs (after the KV cache: they hold its address) and how decode runs.
+
+        The graphs' static inputs are this runner's own device buffers, not copies of them: a
+        graph step writes its rows (and padding) host side as every step does, and the one
+        asynchronous copy per buffer that any step makes lands where the graph reads. Copying
+        into separate static buffers would add a device copy per input to every step.
+        """
+        if config.enforce_eager:
+            if self.model.device.type == "cpu":
+                return None, "eager decode (the CPU default; --no-enforce-eager replays recorded decode steps)"
+            return None, "eager decode (--enforce-eager)"
+        if reason := graphs_unavailable(self.model.device):
+            return None, f"eager decode: {reason}"
+        inputs = StaticInputs(self._token_ids.device, self._positions.device, self._slot_mapping.device,
+                              self._context_lens.device, self._block_tables.device, table_width)
+        graphs = DecodeGraphRunner(self.model, self.kv_cache, inputs, graph_buckets(config.max_num_seqs))
+        return graphs, graphs.capture().describe(self.model.device)
 
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
         """Per scheduled sequence: (sampled token, its logprobs if asked), or None for a prompt
         chunk that stops short of the prompt's end."""
         sampling_rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         seqs = [batch.seqs[i] for i in sampling_rows]
-        forward_batch = self._prepare_prefill(batch, sampling_rows) if batch.is_prefill else self._prepare_decode(batch)
-        scoring = _prompt_scoring(batch)
-        if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
-            rows = torch.tensor(scoring.rows, dtype=torch.int64).to(forward_batch.logits_indices.device)
-            forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
+        bucket = None if batch.is_prefill or self._graphs is None else self._graphs.bucket_for(len(batch.seqs))
+        scoring = None
+        if bucket:
+            self._prepare_graph_decode(batch.seqs, bucket)
+        else:
+            forward_batch = self._prepare_prefill(batch, sampling_rows) if batch.is_prefill else self._prepare_decode(batch)
+            scoring = _prompt_scoring(batch) if batch.is_prefill else None
+            if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
+                rows = torch.tensor(scoring.rows, dtype=torch.int64).to(forward_batch.logits_indices.device)
+                forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
         if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
             self.sampler.prepare(seqs)
-        logits = self.model.forward(forward_batch, self.kv_cache)
+        logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
         if scoring is not None:
             self._score_prompts(logits[len(sampling_rows):], scoring)
@@ -100,13 +127,9 @@ class ModelRunner:
                 row += 1
 
     def _prepare_decode(self, batch: ScheduledBatch) -> ForwardBatch:
-        seqs, bs = batch.seqs, self.block_size
+        seqs = batch.seqs
         n = len(seqs)
-        positions = [seq.num_tokens - 1 for seq in seqs]
-        self._token_ids.np[:n] = [seq.token_ids[-1] for seq in seqs]
-        self._positions.np[:n] = positions
-        self._slot_mapping.np[:n] = [seq.block_table[pos // bs] * bs + pos % bs for seq, pos in zip(seqs, positions)]
-        self._context_lens.np[:n] = [pos + 1 for pos in positions]
+        self._write_decode_rows(seqs)
         self._query_start_loc.np[: n + 1] = range(n + 1)
         self._logits_indices.np[:n] = range(n)
         return ForwardBatch(
@@ -148,14 +171,39 @@ class ModelRunner:
             logits_indices=self._logits_indices.load(len(sampling_rows)),
         )
 
-    def _load_block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        # [B, width], contiguous, as wide as the longest table in the batch (attention reads whole
-        # rows). Entries past a row's end keep whatever earlier steps wrote there: block ids all,
-        # hence valid padding, which the model never reads.
-        rows, width = len(seqs), max(len(seq.block_table) for seq in seqs)
+    def _prepare_graph_decode(self, seqs: list[Sequence], bucket: int) -> None:
+        """A decode step's inputs in the graphs' static buffers: the batch's rows, then padding
+        rows up to `bucket` that store nothing (slot -1) and attend to one token of block 0;
+        block tables at their full width, the graphs' fixed shape."""
+        n = len(seqs)
+        self._write_decode_rows(seqs)
+        self._token_ids.np[n:bucket] = 0
+        self._positions.np[n:bucket] = 0
+        self._slot_mapping.np[n:bucket] = -1
+        self._context_lens.np[n:bucket] = 1
+        for buffer in (self._token_ids, self._positions, self._slot_mapping, self._context_lens):
+            buffer.load(bucket)
+        self._load_block_tables(seqs, bucket, self._graphs.inputs.table_width)
+
+    def _write_decode_rows(self, seqs: list[Sequence]) -> None:
+        """Rows [0, len(seqs)) of the host buffers: each sequence's newest token, to be stored."""
+        bs, n = self.block_size, len(seqs)
+        positions = [seq.num_tokens - 1 for seq in seqs]
+        self._token_ids.np[:n] = [seq.token_ids[-1] for seq in seqs]
+        self._positions.np[:n] = positions
+        self._slot_mapping.np[:n] = [seq.block_table[pos // bs] * bs + pos % bs for seq, pos in zip(seqs, positions)]
+        self._context_lens.np[:n] = [pos + 1 for pos in positions]
+
+    def _load_block_tables(self, seqs: list[Sequence], rows: int | None = None, width: int | None = None) -> torch.Tensor:
+        # [rows, width], contiguous; by default one row per sequence, as wide as the longest table
+        # in the batch (attention reads whole rows). Entries past a row's end keep whatever earlier
+        # steps wrote there: block ids all, hence valid padding, which the model never reads.
+        # Rows past the batch (graph padding) read block 0.
+        rows, width = rows or len(seqs), width or max(len(seq.block_table) for seq in seqs)
         tables = self._block_tables.np[: rows * width].reshape(rows, width)
         for row, seq in enumerate(seqs):
             tables[row, : len(seq.block_table)] = seq.block_table
+        tables[len(seqs) :, 0] = 0
         return self._block_tables.load(rows * width).view(rows, width)
 
 

@@ -6,8 +6,9 @@ their temperature and filter by min-p, top-k and top-p, then draw with the expon
 (`argmax(probs / q)`, q ~ Exp(1)), which equals a multinomial draw. A seeded row draws its q from
 its own generator, so its tokens do not depend on the rest of the batch.
 
-Work is only done for what some row asks for: an all-greedy batch is one max over the logits,
-and the vocabulary is sorted only when a row uses top-p. Per-row parameters are turned into
+Work is only done for what some row asks for: a batch whose rows are all greedy and ask for
+nothing else (no logprobs, logit_bias, penalties or min_tokens) is one max over the logits and
+nothing more, and the vocabulary is sorted only when a row uses top-p. Per-row parameters are turned into
 tensors once per batch composition, not every step.
 """
 
@@ -38,8 +39,9 @@ class SamplerOutput:
 
 @dataclass
 class _BatchParams:
-    seq_ids: tuple[int, ...]
+    seqs: list[Sequence]  # the batch these are for, the same objects in the same order
     all_greedy: bool
+    argmax_only: bool  # every row greedy, and none biased, penalised, held by min_tokens or asking for logprobs
     greedy: torch.Tensor | None  # [B] bool, when greedy rows share the batch with sampled ones
     temperature: torch.Tensor | None  # [B, 1], 1 on greedy rows
     min_p: torch.Tensor | None  # [B, 1]
@@ -105,11 +107,16 @@ class Sampler:
             seen=seen,
         )
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
         self.prepare(seqs)
-        p = self._params
+        if self._params.argmax_only:  # the common case: one op, no inference-mode switch, no loops
+            # ids without a token are never sampled: the argmax runs over the ids that have one
+            return SamplerOutput(logits[:, : self.num_token_ids].max(-1).indices, [])
+        return self._sample(logits, self._params)
+
+    @torch.inference_mode()
+    def _sample(self, logits: torch.Tensor, p: _BatchParams) -> SamplerOutput:
         if self.num_token_ids < self.vocab_size:  # ids without a token are never sampled nor listed
             logits[:, self.num_token_ids :] = float("-inf")
         logprobs = None
@@ -176,11 +183,11 @@ class Sampler:
 
     def prepare(self, seqs: list[Sequence]) -> None:
         """Turn the batch's per-row parameters into tensors, when the batch's sequences changed."""
-        seq_ids = tuple(seq.seq_id for seq in seqs)
-        if self._params is None or self._params.seq_ids != seq_ids:
-            self._params = self._build_params(seq_ids, seqs)
+        # Compared by identity (Sequence has no __eq__), in C: no per-step key to build.
+        if self._params is None or self._params.seqs != seqs:
+            self._params = self._build_params(list(seqs))
 
-    def _build_params(self, seq_ids: tuple[int, ...], seqs: list[Sequence]) -> _BatchParams:
+    def _build_params(self, seqs: list[Sequence]) -> _BatchParams:
         params = [seq.params for seq in seqs]
         greedy = [_is_greedy(sp) for sp in params]
         sampled = [sp for sp, g in zip(params, greedy) if not g]
@@ -191,9 +198,13 @@ class Sampler:
         any_top_k = any(_uses_top_k(sp, self.vocab_size) for sp in params)
         top_k = [sp.top_k if _uses_top_k(sp, self.vocab_size) else self.vocab_size for sp in params]
         logprob_rows = [row for row, sp in enumerate(params) if sp.logprobs is not None]
+        biased = [(row, seq) for row, seq in enumerate(seqs) if seq.params.logit_bias]
+        min_tokens = [(row, seq) for row, seq in enumerate(seqs) if seq.params.min_tokens]
+        penalized = [(row, seq) for row, seq in enumerate(seqs) if _uses_penalties(seq.params)]
         return _BatchParams(
-            seq_ids=seq_ids,
+            seqs=seqs,
             all_greedy=all(greedy),
+            argmax_only=all(greedy) and not (biased or min_tokens or penalized or logprob_rows),
             greedy=column(greedy, torch.bool)[:, 0] if any(greedy) and sampled else None,
             temperature=column([1.0 if g else sp.temperature for sp, g in zip(params, greedy)]) if sampled else None,
             min_p=column([sp.min_p for sp in params]) if any(sp.min_p > 0 for sp in sampled) else None,
@@ -203,9 +214,9 @@ class Sampler:
             if any(sp.top_p < 1 for sp in sampled)
             else None,
             seeded=[(row, s.sampling.generator) for row, s in enumerate(seqs) if s.sampling.generator is not None],
-            biased=[(row, seq) for row, seq in enumerate(seqs) if seq.params.logit_bias],
-            min_tokens=[(row, seq) for row, seq in enumerate(seqs) if seq.params.min_tokens],
-            penalized=[(row, seq) for row, seq in enumerate(seqs) if _uses_penalties(seq.params)],
+            biased=biased,
+            min_tokens=min_tokens,
+            penalized=penalized,
             logprob_rows=logprob_rows,
             logprob_index=None
             if len(logprob_rows) == len(seqs)

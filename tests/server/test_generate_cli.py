@@ -58,3 +58,18 @@ def test_generate_sampling_is_reproducible_by_seed_and_stops_before_a_stop_strin
     stopped = _run(*args, "--stop", text[start : start + 3])
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout == text[:start] + "\n"
+
+
+def test_enforce_eager_flags_choose_how_decode_runs_not_the_text(demo_dir):
+    from server.cli import build_parser
+    from server.engine.async_engine import create_engine
+
+    for flag, mode in (("--enforce-eager", "eager decode"), ("--no-enforce-eager", "recorded decode steps")):
+        engine = create_engine(build_parser().parse_args(["generate", flag, "hi"]))
+        engine.shutdown()
+        assert engine.decode_mode.startswith(mode)
+    args = ("--max-tokens", "12", "--ignore-eos", "Once upon a")
+    eager = _run("--enforce-eager", *args)
+    replayed = _run("--no-enforce-eager", *args)
+    assert eager.returncode == replayed.returncode == 0, eager.stderr + replayed.stderr
+    assert replayed.stdout == eager.stdout and eager.stdout.strip()

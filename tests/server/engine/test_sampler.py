@@ -19,7 +19,7 @@ from server.engine.sequence import Sequence
 
 VOCAB = 64
 EOS = 7
-_seq_ids = itertools.count()  # the sampler caches per-batch tensors by sequence ids: keep them unique
+_seq_ids = itertools.count()  # unique ids, as an engine gives them
 
 
 @pytest.fixture
@@ -216,3 +216,13 @@ def test_logprobs_come_from_the_raw_logits(sampler):
     assert out.token_logprobs.tolist() == pytest.approx([expected[token].item()])
     assert out.top_ids[0].tolist() == expected.topk(4).indices.tolist()
     assert out.top_logprobs[0].tolist() == pytest.approx(expected.topk(4).values.tolist())
+
+
+def test_an_all_greedy_batch_takes_each_rows_argmax_and_leaves_the_logits(sampler):
+    seqs = [make_seq(sampler, SamplingParams(temperature=0.0)) for _ in range(5)]
+    logits = torch.randn(5, VOCAB)
+    before = logits.clone()
+    out = sampler.sample(logits, seqs)
+    assert out.token_ids.tolist() == before.argmax(-1).tolist()
+    assert out.logprob_rows == [] and out.token_logprobs is None
+    assert torch.equal(logits, before)

@@ -1,0 +1,210 @@
+"""CUDA-graph decode: buckets, padding, static buffers and slicing, checked against eager decode.
+
+On CPU the graph runner replays its recorded step function over the same static buffers that a
+CUDA graph reads, so everything here but the capture itself runs on CPU; the same tests run on
+CUDA (real graphs) when a GPU is present.
+"""
+
+import asyncio
+import random
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model.load import load_model
+from model.tokenizer import Tokenizer
+from server.engine import model_runner
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig, resolve_config
+from server.engine.cuda_graph import CaptureSummary, DecodeGraphRunner, graph_buckets
+from server.engine.model_runner import ModelRunner
+from server.engine.request import GenerationRequest, SamplingParams
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+BLOCK_SIZE = 16
+EOS = (151645,)
+
+
+def test_buckets_cover_every_batch_up_to_the_largest():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(3) == [1, 2, 3]
+    assert graph_buckets(8) == [1, 2, 4, 8]
+    assert graph_buckets(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 100]
+    assert graph_buckets(256)[-3:] == [224, 240, 256] and len(graph_buckets(256)) == 23
+
+
+def test_a_batch_runs_in_the_smallest_bucket_that_holds_it(demo_dir):
+    model = load_model(demo_dir, "cpu")
+    runner = ModelRunner(model, _config(model, max_num_seqs=100, enforce_eager=False), EOS, model.config.vocab_size)
+    graphs = runner._graphs
+    assert [graphs.bucket_for(n) for n in (1, 2, 3, 5, 8, 9, 64, 65, 97, 100)] == [1, 2, 4, 8, 8, 16, 64, 80, 100, 100]
+    assert graphs.bucket_for(101) is None
+
+
+def test_capture_summary_is_the_startup_line():
+    summary = CaptureSummary([1, 2, 4], 1.234, 3 << 29, [8, 16])
+    assert summary.describe(torch.device("cuda")) == (
+        "CUDA graphs for 3 batch sizes (1-4) in 1.2 s, 1.50 GiB of GPU memory; "
+        "larger batches run eagerly (16 did not fit in memory)"
+    )
+    recorded = CaptureSummary([1, 2, 4, 8], 0.01, 0, [])
+    assert recorded.describe(torch.device("cpu")) == "recorded decode steps (CPU replay) for 4 batch sizes (1-8) in 0.0 s"
+
+
+def test_graphs_are_the_default_on_cuda_and_eager_on_cpu():
+    def model(device: str):
+        return SimpleNamespace(device=torch.device(device), config=SimpleNamespace(max_position_embeddings=4096))
+
+    sized = EngineConfig(num_kv_blocks=64)
+    assert resolve_config(sized, model("cpu")).enforce_eager is True
+    assert resolve_config(sized, model("cuda")).enforce_eager is False
+    assert resolve_config(replace(sized, enforce_eager=False), model("cpu")).enforce_eager is False
+    assert resolve_config(replace(sized, enforce_eager=True), model("cuda")).enforce_eager is True
+
+
+def _config(model, **fields) -> EngineConfig:
+    return resolve_config(EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=64, max_model_len=512, **fields), model)
+
+
+class _Pool:
+    """Decoding sequences with random histories and block tables, stepped as the engine steps them."""
+
+    def __init__(self, runner: ModelRunner, count: int, num_blocks: int, seed: int):
+        self.rng = random.Random(seed)
+        self.free = list(range(num_blocks))
+        self.rng.shuffle(self.free)
+        self.seqs = []
+        for seq_id in range(count):
+            prompt = [self.rng.randrange(151643) for _ in range(self.rng.randrange(2, 40))]
+            params = SamplingParams(temperature=0.0, logprobs=5, max_tokens=100)
+            seq = Sequence(seq_id, GenerationRequest(f"r{seq_id}", prompt, params), 0, 100, EOS, detokenizer=None)
+            seq.sampling = runner.sampler.new_state(params, prompt, 0)
+            seq.num_cached = seq.num_tokens - 1  # as if prefilled but for its newest token
+            seq.block_table = [self.free.pop() for _ in range(-(-seq.num_tokens // BLOCK_SIZE))]
+            self.seqs.append(seq)
+
+    def batch(self, size: int) -> ScheduledBatch:
+        seqs = self.rng.sample(self.seqs, size)
+        return ScheduledBatch(seqs, [1] * size, is_prefill=False)
+
+    def advance(self, batch: ScheduledBatch, tokens: list[int]) -> None:
+        for seq, token in zip(batch.seqs, tokens):
+            seq.num_cached += 1
+            seq.token_ids.append(token)
+            if seq.num_tokens > len(seq.block_table) * BLOCK_SIZE:
+                seq.block_table.append(self.free.pop())
+
+
+def _runners(model) -> tuple[ModelRunner, ModelRunner]:
+    """An eager runner and a graph runner over one model, their caches holding the same random K/V."""
+    eager = ModelRunner(model, _config(model, max_num_seqs=8, enforce_eager=True), EOS, model.config.vocab_size)
+    graphs = ModelRunner(model, _config(model, max_num_seqs=8, enforce_eager=False), EOS, model.config.vocab_size)
+    for (k1, v1), (k2, v2) in zip(eager.kv_cache, graphs.kv_cache):
+        for a, b in ((k1, k2), (v1, v2)):
+            a.copy_(torch.randn_like(a))
+            b.copy_(a)
+    return eager, graphs
+
+
+def _slots(batch: ScheduledBatch) -> list[int]:
+    return [seq.block_table[(seq.num_tokens - 1) // BLOCK_SIZE] * BLOCK_SIZE + (seq.num_tokens - 1) % BLOCK_SIZE
+            for seq in batch.seqs]
+
+
+def _flat(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(-1, *cache.shape[2:])
+
+
+def _assert_same_step(eager_out, graph_out) -> None:
+    assert [token for token, _ in graph_out] == [token for token, _ in eager_out]
+    for (_, e), (_, g) in zip(eager_out, graph_out):
+        assert g.logprob == pytest.approx(e.logprob, abs=1e-4)
+        assert [t for t, _ in g.top] == [t for t, _ in e.top]
+        assert [lp for _, lp in g.top] == pytest.approx([lp for _, lp in e.top], abs=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_decode_equals_eager_and_padding_leaves_the_cache_alone(demo_dir, device):
+    """Batch sizes that shrink and grow, so that padding rows sit where real rows of an earlier,
+    larger batch were: every step gives eager's tokens and logprobs, writes eager's K/V to its
+    own slots, and leaves every other cache slot bit-identical."""
+    torch.manual_seed(0)
+    model = load_model(demo_dir, device)
+    eager, graphs = _runners(model)
+    assert eager._graphs is None and graphs._graphs.buckets == [1, 2, 4, 8]
+    pool = _Pool(graphs, count=10, num_blocks=64, seed=1)
+    for size in (8, 3, 5, 1, 2, 7, 4, 6, 8, 1):
+        batch = pool.batch(size)
+        before = [(k.clone(), v.clone()) for k, v in graphs.kv_cache]
+        expected = eager.run(batch)
+        got = graphs.run(batch)
+        _assert_same_step(expected, got)
+        written = torch.tensor(_slots(batch), device=device)
+        untouched = torch.ones(before[0][0].shape[0] * BLOCK_SIZE, dtype=torch.bool, device=device)
+        untouched[written] = False
+        for (k0, v0), (k, v), (ke, ve) in zip(before, graphs.kv_cache, eager.kv_cache):
+            for old, new, reference in ((k0, k, ke), (v0, v, ve)):
+                assert torch.equal(_flat(new)[untouched], _flat(old)[untouched])
+                torch.testing.assert_close(_flat(new)[written], _flat(reference)[written], rtol=1e-5, atol=1e-5)
+        pool.advance(batch, [token for token, _ in got])
+
+
+def test_batches_above_the_largest_captured_bucket_run_eagerly(demo_dir, monkeypatch):
+    """As when memory caps the buckets: a batch of 3 over buckets [1, 2] runs eagerly, right."""
+    monkeypatch.setattr(model_runner, "graph_buckets", lambda max_batch: [1, 2])
+    model = load_model(demo_dir, "cpu")
+    eager, graphs = _runners(model)
+    replayed = []
+    replay = DecodeGraphRunner.replay
+    monkeypatch.setattr(DecodeGraphRunner, "replay", lambda self, *args: replayed.append(args) or replay(self, *args))
+    pool = _Pool(graphs, count=4, num_blocks=64, seed=2)
+    for size in (3, 2, 3, 1):
+        batch = pool.batch(size)
+        expected = eager.run(batch)
+        got = graphs.run(batch)
+        _assert_same_step(expected, got)
+        pool.advance(batch, [token for token, _ in got])
+    assert replayed == [(2, 2), (1, 1)]
+
+
+def _greedy_outputs(model, demo_dir, prompts, max_tokens, **config) -> tuple[list[list[int]], str]:
+    engine = AsyncEngine(model, Tokenizer(demo_dir), demo_dir, EngineConfig(**config))
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens[i], ignore_eos=True)
+        tokens = []
+        async for output in engine.generate(GenerationRequest(f"g{i}", prompt, params)):
+            tokens += output.choices[0].token_ids
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(one(i, prompt) for i, prompt in enumerate(prompts)))
+
+    try:
+        return asyncio.run(main()), engine.decode_mode
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+# Sizes given, so that CUDA runs the CPU defaults rather than a cache filling the GPU.
+@pytest.mark.parametrize("config", [{"num_kv_blocks": 1024, "max_num_seqs": 8},
+                                    {"num_kv_blocks": 12, "max_num_seqs": 8, "max_num_batched_tokens": 40}],
+                         ids=["normal-cache", "tiny-cache"])
+def test_greedy_tokens_are_the_same_with_graphs_and_with_enforce_eager(demo_dir, device, config):
+    """Concurrent requests of different lengths (the batch shrinks as they finish; the tiny cache
+    preempts and recomputes) give the same tokens through graphs as eagerly."""
+    model = load_model(demo_dir, device)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(151643) for _ in range(rng.randrange(3, 50))] for _ in range(7)]
+    max_tokens = [rng.randrange(4, 30) for _ in prompts]
+    eager, eager_mode = _greedy_outputs(model, demo_dir, prompts, max_tokens, enforce_eager=True, **config)
+    graphs, graph_mode = _greedy_outputs(model, demo_dir, prompts, max_tokens, enforce_eager=False, **config)
+    assert graphs == eager
+    assert [len(tokens) for tokens in graphs] == max_tokens
+    assert eager_mode.startswith("eager decode")
+    assert graph_mode.startswith("CUDA graphs" if device == "cuda" else "recorded decode steps (CPU replay)")
