@@ -56,19 +56,35 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Renders Qwen3's chat format (see shared QWEN3_CHAT_FORMAT.md): an assistant turn after the last
-# real user turn keeps its reasoning in a think block (empty when it had none and is the last
-# message); earlier ones lose it; tool results go back as a user turn of <tool_response> blocks.
+# Renders Qwen3's chat format exactly as Qwen3's own template does (see shared QWEN3_CHAT_FORMAT.md):
+# tools go into the first system turn under "# Tools" as one JSON line each inside <tools></tools>;
+# an assistant turn after the last real user turn keeps its reasoning in a think block (empty
+# when it had none and is the last message), earlier ones lose it; its tool calls follow its text
+# as <tool_call> blocks (arguments given as a JSON string are written as they are); tool results
+# go back as one user turn of <tool_response> blocks.
 CHAT_TEMPLATE = """\
+{%- if tools -%}
+  {{- '<|im_start|>system\\n' -}}
+  {%- if messages[0].role == 'system' -%}{{- messages[0].content + '\\n\\n' -}}{%- endif -%}
+  {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'
+      'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}
+  {%- for tool in tools -%}{{- '\\n' + tool | tojson -}}{%- endfor -%}
+  {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+      '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}'
+      '\\n</tool_call><|im_end|>\\n' -}}
+{%- elif messages[0].role == 'system' -%}
+  {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' -}}
+{%- endif -%}
 {%- set ns = namespace(last_query=messages|length - 1) -%}
 {%- for m in messages -%}
-  {%- if m.role == 'user' and not (m.content is string and m.content.startswith('<tool_response>') and m.content.endswith('</tool_response>')) -%}
+  {%- if m.role == 'user' and m.content is string
+        and not (m.content.startswith('<tool_response>') and m.content.endswith('</tool_response>')) -%}
     {%- set ns.last_query = loop.index0 -%}
   {%- endif -%}
 {%- endfor -%}
 {%- for m in messages -%}
   {%- set content = m.content if m.content is string else '' -%}
-  {%- if m.role in ('system', 'user') -%}
+  {%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}
     {{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' -}}
   {%- elif m.role == 'assistant' -%}
     {%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}
@@ -81,6 +97,12 @@ CHAT_TEMPLATE = """\
     {%- else -%}
       {{- '<|im_start|>assistant\\n' + content -}}
     {%- endif -%}
+    {%- for call in m.tool_calls or [] -%}
+      {%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}
+      {%- set call = call.function if call.function else call -%}
+      {%- set arguments = call.arguments if call.arguments is string else call.arguments | tojson -%}
+      {{- '<tool_call>\\n{"name": "' + call.name + '", "arguments": ' + arguments + '}\\n</tool_call>' -}}
+    {%- endfor -%}
     {{- '<|im_end|>\\n' -}}
   {%- elif m.role == 'tool' -%}
     {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}

@@ -1,5 +1,6 @@
 """The checkpoint's own tokenizer and chat template, through `transformers.AutoTokenizer`."""
 
+import copy
 import json
 from functools import cache
 from pathlib import Path
@@ -56,13 +57,26 @@ class Tokenizer:
                 out.append(spelling.encode())
         return out
 
+    def backend_json(self) -> str:
+        """The tokenizer as the `tokenizers` library serialises it (vocabulary, merges, added
+        tokens): what a grammar engine builds its token tables from."""
+        backend = copy.copy(self._hf.backend_tokenizer)
+        backend.no_padding()  # the copy's settings only: the serialised form must not pad or cut
+        backend.no_truncation()
+        return backend.to_str()
+
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
     ) -> str:
-        """Render `messages` ([{role, content}, ...]) with the checkpoint's chat template."""
+        """Render `messages` ([{role, content, tool_calls?}, ...]) and the function `tools`
+        ([{"type": "function", "function": {...}}, ...]) with the checkpoint's chat template."""
         extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         return self._hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
 
 
