@@ -16,6 +16,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.request import GenerationRequest, RequestFailed, RequestOutput, RequestRejected
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import RequestState, Sequence
+from server.engine.structured import GrammarCompiler
 
 logger = logging.getLogger("nanoserve.engine")
 
@@ -31,6 +32,7 @@ class EngineCore:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, config, tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # thread-safe (see its docstring)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
 
@@ -46,6 +48,8 @@ class EngineCore:
             detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             seq = Sequence(next(self._seq_ids), request, index, max_tokens, self.tokenizer.eos_token_ids, detokenizer)
             seq.sampling = self.runner.sampler.new_state(params, request.prompt_token_ids, index)
+            if params.structured_output is not None:
+                seq.grammar = self.grammars.matcher(params.structured_output)
             seqs.append(seq)
         self.requests[request.request_id] = RequestState(request, seqs)
         for seq in seqs:
@@ -141,3 +145,6 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
     check(p.logprobs is None or 0 <= p.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
     check(in_vocab(p.logit_bias), f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
     check(in_vocab(p.stop_token_ids), f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
+    if p.structured_output is not None:  # the grammar ends the reply with EOS once it is complete
+        check(not p.ignore_eos, "ignore_eos cannot be combined with structured output", "ignore_eos")
+        check(p.min_tokens == 0, "min_tokens cannot be combined with structured output", "min_tokens")

@@ -16,6 +16,7 @@ from server.engine.request import TokenLogprob
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.engine.structured import TokenBitmask
 
 
 class _InputBuffer:
@@ -40,6 +41,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_cache: KVCache = model.allocate_kv_cache(config.num_kv_blocks, config.block_size)
         self.sampler = Sampler(model.config.vocab_size, model.device, eos_token_ids)
+        self.token_bitmask = TokenBitmask(config.max_num_seqs, model.config.vocab_size, model.device)
         device = model.device
         max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
@@ -63,7 +65,9 @@ class ModelRunner:
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
         if not sampling_rows:
             return results
-        sampled = self.sampler.sample(logits, seqs)
+        # Grammar masks are filled on the host while a GPU still runs the forward pass.
+        token_bitmask = self.token_bitmask.fill([seq.grammar for seq in seqs])
+        sampled = self.sampler.sample(logits, seqs, token_bitmask)
         token_ids, *logprobs = _to_host(
             sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs
         )

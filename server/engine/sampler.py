@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import apply_token_bitmask_
 from server.engine.request import SamplingParams
 from server.engine.sequence import Sequence, SequenceSampling
 
@@ -103,8 +104,11 @@ class Sampler:
         )
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> SamplerOutput:
+        """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks;
+        `token_bitmask` (mask rows, their logits rows) forbids what the rows' grammars do not allow."""
         self.prepare(seqs)
         p = self._params
         logprobs = None
@@ -112,6 +116,8 @@ class Sampler:
             rows = logits if p.logprob_index is None else logits[p.logprob_index]
             logprobs = rows.log_softmax(-1)
         self._process(logits, p)
+        if token_bitmask is not None:  # structured outputs: after bias and penalties, before any choice
+            apply_token_bitmask_(logits, *token_bitmask)
         if p.all_greedy:
             token_ids = logits.max(-1).indices  # max(dim) is several times faster than argmax on CPU
         else:
