@@ -14,7 +14,7 @@ from server.api.engine_stream import EngineStreams
 from server.api.errors import as_api_error, invalid_request, model_not_found
 from server.api.metrics import ServerMetrics
 from server.api.protocol_logprobs import LogprobFormatter
-from server.engine.request import GenerationRequest, RequestRejected
+from server.engine.request import GenerationRequest, GrammarError, RequestRejected, StructuredOutput
 
 if TYPE_CHECKING:  # the app never imports the engine's torch side at run time
     from server.engine.async_engine import AsyncEngine
@@ -37,13 +37,25 @@ class ServingContext:
     # Tokenizing stays on the event-loop thread: one HF tokenizer must not encode in two threads
     # at once (it mutates its padding state), and prompts are cheap next to a model step.
     def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool | None, param: str,
-                        add_generation_prompt: bool = True) -> list[int]:
+                        add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         try:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                        enable_thinking=enable_thinking)
+                                                        enable_thinking=enable_thinking, tools=tools)
         except jinja2.TemplateError as err:
             raise invalid_request(f"The chat template rejected the messages: {err}", param=param) from None
         return self.tokenizer.encode(prompt)
+
+    async def compile_structured_output(self, constraint: StructuredOutput, param: str,
+                                        function_params: list[str]) -> None:
+        """Compile the request's grammar before it is queued: a schema the grammar engine cannot
+        compile is a 400 naming `param` (the response format), or the function whose parameters
+        it is (`function_params`, in the order of the constraint's functions)."""
+        try:
+            await self.engine.compile_structured_output(constraint)
+        except GrammarError as err:
+            where = param if err.function_index is None else function_params[err.function_index]
+            raise invalid_request(f"Invalid '{where}': the grammar engine cannot compile this schema: {err}",
+                                  param=where) from None
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         vocab_size = len(self.tokenizer)
