@@ -9,6 +9,7 @@ One program per (mask row, block of 32 * WORDS tokens) loads its words once, spr
 32 bits and stores -inf only where a bit is clear: it never reads the logits.
 """
 
+import numpy as np
 import torch
 
 from kernels._triton import Launch, cdiv, jit, tl
@@ -46,6 +47,30 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor, r
                                                                    device=logits.device))
 
 
+def apply_token_bitmask_host(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """The reference's result for CPU tensors, touching only the words that decide, row by row: a
+    grammar mostly allows a few tokens (keep those, fill the rest) or almost all (forbid the few).
+    Masking every logit instead costs about ten times the sampler's own pass over the rows."""
+    out, words_of, vocab_size = logits.numpy(), bitmask.numpy(), logits.shape[-1]
+    for mask_row, row in enumerate(rows.tolist()):
+        words = words_of[mask_row]
+        some_allowed = np.flatnonzero(words)
+        if 2 * len(some_allowed) < len(words):
+            keep = _tokens(words, some_allowed, vocab_size, allowed=True)
+            kept = out[row, keep]
+            out[row].fill(-np.inf)
+            out[row, keep] = kept
+        else:
+            out[row, _tokens(words, np.flatnonzero(words != -1), vocab_size, allowed=False)] = -np.inf
+
+
+def _tokens(words: np.ndarray, which: np.ndarray, vocab_size: int, allowed: bool) -> np.ndarray:
+    """The tokens of words `which` whose bit is set (allowed) or clear (not)."""
+    bits = np.unpackbits(words[which].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little").astype(bool)
+    found = (which[:, None] * 32 + np.arange(32))[bits if allowed else ~bits]
+    return found[found < vocab_size]
+
+
 def apply_token_bitmask_launch(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> Launch:
     if logits.stride(-1) != 1 or bitmask.stride(-1) != 1 or bitmask.dtype != torch.int32:
         raise ValueError("apply_token_bitmask needs int32 words and rows of logits and words contiguous")
@@ -64,6 +89,7 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torc
     """logits [B, V] fp32 (in place); bitmask [R, ceil(V / 32)] int32; rows [R] int64: the logits row
     each mask row applies to."""
     if not use_triton(logits):
-        apply_token_bitmask_reference(logits, bitmask, rows)
+        host = logits.device.type == "cpu" and bitmask.device.type == "cpu" and logits.is_contiguous()
+        (apply_token_bitmask_host if host else apply_token_bitmask_reference)(logits, bitmask, rows)
         return
     apply_token_bitmask_launch(logits, bitmask, rows)()

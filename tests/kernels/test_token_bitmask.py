@@ -49,6 +49,24 @@ def test_reference_follows_the_bit_layout():
     assert logits[2, 5] == before[2, 5] and logits[0, 66] == before[0, 66]
 
 
+@pytest.mark.parametrize("vocab_size", [1000, 151936])
+def test_host_path_equals_the_reference(vocab_size):
+    """What CPU tensors run: grammar-like rows (a few tokens allowed, almost all allowed) and random ones."""
+    words = -(-vocab_size // 32)
+    bitmask = torch.zeros(4, words, dtype=torch.int32, device="cpu")
+    bitmask[0, [3, words // 2]] = torch.tensor([0b1011, 1 << 31], dtype=torch.int64).to(torch.int32)
+    bitmask[1] = -1
+    bitmask[1, [0, 7, words - 1]] = torch.tensor([0, 0x0F0F0F0F, 1], dtype=torch.int32)
+    bitmask[2:] = _random_bitmask(2, vocab_size).cpu()
+    logits = randn(6, vocab_size, dtype=torch.float32).cpu()
+    rows = torch.tensor([5, 0, 2, 3])
+    want = logits.clone()
+    tb.apply_token_bitmask_reference(want, bitmask, rows)
+    tb.apply_token_bitmask_host(logits, bitmask, rows)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    assert torch.isfinite(logits[5]).sum() == 4 and torch.isinf(logits[0]).sum() == 32 + 16 + 31 - (words * 32 - vocab_size)
+
+
 def test_public_op_runs_the_kernel(triton_backend, monkeypatch):
     calls = []
     monkeypatch.setattr(tb, "apply_token_bitmask_reference", lambda *args: calls.append(args))
