@@ -22,6 +22,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from server.api.reasoning import partial_tag_length
+
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
@@ -40,14 +42,6 @@ class ToolCallArguments:
 
 
 Event = str | ToolCallStart | ToolCallArguments
-
-
-def _partial_tag_length(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag`."""
-    for length in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-length:]):
-            return length
-    return 0
 
 
 def _arguments_end(pending: str) -> int:
@@ -132,7 +126,7 @@ class ToolCallParser:
             self._held = self._held[start + len(TOOL_CALL_START):]
             self._in_block, self._block, self._arguments_at, self._sent = True, "", None, 0
             return
-        keep = len(self._held) - _partial_tag_length(self._held, TOOL_CALL_START)
+        keep = len(self._held) - partial_tag_length(self._held, TOOL_CALL_START)
         while keep > 0 and self._held[keep - 1] == "\n":
             keep -= 1
         if keep:

@@ -38,3 +38,11 @@ def test_generate_bench_compares_both_sides_on_the_demo_shape(tmp_path, nanoserv
     assert set(report["decode_tok_s"]) == {"1", "2"}
     assert "decode tok/s, batch 2" in result.stdout
     assert generate_summary(out)[0].startswith("demo float32, batch 1:")
+
+
+def test_grammar_engines_bench_times_llguidance_on_every_grammar(nanoserve_cache):
+    result = _bench("grammar_engines", "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("llguidance")]
+    assert [" ".join(row[1:-5]) for row in rows] == ["json_object", "nested schema", "tool calls"]
+    assert all(float(row[-5]) > 0 and row[-1] == "0" for row in rows)  # timed, and no invalid JSON

@@ -15,10 +15,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.load import load_model
-from model.tokenizer import Tokenizer
 from server.engine.async_engine import AsyncEngine
-from server.engine.config import EngineConfig
 from server.engine.core import validate_request
 from server.engine.request import (
     FunctionSchema,
@@ -29,6 +26,7 @@ from server.engine.request import (
     StructuredOutput,
 )
 from server.engine.structured import GrammarCompiler, TokenBitmask
+from tests.server.engine.test_engine import demo, make_engine  # noqa: F401  (the demo model and engines)
 
 
 class Strict(BaseModel):
@@ -73,25 +71,6 @@ def schema_of(model: type[BaseModel]) -> str:
 TOOLS = (FunctionSchema("get_weather", schema_of(Weather)), FunctionSchema("search", schema_of(Search)))
 TOOL_MODELS = {"get_weather": Weather, "search": Search}
 CALL = re.compile(r'<tool_call>\n\{"name": "(\w+)", "arguments": (.*?)\}\n</tool_call>', re.DOTALL)
-
-
-@pytest.fixture(scope="module")
-def demo(demo_dir):
-    return load_model(demo_dir, "cpu"), Tokenizer(demo_dir)
-
-
-@pytest.fixture
-def make_engine(demo, demo_dir):
-    model, tokenizer = demo
-    engines = []
-
-    def make(**config) -> AsyncEngine:
-        engines.append(AsyncEngine(model, tokenizer, demo_dir, EngineConfig(**config)))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        engine.shutdown()
 
 
 def generate_all(engine: AsyncEngine, requests: list[GenerationRequest]) -> list[tuple[str, list[int], str]]:
