@@ -61,13 +61,12 @@ class ModelRunner:
         forward_batch = self._prepare_prefill(batch, sampling_rows) if batch.is_prefill else self._prepare_decode(batch)
         if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
             self.sampler.prepare(seqs)
+        self.token_bitmask.start_fill([seq.grammar for seq in seqs])  # grammar masks: while the model runs
         logits = self.model.forward(forward_batch, self.kv_cache)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
         if not sampling_rows:
             return results
-        # Grammar masks are filled on the host while a GPU still runs the forward pass.
-        token_bitmask = self.token_bitmask.fill([seq.grammar for seq in seqs])
-        sampled = self.sampler.sample(logits, seqs, token_bitmask)
+        sampled = self.sampler.sample(logits, seqs, self.token_bitmask.finish_fill())
         token_ids, *logprobs = _to_host(
             sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs
         )

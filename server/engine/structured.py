@@ -4,8 +4,8 @@ llguidance (the Rust grammar engine of guidance) does the work: a `StructuredOut
 Lark grammar whose JSON parts are `%json` schemas, compiled once per distinct constraint (cached),
 and every constrained sequence gets its own cheap copy of the compiled matcher. Each step the
 matchers write one packed bitmask row per constrained row into a host buffer (pinned on CUDA, so
-the copy to the device is asynchronous); the model runner fills it after launching the forward pass,
-so on a GPU the host work overlaps the model, and the sampler applies it to the logits. A matcher advances with each token its sequence accepts, once:
+the copy to the device is asynchronous), on a thread of their own while the model runner runs the
+forward pass, and the sampler applies the rows to the logits. A matcher advances with each token its sequence accepts, once:
 a preempted sequence is recomputed from its tokens without replaying them. Once the grammar is
 complete it allows only the EOS tokens, so the reply ends there.
 
@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import torch
@@ -148,22 +149,35 @@ def _bit(j: int) -> int:
 
 
 class TokenBitmask:
-    """The step's mask rows: one per constrained row of the batch, filled on the host, applied on
-    the device (`kernels.apply_token_bitmask_`)."""
+    """The step's mask rows: one per constrained row of the batch, filled on the host by a thread of
+    their own while the caller runs the forward pass, then applied on the device
+    (`kernels.apply_token_bitmask_`). The thread only runs the grammar engine: no torch op that
+    could start an OpenMP team of its own (see the README's Engine section)."""
 
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device):
         words = -(-vocab_size // 32)
         self.device = device
         self._host = torch.empty(max_rows, words, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._host_rows = list(self._host)  # one view per mask row, made once
         self._device = self._host if device.type == "cpu" else torch.empty_like(self._host, device=device)
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        self._pending: tuple[list[int], Future] | None = None
 
-    def fill(self, matchers: list["GrammarMatcher | None"]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(mask rows, the logits row of each) on the device for the rows that have a matcher, or None."""
+    def start_fill(self, matchers: list["GrammarMatcher | None"]) -> None:
+        """Start filling a mask row for each row of the batch that has a matcher."""
         rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
-        if not rows:
+        self._pending = (rows, self._filler.submit(self._fill, [matchers[row] for row in rows])) if rows else None
+
+    def _fill(self, matchers: list["GrammarMatcher"]) -> None:
+        for matcher, mask_row in zip(matchers, self._host_rows):
+            matcher.fill(mask_row)
+
+    def finish_fill(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mask rows, the logits row of each) on the device, once filled; None when no row is constrained."""
+        if self._pending is None:
             return None
-        for i, row in enumerate(rows):
-            matchers[row].fill(self._host[i])
+        (rows, filled), self._pending = self._pending, None
+        filled.result()
         masks = self._device[: len(rows)]
         if self.device.type != "cpu":
             masks.copy_(self._host[: len(rows)], non_blocking=True)

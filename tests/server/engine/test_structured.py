@@ -158,7 +158,8 @@ def test_a_grammar_allows_escapes_and_refuses_raw_control_characters(demo):
         matcher = compiler.matcher(constraint)
         for token in tokenizer.encode(text):
             matcher.accept(token)
-        masks, rows = bitmask.fill([matcher])
+        bitmask.start_fill([matcher])
+        masks, rows = bitmask.finish_fill()
         logits = torch.zeros(1, 151936)
         from kernels import apply_token_bitmask_
         apply_token_bitmask_(logits, masks, rows)
