@@ -8,7 +8,8 @@ strings, numbers, an enum array and a nested object; Qwen3 tool-call blocks for 
 16 matchers walk their grammar at once: every step fills all 16 token masks (timed, one after the
 other, as the engine does), then each row samples from random logits (N(0, 2.4^2), the demo
 checkpoint's spread) restricted to its mask and advances; a finished reply is checked with
-Python's strict JSON parser and its matcher starts again. The same llguidance grammars as the
+Python's strict JSON parser and its matcher starts again. Last, each engine is asked whether a
+string with `maxLength` may hold a raw TAB (strict JSON says no) and an escaped quote (yes). The same llguidance grammars as the
 server's (`server.engine.structured.grammar_source`); xgrammar's are built from the same schemas
 with the same JSON style.
 """
@@ -67,8 +68,8 @@ class Llguidance:
         matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
     @staticmethod
-    def accept(matcher, token: int) -> None:
-        assert matcher.consume_token(token), matcher.get_error()
+    def accept(matcher, token: int) -> bool:
+        return matcher.consume_token(token)
 
 
 class Xgrammar:
@@ -104,8 +105,8 @@ class Xgrammar:
         matcher.fill_next_token_bitmask(row.view(1, -1), 0)
 
     @staticmethod
-    def accept(matcher, token: int) -> None:
-        assert matcher.accept_token(token)
+    def accept(matcher, token: int) -> bool:
+        return matcher.accept_token(token)
 
 
 def allowed(bitmask: torch.Tensor) -> torch.Tensor:
@@ -137,11 +138,20 @@ def run(engine, constraint: StructuredOutput, steps: int, tokenizer: Tokenizer, 
                 replies[row] = []
                 matchers[row] = engine.matchers(constraint)[0]
                 continue
-            engine.accept(matchers[row], token)
+            assert engine.accept(matchers[row], token)
             replies[row].append(token)
     median = statistics.median(times)
     return {"ms_per_step": median * 1e3, "us_per_token": median / BATCH * 1e6,
             "p90_ms": sorted(times)[int(0.9 * len(times))] * 1e3, "finished": finished, "invalid": invalid}
+
+
+# Strict JSON for the nested schema's "name" (a string with maxLength): a raw TAB is invalid, an escape valid.
+PROBES = {"raw TAB": '{"name": "a\tb', "escaped quote": '{"name": "a\\"b'}
+
+
+def probe(engine, tokenizer: Tokenizer, text: str) -> str:
+    matcher = engine.matchers(CONSTRAINTS["nested schema"])[0]
+    return "accepted" if all(engine.accept(matcher, t) for t in tokenizer.encode(text)) else "refused"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['us_per_token']:9.1f} {r['finished']:8} {len(r['invalid']):8}")
             for text in r["invalid"][:2]:
                 print(f"    invalid JSON: {text[:120]!r}")
+        name = engine_class.__name__.lower()
+        print(f"{name}: in a maxLength string, " + ", ".join(f"{what} {probe(engine, tokenizer, text)}"
+                                                           for what, text in PROBES.items()))
     return 0
 
 

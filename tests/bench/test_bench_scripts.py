@@ -43,6 +43,7 @@ def test_generate_bench_compares_both_sides_on_the_demo_shape(tmp_path, nanoserv
 def test_grammar_engines_bench_times_llguidance_on_every_grammar(nanoserve_cache):
     result = _bench("grammar_engines", "--steps", "3")
     assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("llguidance")]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("llguidance ")]
     assert [" ".join(row[1:-5]) for row in rows] == ["json_object", "nested schema", "tool calls"]
     assert all(float(row[-5]) > 0 and row[-1] == "0" for row in rows)  # timed, and no invalid JSON
+    assert "llguidance: in a maxLength string, raw TAB refused, escaped quote accepted" in result.stdout
