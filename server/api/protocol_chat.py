@@ -13,6 +13,7 @@ from server.api.protocol_tools import (
     check_tool_choice,
     forced_tool_calls,
     json_output,
+    named,
     template_tool_call,
 )
 from server.api.reasoning import ReasoningSplitter
@@ -137,7 +138,7 @@ class ChatCompletionRequest(SamplingRequest):
     def chosen_tool(self) -> str:
         """"none", "auto", "required" or the name of the function that must be called."""
         if isinstance(self.tool_choice, NamedToolChoice):
-            return self.tool_choice.function.name
+            return named(self.tool_choice.function.name)
         return self.tool_choice or ("auto" if self.tools else "none")
 
     def template_tools(self) -> list[dict] | None:

@@ -16,6 +16,7 @@ from server.api.protocol_tools import (
     check_tool_choice,
     forced_tool_calls,
     json_output,
+    named,
     template_tool_call,
 )
 from server.api.tool_calls import ToolCallArguments, ToolCallStart
@@ -125,7 +126,7 @@ class ResponsesRequest(RequestModel):
     def chosen_tool(self) -> str:
         """"none", "auto", "required" or the name of the function that must be called."""
         if isinstance(self.tool_choice, NamedFunctionChoice):
-            return self.tool_choice.name
+            return named(self.tool_choice.name)
         return self.tool_choice or ("auto" if self.tools else "none")
 
     def template_tools(self) -> list[dict] | None:

@@ -1,8 +1,9 @@
 """What chat and Responses share about tools and structured outputs: function definitions, the
 choice of tool, and the engine's `StructuredOutput` they turn into.
 
-`tool_choice` is kept as one string here: "none", "auto", "required", or the name of the one
-function that must be called. Under "required" or a named function the engine's grammar forces
+`tool_choice` is kept as one string here: "none", "auto", "required", or `named(function)` for
+the one function that must be called (with a prefix no function name can have, so that a function
+called "auto" stays a function). Under "required" or a named function the engine's grammar forces
 Qwen3's `<tool_call>` blocks (one, or several when `parallel_tool_calls` allows), so a forced call
 always parses and its arguments match the function's parameters schema. Under "auto" the model
 decides, and nothing is constrained.
@@ -36,20 +37,30 @@ class FunctionDefinition(RequestModel):
         return {"type": "function", "function": self.model_dump(exclude_none=True, exclude={"type"})}
 
 
+def named(function: str) -> str:
+    """The tool choice that forces a call of `function`."""
+    return "function:" + function
+
+
+def forces(choice: str, function: FunctionDefinition) -> bool:
+    return choice in ("required", named(function.name))
+
+
 def check_tool_choice(choice: str, functions: list[FunctionDefinition], param: str = "tool_choice") -> None:
     if choice in ("none", "auto"):
         return
     if not functions:
         raise invalid_request(f"'{param}' is only allowed when 'tools' are specified.", param=param)
-    if choice != "required" and choice not in {f.name for f in functions}:
-        raise invalid_request(f"Invalid '{param}': no function named '{choice}' in 'tools'.", param=param)
+    if not any(forces(choice, f) for f in functions):
+        name = choice.removeprefix(named(""))
+        raise invalid_request(f"Invalid '{param}': no function named '{name}' in 'tools'.", param=param)
 
 
 def forced_tool_calls(functions: list[FunctionDefinition], choice: str, parallel: bool) -> StructuredOutput | None:
     """The grammar of the calls `choice` forces, or None when the model may answer freely."""
     if choice in ("none", "auto"):
         return None
-    forced = functions if choice == "required" else [f for f in functions if f.name == choice]
+    forced = [f for f in functions if forces(choice, f)]
     return StructuredOutput("tool_calls", functions=tuple(f.function_schema() for f in forced), parallel=parallel)
 
 

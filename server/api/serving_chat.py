@@ -21,6 +21,7 @@ from server.api.protocol_chat import (
     message_choice,
     usage,
 )
+from server.api.protocol_tools import forces
 from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput
 from server.api.serving import ServingContext, data_stream, json_response, sse_response
 
@@ -33,7 +34,7 @@ async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
     params = request.chat_sampling_params()
     if params.structured_output is not None:
         forced = [f"tools[{i}].function.parameters" for i, tool in enumerate(request.tools or [])
-                  if request.chosen_tool in ("required", tool.function.name)]
+                  if forces(request.chosen_tool, tool.function)]
         await ctx.compile_structured_output(params.structured_output, "response_format", forced)
     completion_id = random_id("chatcmpl-")
     streams = await ctx.open_streams([GenerationRequest(completion_id, prompt_ids, params)], "messages")

@@ -20,7 +20,7 @@ from server.api.engine_stream import EngineStreams
 from server.api.errors import APIError, as_api_error, invalid_request
 from server.api.protocol import parse_request, random_id
 from server.api.protocol_chat import ChatChoice
-from server.api.protocol_tools import template_tool_call
+from server.api.protocol_tools import forces, template_tool_call
 from server.api.protocol_responses import (
     ResponseBuilder,
     ResponsesRequest,
@@ -79,7 +79,7 @@ class ResponsesAPI:
         params = request.sampling_params()
         if params.structured_output is not None:
             forced = [f"tools[{i}].parameters" for i, tool in enumerate(request.tools or [])
-                      if request.chosen_tool in ("required", tool.name)]
+                      if forces(request.chosen_tool, tool)]
             await self._ctx.compile_structured_output(params.structured_output, "text.format", forced)
         response_id = random_id("resp_")
         generation = GenerationRequest(response_id, prompt_ids, params)

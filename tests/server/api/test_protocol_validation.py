@@ -193,3 +193,15 @@ def test_function_calls_and_outputs_become_chat_messages():
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "call_3", "type": "function", "function": {"name": "get_weather", "arguments": {}}}]},
     ]
+
+
+def test_a_named_tool_choice_forces_that_function_even_one_called_auto():
+    tools = [{"type": "function", "function": {"name": name}} for name in ("auto", "required")]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "auto"}}, "parallel_tool_calls": False}
+    constraint = parse_request(ChatCompletionRequest, json.dumps(body).encode()).structured_output()
+    assert constraint.kind == "tool_calls" and not constraint.parallel
+    assert [f.name for f in constraint.functions] == ["auto"]
+    assert json.loads(constraint.functions[0].parameters) == {"type": "object", "properties": {}}
+    auto = parse_request(ChatCompletionRequest, json.dumps(body | {"tool_choice": "auto"}).encode())
+    assert auto.structured_output() is None
