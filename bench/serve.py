@@ -5,7 +5,11 @@
 For each concurrency level, N clients stream requests (`/v1/chat/completions` or
 `/v1/completions`) either back to back (`--arrival fixed`) or as a Poisson process at `--rate`
 requests/s with at most N in flight (`--arrival poisson`). Every request asks for exactly
-`--output-tokens` tokens (`ignore_eos`), so the work per request is fixed. Reported per level:
+`--output-tokens` tokens (`ignore_eos`), so the work per request is fixed. With `--response-format`
+(chat only) every reply is constrained by a grammar instead: `json_object`, or the JSON schema in a
+file; the grammar ends a reply when its JSON is complete, so `ignore_eos` is not sent, and
+bench/schemas/records.json asks for more records than `--output-tokens` holds, so that replies
+still run to the limit and the run compares with an unconstrained one token for token. Reported per level:
 output tokens/s, requests/s, time to first token (TTFT), inter-token latency (ITL, the gaps
 between streamed chunks, divided by the tokens each chunk carries) and end-to-end latency as
 p50/p90/p99, and errors. Writes JSON and, with matplotlib installed, a PNG of latency against load.
@@ -69,6 +73,9 @@ def request_body(args: argparse.Namespace, model: str, prompt: str) -> dict:
     }
     if args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
+        if args.response_format is not None:
+            body["response_format"] = args.response_format
+            del body["ignore_eos"]  # the grammar ends the reply; the server refuses the two together
     else:
         body["prompt"] = prompt
     return body
@@ -248,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
     p.add_argument("--out", default="bench/out/serve.json", help="JSON output (default %(default)s)")
     p.add_argument("--plot", default="bench/out/serve.png", help="PNG output (default %(default)s)")
+    p.add_argument("--response-format", default=None, metavar="json_object|SCHEMA.json",
+                   help="constrain every chat reply: any JSON object, or the JSON schema in this file")
     p.add_argument("--hf-baseline", default=None, metavar="DIR",
                    help="also measure transformers' batch-1 decode rate on this checkpoint and report ratios")
     args = p.parse_args(argv)
@@ -257,7 +266,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
     if any(c < 1 for c in args.levels) or args.requests < 1 or args.output_tokens < 1 or args.rate <= 0:
         p.error("--concurrency levels, --requests, --output-tokens and --rate must be positive")
+    args.response_format = response_format(p, args.response_format, args.endpoint)
     return args
+
+
+def response_format(p: argparse.ArgumentParser, value: str | None, endpoint: str) -> dict | None:
+    """The chat `response_format` that --response-format names."""
+    if value is None:
+        return None
+    if endpoint != "chat":
+        p.error("--response-format needs --endpoint chat")
+    if value == "json_object":
+        return {"type": "json_object"}
+    try:
+        schema = json.loads(Path(value).read_text())
+    except (OSError, ValueError) as err:
+        p.error(f"--response-format: {value} is neither json_object nor a readable JSON schema file ({err})")
+    return {"type": "json_schema", "json_schema": {"name": Path(value).stem, "schema": schema, "strict": True}}
 
 
 def main(argv: list[str] | None = None) -> int:

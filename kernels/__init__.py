@@ -10,8 +10,10 @@ from kernels.prefill_attention import paged_prefill_attention
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.rope import apply_rope, build_cos_sin_cache
 from kernels.store_kv import store_kv
+from kernels.token_bitmask import apply_token_bitmask_
 
 __all__ = [
+    "apply_token_bitmask_",
     "apply_rope",
     "attention_frontend",
     "build_cos_sin_cache",

@@ -29,12 +29,14 @@ from kernels.prefill_attention import paged_prefill_attention_launch
 from kernels.rms_norm import rms_norm_launch
 from kernels.rope import apply_rope_launch
 from kernels.store_kv import store_kv_launch
+from kernels.token_bitmask import apply_token_bitmask_launch
 
 # name -> (compute capability, SM count the split heuristic plans for)
 TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}
 
 # Qwen3-8B: hidden 4096, 32 query heads over 8 kv heads; head_dim 128 (and 64, as in small models).
 HIDDEN, Q_HEADS, KV_HEADS, TOKENS, BLOCK_SIZE, MAX_MODEL_LEN = 4096, 32, 8, 4096, 16, 40960
+VOCAB, BATCH = 151936, 256  # Qwen3's vocabulary; the CUDA default --max-num-seqs
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (64, 128)
 
@@ -66,7 +68,7 @@ class Compiled:
 
 
 def variants() -> Iterator[Variant]:
-    """Every kernel in the specialisations the model launches (bf16/fp16, head_dim 64/128)."""
+    """Every kernel in the specialisations the model and sampler launch (bf16/fp16, head_dim 64/128)."""
     meta = dict(device="meta")
     for dname, dtype in DTYPES.items():
         x = torch.empty(TOKENS, HIDDEN, dtype=dtype, **meta)
@@ -75,6 +77,11 @@ def variants() -> Iterator[Variant]:
         yield Variant("fused_add_rms_norm", f"{dname} H={HIDDEN}", rms_norm_launch(x, x, weight, 1e-6, x, x))
         for head_dim in HEAD_DIMS:
             yield from _head_variants(dtype, f"{dname} D={head_dim}", head_dim)
+    # The sampler works on fp32 logits whatever the model's dtype: one variant.
+    logits = torch.empty(BATCH, VOCAB, dtype=torch.float32, **meta)
+    bitmask = torch.empty(BATCH, -(-VOCAB // 32), dtype=torch.int32, **meta)
+    rows = torch.empty(BATCH, dtype=torch.int64, **meta)
+    yield Variant("apply_token_bitmask", f"fp32 V={VOCAB} B={BATCH}", apply_token_bitmask_launch(logits, bitmask, rows))
 
 
 def _head_variants(dtype: torch.dtype, shape: str, head_dim: int) -> Iterator[Variant]:

@@ -17,7 +17,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 # Ops by kernel module: `rms_norm` covers rms_norm and fused_add_rms_norm, `rope` apply_rope.
-OPS = ("attention_frontend", "decode_attention", "prefill_attention", "rms_norm", "rope", "store_kv")
+OPS = ("attention_frontend", "decode_attention", "prefill_attention", "rms_norm", "rope", "store_kv", "token_bitmask")
 
 
 def parse_backend(spec: str) -> tuple[str, dict[str, str]]:

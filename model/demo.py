@@ -53,6 +53,9 @@ LEVEL_WOBBLE = 0.3  # the layers' context-dependent nudge to the next level, so 
 RESIDUAL_SCALE = 8.0  # the level dimensions of the residual stream are O(1) x this
 BLOCKED = -1000.0  # the other special tokens and token-less ids: never chosen, even with logit_bias
 LEVEL_ZERO_TEXT = ("user", "assistant", "system", "tool", "developer", "\n", "\n\n")
+# ... and the end of a tool call sits at the top, so that after a call the end token wins, as a
+# real Qwen3 ends its turn after its calls (a grammar that allows more calls would otherwise go on).
+TOP_LEVEL_TOKENS = ("</tool_call>",)
 
 QWEN3_VOCAB_SIZE = 151936  # embedding rows; the tokenizer uses 151669 of them
 BPE_RANKS = 151643
@@ -71,19 +74,35 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Renders Qwen3's chat format (see shared QWEN3_CHAT_FORMAT.md): an assistant turn after the last
-# real user turn keeps its reasoning in a think block (empty when it had none and is the last
-# message); earlier ones lose it; tool results go back as a user turn of <tool_response> blocks.
+# Renders Qwen3's chat format exactly as Qwen3's own template does (see shared QWEN3_CHAT_FORMAT.md):
+# tools go into the first system turn under "# Tools" as one JSON line each inside <tools></tools>;
+# an assistant turn after the last real user turn keeps its reasoning in a think block (empty
+# when it had none and is the last message), earlier ones lose it; its tool calls follow its text
+# as <tool_call> blocks (arguments given as a JSON string are written as they are); tool results
+# go back as one user turn of <tool_response> blocks.
 CHAT_TEMPLATE = """\
+{%- if tools -%}
+  {{- '<|im_start|>system\\n' -}}
+  {%- if messages[0].role == 'system' -%}{{- messages[0].content + '\\n\\n' -}}{%- endif -%}
+  {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'
+      'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}
+  {%- for tool in tools -%}{{- '\\n' + tool | tojson -}}{%- endfor -%}
+  {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+      '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}'
+      '\\n</tool_call><|im_end|>\\n' -}}
+{%- elif messages[0].role == 'system' -%}
+  {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' -}}
+{%- endif -%}
 {%- set ns = namespace(last_query=messages|length - 1) -%}
 {%- for m in messages -%}
-  {%- if m.role == 'user' and not (m.content is string and m.content.startswith('<tool_response>') and m.content.endswith('</tool_response>')) -%}
+  {%- if m.role == 'user' and m.content is string
+        and not (m.content.startswith('<tool_response>') and m.content.endswith('</tool_response>')) -%}
     {%- set ns.last_query = loop.index0 -%}
   {%- endif -%}
 {%- endfor -%}
 {%- for m in messages -%}
   {%- set content = m.content if m.content is string else '' -%}
-  {%- if m.role in ('system', 'user') -%}
+  {%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}
     {{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' -}}
   {%- elif m.role == 'assistant' -%}
     {%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}
@@ -96,6 +115,12 @@ CHAT_TEMPLATE = """\
     {%- else -%}
       {{- '<|im_start|>assistant\\n' + content -}}
     {%- endif -%}
+    {%- for call in m.tool_calls or [] -%}
+      {%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}
+      {%- set call = call.function if call.function else call -%}
+      {%- set arguments = call.arguments if call.arguments is string else call.arguments | tojson -%}
+      {{- '<tool_call>\\n{"name": "' + call.name + '", "arguments": ' + arguments + '}\\n</tool_call>' -}}
+    {%- endfor -%}
     {{- '<|im_end|>\\n' -}}
   {%- elif m.role == 'tool' -%}
     {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
@@ -153,9 +178,10 @@ def _build_demo(directory: Path) -> None:
     _say("  weights: 2 layers, hidden 64, 151,936-token vocabulary, engineered to end replies")
     ranks = _load_bpe_ranks()
     level_zero = [ranks[text.encode()] for text in LEVEL_ZERO_TEXT] + list(range(BPE_RANKS, BPE_RANKS + 26))
+    top_level = [BPE_RANKS + SPECIAL_TOKENS.index(token) for token in TOP_LEVEL_TOKENS]
     config = hf_config(DEMO_CONFIG)
     write_checkpoint(directory, DEMO_CONFIG, DEMO_SEED, with_tokenizer=False,
-                     tensors=demo_weights(config, DEMO_SEED, level_zero))
+                     tensors=demo_weights(config, DEMO_SEED, level_zero, top_level))
     files = {path.name: _sha256(path) for path in sorted(directory.iterdir())}
     (directory / MANIFEST).write_text(json.dumps(files, indent=2) + "\n")
 
@@ -248,7 +274,9 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def demo_weights(config: dict, seed: int, level_zero_ids: list[int]) -> dict[str, torch.Tensor]:
+def demo_weights(
+    config: dict, seed: int, level_zero_ids: list[int], top_level_ids: list[int]
+) -> dict[str, torch.Tensor]:
     """Random Qwen3 weights (as `random_weights`) built so that replies end on their own.
 
     The residual stream's first four dimensions hold, for the current token, the angle of the next
@@ -267,6 +295,7 @@ def demo_weights(config: dict, seed: int, level_zero_ids: list[int]) -> dict[str
     vocab, hidden = config["vocab_size"], config["hidden_size"]
     level = torch.rand(vocab, generator=gen)
     level[level_zero_ids] = 0.0
+    level[top_level_ids] = 1.0
     next_angle = LEVEL_ANGLE * (level + LEVEL_STEP)
     embed = tensors["model.embed_tokens.weight"]
     embed[:, :4] = RESIDUAL_SCALE * torch.stack([next_angle.cos(), next_angle.sin(), torch.ones(vocab), level], 1)

@@ -5,6 +5,7 @@ included, for raw prompts; `encode_chat` renders messages with the chat template
 the template place special tokens, so that text inside a message cannot forge a turn.
 """
 
+import copy
 import json
 import re
 import sys
@@ -90,9 +91,11 @@ class Tokenizer:
             raise PromptTooLong(len(text), at_least, limit)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    enable_thinking: bool | None = None, limit: int | None = None) -> list[int]:
-        """The chat template's rendering of `messages` as token ids, with special tokens only where
-        the template put them: special-token text inside any message field is plain text.
+                    enable_thinking: bool | None = None, limit: int | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
+        """The chat template's rendering of `messages` (and the function `tools`) as token ids, with
+        special tokens only where the template put them: special-token text inside any message
+        field or tool description is plain text.
 
         Special-token text in the messages is swapped for markers before rendering; the rendering
         is split at the special tokens that remain (the template's), and each piece in between is
@@ -100,7 +103,8 @@ class Tokenizer:
         tokens, so messages without such text get exactly the ids of `encode(rendering)`.
         """
         markers = _Markers(self._special_pattern)
-        rendered = self.apply_chat_template(markers.hide(messages), add_generation_prompt, enable_thinking)
+        rendered = self.apply_chat_template(markers.hide(messages), add_generation_prompt, enable_thinking,
+                                            tools=markers.hide(tools))
         self._check_length(rendered, limit)
         ids: list[int] = []
         start = 0
@@ -143,13 +147,26 @@ class Tokenizer:
                 out.append(spelling.encode())
         return out
 
+    def backend_json(self) -> str:
+        """The tokenizer as the `tokenizers` library serialises it (vocabulary, merges, added
+        tokens): what a grammar engine builds its token tables from."""
+        backend = copy.copy(self._hf.backend_tokenizer)
+        backend.no_padding()  # the copy's settings only: the serialised form must not pad or cut
+        backend.no_truncation()
+        return backend.to_str()
+
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
     ) -> str:
-        """Render `messages` ([{role, content}, ...]) with the checkpoint's chat template."""
+        """Render `messages` ([{role, content, tool_calls?}, ...]) and the function `tools`
+        ([{"type": "function", "function": {...}}, ...]) with the checkpoint's chat template."""
         extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         return self._hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
 
 

@@ -34,7 +34,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="auto|triton|torch[,OP=BACKEND...]",
         help="auto: Triton on CUDA, torch ops on CPU; triton on CPU runs the Triton interpreter (slow); "
         "per-op overrides, e.g. triton,decode_attention=torch (ops: attention_frontend, decode_attention, "
-        "prefill_attention, rms_norm, rope, store_kv)",
+        "prefill_attention, rms_norm, rope, store_kv, token_bitmask)",
     )
 
 

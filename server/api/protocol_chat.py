@@ -1,13 +1,24 @@
 """`POST /v1/chat/completions`: the request model and the objects and chunks it answers with."""
 
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from server.api.errors import invalid_request, not_supported
-from server.api.protocol import RequestModel, SamplingRequest
-from server.api.reasoning import ReasoningSplitter, SplitText
-from server.engine.request import ChoiceDelta, TokenLogprob
+from server.api.protocol import RequestModel, SamplingRequest, random_id
+from server.api.protocol_tools import (
+    NAME_PATTERN,
+    FunctionDefinition,
+    check_tool_choice,
+    forced_tool_calls,
+    json_output,
+    named,
+    template_tool_call,
+)
+from server.api.reasoning import ReasoningSplitter
+from server.api.tool_calls import Event, ToolCallArguments, ToolCallParser, ToolCallStart
+from server.engine.request import ChoiceDelta, SamplingParams, StructuredOutput, TokenLogprob
 
 
 class TextPart(RequestModel):
@@ -15,11 +26,23 @@ class TextPart(RequestModel):
     text: str
 
 
+class CalledFunction(RequestModel):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(RequestModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     reasoning_content: str | None = None  # an earlier assistant turn's reasoning, for the template
-    tool_calls: list[Any] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def template_message(self) -> dict:
         """The message as the chat template takes it: text parts joined, `developer` as `system`."""
@@ -27,7 +50,38 @@ class ChatMessage(RequestModel):
         message = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.reasoning_content is not None:
             message["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            message["tool_calls"] = [template_tool_call(c.id, c.function.name, c.function.arguments)
+                                     for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(RequestModel):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class JSONSchemaFormat(RequestModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatTemplateKwargs(RequestModel):
@@ -41,31 +95,71 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    # Accepted only as "nothing asked for": each would change the answer in ways not implemented.
-    tools: list[Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    # The deprecated forms of tools: refused by name rather than ignored.
     functions: list[Any] | None = None
-    tool_choice: Any = None
     function_call: Any = None
-    response_format: Any = None
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
-        for name in ("tools", "functions", "function_call"):
+        for name in ("functions", "function_call"):
             if getattr(self, name):
                 raise not_supported(name)
-        if self.tool_choice not in (None, "none", "auto"):
-            raise not_supported("tool_choice")
-        if self.response_format not in (None, {"type": "text"}):
-            raise not_supported("response_format")
+        check_tool_choice(self.chosen_tool, self.functions_offered)
+        if self.response_format and self.response_format.type == "json_schema" and (
+                self.response_format.json_schema is None or self.response_format.json_schema.json_schema is None):
+            raise invalid_request("Missing required parameter: 'response_format.json_schema.schema'.",
+                                  param="response_format.json_schema.schema")
+        if self.response_format and self.response_format.type != "text" and self.chosen_tool not in ("none", "auto"):
+            raise invalid_request("'response_format' cannot be combined with a forced tool call ('tool_choice').",
+                                  param="response_format")
         for i, message in enumerate(self.messages):
-            if message.tool_calls:
-                raise not_supported(f"messages[{i}].tool_calls")
+            if message.tool_calls and message.role != "assistant":
+                raise invalid_request(f"Only assistant messages can have 'tool_calls' (messages[{i}] is "
+                                      f"{message.role}).", param=f"messages[{i}].tool_calls")
+            if message.role == "tool" and message.tool_call_id is None:
+                raise invalid_request(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                                      param=f"messages[{i}].tool_call_id")
             if message.content is None and message.role != "assistant":
                 raise invalid_request(f"Missing required parameter: 'messages[{i}].content'.",
                                       param=f"messages[{i}].content")
         return self
+
+    @property
+    def functions_offered(self) -> list[FunctionDefinition]:
+        return [tool.function for tool in self.tools or []]
+
+    @property
+    def chosen_tool(self) -> str:
+        """"none", "auto", "required" or the name of the function that must be called."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return named(self.tool_choice.function.name)
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools the chat template offers the model: none under tool_choice "none"."""
+        if self.chosen_tool == "none":
+            return None
+        return [function.template_tool() for function in self.functions_offered]
+
+    def structured_output(self) -> StructuredOutput | None:
+        forced = forced_tool_calls(self.functions_offered, self.chosen_tool, self.parallel_tool_calls is not False)
+        if forced is not None or self.response_format is None:
+            return forced
+        schema = self.response_format.json_schema
+        return json_output(self.response_format.type, schema.json_schema if schema else None)
+
+    def chat_sampling_params(self) -> SamplingParams:
+        params = self.sampling_params(self.max_new_tokens, self.logprobs_count)
+        return replace(params, structured_output=self.structured_output())
+
+    def new_choice(self, index: int) -> "ChatChoice":
+        return ChatChoice.offering(index, self.functions_offered, self.chosen_tool, self.structured_output())
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -80,29 +174,65 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class ChatChoice:
-    """One choice as its deltas arrive: reasoning and content split apart, logprobs gathered."""
+@dataclass
+class ChoiceUpdate:
+    """What one engine delta added to a choice: reasoning, then content (strings) and tool call
+    events in the order they came."""
 
-    def __init__(self, index: int):
+    reasoning: str = ""
+    events: list[Event] = field(default_factory=list)
+
+
+class ChatChoice:
+    """One choice as its deltas arrive: reasoning, content and tool calls split apart, logprobs gathered.
+
+    With tools on offer (`names`), the answer's `<tool_call>` blocks become calls; `live` when a
+    grammar forces them (see `server.api.tool_calls`)."""
+
+    def __init__(self, index: int, names: set[str] | None = None, live: bool = False):
         self.index = index
         self.reasoning = ""
         self.content = ""
+        self.tool_calls: list[dict] = []  # OpenAI's shape: {"id", "type", "function": {"name", "arguments"}}
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
         self._splitter = ReasoningSplitter()
+        self._tool_parser = ToolCallParser(names, live) if names else None
         self._logprobs_sent = 0
 
-    def add(self, delta: ChoiceDelta) -> SplitText:
-        """What `delta` adds to the visible reasoning and content."""
+    @classmethod
+    def offering(cls, index: int, functions: list[FunctionDefinition], chosen_tool: str,
+                 structured: StructuredOutput | None) -> "ChatChoice":
+        """A choice of a request that offers `functions` (tool_choice `chosen_tool`)."""
+        names = {f.name for f in functions} if chosen_tool != "none" else set()
+        return cls(index, names, live=structured is not None and structured.kind == "tool_calls")
+
+    def add(self, delta: ChoiceDelta) -> ChoiceUpdate:
+        """What `delta` adds to the visible reasoning, content and tool calls."""
         split = self._splitter.feed(delta.text)
+        reasoning, content = split.reasoning, split.content
         if delta.finish_reason is not None:
             rest = self._splitter.finish()
-            split = SplitText(split.reasoning + rest.reasoning, split.content + rest.content)
-            self.finish_reason = delta.finish_reason
-        self.reasoning += split.reasoning
-        self.content += split.content
+            reasoning, content = reasoning + rest.reasoning, content + rest.content
+        events: list[Event] = [content] if content else []
+        if self._tool_parser is not None:
+            events = self._tool_parser.feed(content)
+            if delta.finish_reason is not None:
+                events += self._tool_parser.finish()
+        self.reasoning += reasoning
+        for event in events:
+            if isinstance(event, str):
+                self.content += event
+            elif isinstance(event, ToolCallStart):
+                self.tool_calls.append({"id": random_id("call_"), "type": "function",
+                                        "function": {"name": event.name, "arguments": ""}})
+            else:
+                self.tool_calls[event.index]["function"]["arguments"] += event.delta
+        if delta.finish_reason is not None:  # as OpenAI: a reply that ends calling tools says so
+            called = self.tool_calls and delta.finish_reason == "stop"
+            self.finish_reason = "tool_calls" if called else delta.finish_reason
         self.logprobs += delta.logprobs or []
-        return split
+        return ChoiceUpdate(reasoning, events)
 
     def unsent_logprobs(self) -> list[TokenLogprob]:
         """Logprobs not yet attached to a chunk (a token's text can arrive after its logprob)."""
@@ -130,18 +260,33 @@ def chat_completion(completion_id: str, created: int, model: str, choices: list[
 
 def message_choice(choice: ChatChoice, logprobs: list[dict] | None) -> dict:
     reasoning = choice.reasoning if choice.has_reasoning else None
-    message = {"role": "assistant", "content": choice.content, "reasoning_content": reasoning, "reasoning": reasoning}
+    content = None if choice.tool_calls and not choice.content else choice.content
+    message = {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
+    if choice.tool_calls:
+        message["tool_calls"] = choice.tool_calls
     return {"index": choice.index, "message": message, "logprobs": _logprobs(logprobs),
             "finish_reason": choice.finish_reason}
 
 
-def delta_payload(split: SplitText) -> dict:
-    delta = {}
-    if split.reasoning:
-        delta["reasoning_content"] = delta["reasoning"] = split.reasoning
-    if split.content:
-        delta["content"] = split.content
-    return delta
+def delta_payloads(choice: ChatChoice, update: ChoiceUpdate) -> list[dict]:
+    """The chunk deltas of one update, in order: reasoning, then runs of content and tool call
+    pieces (a call's first piece carries its id and name, later ones arguments)."""
+    deltas = []
+    if update.reasoning:
+        deltas.append({"reasoning_content": update.reasoning, "reasoning": update.reasoning})
+    for event in update.events:
+        if isinstance(event, str):
+            if deltas and "content" in deltas[-1]:
+                deltas[-1]["content"] += event
+            else:
+                deltas.append({"content": event})
+        elif isinstance(event, ToolCallStart):
+            call = choice.tool_calls[event.index]
+            deltas.append({"tool_calls": [{"index": event.index, "id": call["id"], "type": "function",
+                                           "function": {"name": event.name, "arguments": ""}}]})
+        elif isinstance(event, ToolCallArguments):
+            deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.delta}}]})
+    return deltas
 
 
 def chunk(completion_id: str, created: int, model: str, choices: list[dict], include_usage: bool) -> dict:

@@ -9,8 +9,18 @@ from pydantic import Field, model_validator
 
 from server.api.errors import invalid_request, not_supported
 from server.api.protocol import RequestModel, random_id
-from server.api.reasoning import SplitText
-from server.engine.request import SamplingParams
+from server.api.protocol_chat import ChoiceUpdate
+from server.api.protocol_tools import (
+    NAME_PATTERN,
+    FunctionDefinition,
+    check_tool_choice,
+    forced_tool_calls,
+    json_output,
+    named,
+    template_tool_call,
+)
+from server.api.tool_calls import ToolCallArguments, ToolCallStart
+from server.engine.request import SamplingParams, StructuredOutput
 
 
 OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
@@ -22,19 +32,46 @@ class ContentPart(RequestModel):
 
 
 class InputItem(RequestModel):
-    """A message (`type` may be left out, as in OpenAI's easy input), or an earlier reasoning item."""
+    """A message (`type` may be left out, as in OpenAI's easy input), an earlier reasoning item, an
+    earlier function call, or the output the client's function gave for it."""
 
-    type: Literal["message", "reasoning"] = "message"
+    type: Literal["message", "reasoning", "function_call", "function_call_output"] = "message"
     role: Literal["user", "system", "developer", "assistant"] | None = None
     content: str | list[ContentPart] | None = None
+    call_id: str | None = None  # function_call, function_call_output
+    name: str | None = None  # function_call
+    arguments: str | None = None  # function_call
+    output: str | None = None  # function_call_output
 
     @property
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
 
+    def missing(self) -> str | None:
+        """The first required field this item lacks."""
+        required = {"message": ("role", "content"), "reasoning": (), "function_call": ("call_id", "name", "arguments"),
+                    "function_call_output": ("call_id", "output")}[self.type]
+        return next((name for name in required if getattr(self, name) is None), None)
+
+
+class FunctionTool(FunctionDefinition):
+    type: Literal["function"]
+
+
+class NamedFunctionChoice(RequestModel):
+    type: Literal["function"]
+    name: str = Field(pattern=NAME_PATTERN)
+
 
 class TextFormat(RequestModel):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    def echo(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class TextConfig(RequestModel):
@@ -55,22 +92,34 @@ class ResponsesRequest(RequestModel):
     user: str | None = None  # accepted and ignored, as it only identifies the end user
     include: list[str] | None = None  # of these, only "message.output_text.logprobs" adds anything here
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Accepted only as "nothing asked for": each would change the answer in ways not implemented.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    # Accepted only as "nothing asked for": it would change the answer in ways not implemented.
     background: bool | None = None
     conversation: Any = None  # the Conversations API is not implemented
     prompt: Any = None  # nor stored prompt templates
 
+    @model_validator(mode="before")
+    @classmethod
+    def _function_tools_only(cls, data: Any) -> Any:
+        for i, tool in enumerate(data.get("tools") or [] if isinstance(data, dict) else []):
+            if isinstance(tool, dict) and tool.get("type") != "function":
+                raise invalid_request(f"Tools of type {tool.get('type')!r} are not supported by this server; only "
+                                      "'function' tools are.", param=f"tools[{i}].type")
+        return data
+
     @model_validator(mode="after")
     def _check_responses(self):
-        if self.tools:
-            raise not_supported("tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise not_supported("tool_choice")
-        if self.text and self.text.format and self.text.format.type != "text":
-            raise not_supported("text.format")
+        check_tool_choice(self.chosen_tool, self.tools or [])
+        text_format = self.text.format if self.text else None
+        if text_format and text_format.type == "json_schema" and (text_format.json_schema is None or not text_format.name):
+            missing = "name" if not text_format.name else "schema"
+            raise invalid_request(f"Missing required parameter: 'text.format.{missing}'.", param=f"text.format.{missing}")
+        if text_format and text_format.type != "text" and self.chosen_tool not in ("none", "auto"):
+            raise invalid_request("'text.format' cannot be combined with a forced tool call ('tool_choice').",
+                                  param="text.format")
         if self.background:
             raise not_supported("background")
         for name in ("conversation", "prompt"):
@@ -79,10 +128,28 @@ class ResponsesRequest(RequestModel):
         if self.input in ("", []):
             raise invalid_request("'input' must not be empty.", param="input")
         for i, item in enumerate(self.input if isinstance(self.input, list) else []):
-            if item.type == "message" and (item.role is None or item.content is None):
-                missing = "role" if item.role is None else "content"
+            if (missing := item.missing()) is not None:
                 raise invalid_request(f"Missing required parameter: 'input[{i}].{missing}'.", param=f"input[{i}].{missing}")
         return self
+
+    @property
+    def chosen_tool(self) -> str:
+        """"none", "auto", "required" or the name of the function that must be called."""
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            return named(self.tool_choice.name)
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    def template_tools(self) -> list[dict] | None:
+        if self.chosen_tool == "none":
+            return None
+        return [tool.template_tool() for tool in self.tools or []]
+
+    def structured_output(self) -> StructuredOutput | None:
+        forced = forced_tool_calls(self.tools or [], self.chosen_tool, self.parallel_tool_calls is not False)
+        text_format = self.text.format if self.text else None
+        if forced is not None or text_format is None:
+            return forced
+        return json_output(text_format.type, text_format.json_schema)
 
     def items(self) -> list[InputItem]:
         return [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
@@ -98,20 +165,33 @@ class ResponsesRequest(RequestModel):
             top_p=self.top_p or 1.0,
             max_tokens=self.max_output_tokens,
             logprobs=self.logprobs_count,
+            structured_output=self.structured_output(),
         )
 
 
 def chat_messages(items: list[InputItem]) -> list[dict]:
-    """Input items as chat-template messages; a reasoning item goes with the assistant turn after it."""
+    """Input items as chat-template messages: a reasoning item goes with the assistant turn after
+    it, function calls join the assistant turn before them (or make one), and each function's
+    output becomes a tool message."""
     messages, reasoning = [], None
     for item in items:
         if item.type == "reasoning":
             reasoning = item.text
             continue
-        message = {"role": "system" if item.role == "developer" else item.role, "content": item.text}
-        if item.role == "assistant" and reasoning is not None:
+        if item.type == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            continue
+        if item.type == "function_call":
+            if not messages or messages[-1]["role"] != "assistant":
+                messages.append({"role": "assistant", "content": ""})
+            call = template_tool_call(item.call_id, item.name, item.arguments)
+            messages[-1].setdefault("tool_calls", []).append(call)
+            message = messages[-1]
+        else:
+            message = {"role": "system" if item.role == "developer" else item.role, "content": item.text}
+            messages.append(message)
+        if message["role"] == "assistant" and reasoning is not None:
             message["reasoning_content"], reasoning = reasoning, None
-        messages.append(message)
     return messages
 
 
@@ -122,6 +202,14 @@ def listed_input_items(items: list[InputItem]) -> list[dict]:
         if item.type == "reasoning":
             listed.append({"id": random_id("rs_"), "type": "reasoning", "summary": [],
                            "content": [{"type": "reasoning_text", "text": item.text}]})
+            continue
+        if item.type == "function_call":
+            listed.append({"id": random_id("fc_"), "type": "function_call", "call_id": item.call_id,
+                           "name": item.name, "arguments": item.arguments, "status": "completed"})
+            continue
+        if item.type == "function_call_output":
+            listed.append({"id": random_id("fco_"), "type": "function_call_output", "call_id": item.call_id,
+                           "output": item.output, "status": "completed"})
             continue
         part_type = "output_text" if item.role == "assistant" else "input_text"
         listed.append({"id": random_id("msg_"), "type": "message", "role": item.role, "status": "completed",
@@ -144,12 +232,13 @@ def response_object(request: ResponsesRequest, response_id: str, created_at: int
         "previous_response_id": request.previous_response_id,
         "store": request.store is not False,
         "output": [],
-        "parallel_tool_calls": True,
+        "parallel_tool_calls": request.parallel_tool_calls is not False,
         "temperature": 1.0 if request.temperature is None else request.temperature,
         "top_p": 1.0 if request.top_p is None else request.top_p,
-        "text": {"format": {"type": "text"}},
-        "tool_choice": "auto",
-        "tools": [],
+        "text": {"format": request.text.format.echo() if request.text and request.text.format else {"type": "text"}},
+        "tool_choice": request.tool_choice.model_dump() if isinstance(request.tool_choice, NamedFunctionChoice)
+        else request.tool_choice or "auto",
+        "tools": [tool.model_dump() for tool in request.tools or []],
         "truncation": "disabled",
         "metadata": request.metadata or {},
         "top_logprobs": request.top_logprobs,
@@ -183,16 +272,17 @@ _ITEM_KINDS = {
 
 
 class ResponseBuilder:
-    """Grows `response` from reasoning/content text; every method returns the events for its step
-    as (event type, payload) pairs."""
+    """Grows `response` from reasoning, content and function calls; every method returns the events
+    for its step as (event type, payload) pairs."""
 
     def __init__(self, response: dict):
         self.response = response
         self._sequence_number = 0
         self._kind: str | None = None  # the open output item's kind
-        self._text = ""  # the open item's text so far
+        self._text = ""  # the open item's text (a function call's arguments) so far
         self.message_text = ""
         self.reasoning_text: str | None = None
+        self.function_calls: list[dict] = []  # the function_call items, as they end
         self._logprobs: list[dict] = []  # the open message's token logprobs, when asked for
         self._unsent_logprobs: list[dict] = []  # of tokens whose text has not come out yet
 
@@ -207,23 +297,48 @@ class ResponseBuilder:
     def start(self) -> list[tuple[str, dict]]:
         return [self._snapshot("response.created"), self._snapshot("response.in_progress")]
 
-    def add(self, split: SplitText, logprobs: list[dict] | None = None) -> list[tuple[str, dict]]:
-        """`logprobs`: entries of the tokens behind `split`; they go with the message's text only
-        (a token's text can come out a step after it), as OpenAI shows no reasoning logprobs."""
+    def add(self, update: ChoiceUpdate, calls: list[dict], logprobs: list[dict] | None = None) -> list[tuple[str, dict]]:
+        """The events of one update; `calls` are the reply's tool calls so far (chat's shape).
+        `logprobs`: entries of the tokens behind the update; they go with the message's text only (a
+        token's text can come out a step after it), as OpenAI shows none for reasoning or calls."""
         self._unsent_logprobs += logprobs or []
-        if split.reasoning and not split.content:
+        if update.reasoning and not any(isinstance(event, str) and event for event in update.events):
             self._unsent_logprobs = []
-        events = []
-        for kind, text in (("reasoning", split.reasoning), ("message", split.content)):
-            if text:
-                events += self._open(kind)
-                self._text += text
-                delta_logprobs = []
-                if kind == "message":
-                    delta_logprobs, self._unsent_logprobs = self._unsent_logprobs, []
-                    self._logprobs += delta_logprobs
-                events.append(self._event(f"{_ITEM_KINDS[kind][3]}.delta", **self._where(), delta=text,
-                                          **self._logprobs_field(delta_logprobs)))
+        events = self._add_text("reasoning", update.reasoning)
+        for event in update.events:
+            if isinstance(event, str):
+                events += self._add_text("message", event)
+                continue
+            self._unsent_logprobs = []
+            if isinstance(event, ToolCallStart):
+                events += self._open_call(calls[event.index]["id"], event.name)
+            elif isinstance(event, ToolCallArguments):
+                self._text += event.delta
+                events.append(self._event("response.function_call_arguments.delta", **self._where(call=True),
+                                          delta=event.delta))
+        return events
+
+    def _add_text(self, kind: str, text: str) -> list[tuple[str, dict]]:
+        if not text:
+            return []
+        events = self._open(kind)
+        self._text += text
+        delta_logprobs = []
+        if kind == "message":
+            delta_logprobs, self._unsent_logprobs = self._unsent_logprobs, []
+            self._logprobs += delta_logprobs
+        events.append(self._event(f"{_ITEM_KINDS[kind][3]}.delta", **self._where(), delta=text,
+                                  **self._logprobs_field(delta_logprobs)))
+        return events
+
+    def _open_call(self, call_id: str, name: str) -> list[tuple[str, dict]]:
+        events = self._close("completed") if self._kind is not None else []
+        item = {"id": random_id("fc_"), "type": "function_call", "status": "in_progress", "arguments": "",
+                "call_id": call_id, "name": name}
+        self.response["output"].append(item)
+        self._kind, self._text = "function_call", ""
+        events.append(self._event("response.output_item.added", output_index=len(self.response["output"]) - 1,
+                                  item=copy.deepcopy(item)))
         return events
 
     def finish(self, status: str, usage: dict | None, incomplete_details: dict | None = None,
@@ -231,16 +346,16 @@ class ResponseBuilder:
         """Close the open item and end the response with `status`; the last event is the terminal one."""
         item_status = "completed" if status == "completed" else "incomplete"
         events = self._close(item_status) if self._kind == "reasoning" else []
-        if self._kind is None and status != "failed":
+        if self._kind is None and status != "failed" and not self.function_calls:
             events += self._open("message")  # a reply that ends while reasoning still gets its (empty) message
         if self._kind is not None:
             events += self._close(item_status)
         self.response.update(status=status, usage=usage, incomplete_details=incomplete_details, error=error)
         return events + [self._snapshot(_TERMINAL_EVENTS[status])]
 
-    def _where(self) -> dict:
-        return {"item_id": self.response["output"][-1]["id"], "output_index": len(self.response["output"]) - 1,
-                "content_index": 0}
+    def _where(self, call: bool = False) -> dict:
+        where = {"item_id": self.response["output"][-1]["id"], "output_index": len(self.response["output"]) - 1}
+        return where if call else where | {"content_index": 0}
 
     def _logprobs_field(self, logprobs: list[dict]) -> dict:
         return {"logprobs": logprobs} if self._kind == "message" else {}
@@ -265,11 +380,13 @@ class ResponseBuilder:
         return events
 
     def _close(self, item_status: str) -> list[tuple[str, dict]]:
-        where, part = self._where(), self._part(self._text, self._logprobs)
         item = self.response["output"][-1]
+        if self._kind == "function_call":
+            return self._close_call(item, item_status)
+        where, part = self._where(), self._part(self._text, self._logprobs)
         item.update(status=item_status, content=[part])
         if self._kind == "message":
-            self.message_text = self._text
+            self.message_text += self._text
         else:
             self.reasoning_text = self._text
         events = [
@@ -280,3 +397,13 @@ class ResponseBuilder:
         ]
         self._kind = None
         return events
+
+    def _close_call(self, item: dict, item_status: str) -> list[tuple[str, dict]]:
+        item.update(status=item_status, arguments=self._text)
+        self.function_calls.append(item)
+        where = self._where(call=True)
+        self._kind = None
+        return [
+            self._event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
+            self._event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item)),
+        ]

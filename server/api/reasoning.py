@@ -20,7 +20,7 @@ class SplitText:
     content: str = ""
 
 
-def _partial_tag_length(text: str, tag: str) -> int:
+def partial_tag_length(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `tag`."""
     for length in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-length:]):
@@ -70,7 +70,7 @@ class ReasoningSplitter:
             self._state, self._strip_leading_newlines = "content", True
             return SplitText(reasoning=reasoning, content=self._take_content())
         # Hold back a possible start of "</think>" and the newlines right before it.
-        cut = len(self._held) - _partial_tag_length(self._held, THINK_END)
+        cut = len(self._held) - partial_tag_length(self._held, THINK_END)
         while cut > 0 and self._held[cut - 1] == "\n":
             cut -= 1
         reasoning, self._held = self._held[:cut], self._held[cut:]

@@ -17,7 +17,7 @@ from model.tokenizer import PromptTooLong
 from server.api.errors import APIError, as_api_error, invalid_request, model_not_found
 from server.api.metrics import ServerMetrics
 from server.api.protocol_logprobs import LogprobFormatter
-from server.engine.request import GenerationRequest, RequestRejected
+from server.engine.request import GenerationRequest, GrammarError, RequestRejected, StructuredOutput
 
 if TYPE_CHECKING:  # the app never imports the engine's torch side at run time
     from server.engine.async_engine import AsyncEngine
@@ -63,11 +63,11 @@ class ServingContext:
             raise self._too_long(err, param) from None
 
     async def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool | None, param: str,
-                              add_generation_prompt: bool = True) -> list[int]:
+                              add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         """The chat template's prompt, special tokens only where the template put them."""
         try:
             return await self._on_tokenizer_thread(self.tokenizer.encode_chat, messages, add_generation_prompt,
-                                                   enable_thinking, self.engine.max_model_len)
+                                                   enable_thinking, self.engine.max_model_len, tools)
         except jinja2.TemplateError as err:
             raise invalid_request(f"The chat template rejected the messages: {err}", param=param) from None
         except PromptTooLong as err:
@@ -75,6 +75,18 @@ class ServingContext:
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return await self._on_tokenizer_thread(self.tokenizer.decode, token_ids, skip_special_tokens)
+
+    async def compile_structured_output(self, constraint: StructuredOutput, param: str,
+                                        function_params: list[str]) -> None:
+        """Compile the request's grammar before it is queued: a schema the grammar engine cannot
+        compile is a 400 naming `param` (the response format), or the function whose parameters
+        it is (`function_params`, in the order of the constraint's functions)."""
+        try:
+            await self.engine.compile_structured_output(constraint)
+        except GrammarError as err:
+            where = param if err.function_index is None else function_params[err.function_index]
+            raise invalid_request(f"Invalid '{where}': the grammar engine cannot compile this schema: {err}",
+                                  param=where) from None
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         """Token ids must name tokens: ids past the tokenizer's (embedding rows without a token) too."""

@@ -13,14 +13,15 @@ from server.api.protocol import parse_request, random_id
 from server.api.protocol_chat import (
     ChatChoice,
     ChatCompletionRequest,
+    ChoiceUpdate,
     chat_completion,
     chunk,
     chunk_choice,
-    delta_payload,
+    delta_payloads,
     message_choice,
     usage,
 )
-from server.api.reasoning import SplitText
+from server.api.protocol_tools import forces
 from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput
 from server.api.serving import ServingContext, data_stream, json_response, sse_response
 
@@ -29,8 +30,13 @@ async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
     request = parse_request(ChatCompletionRequest, body)
     ctx.check_model(request.model)
     messages = [message.template_message() for message in request.messages]
-    prompt_ids = await ctx.chat_prompt_ids(messages, request.enable_thinking, param="messages")
-    params = request.sampling_params(request.max_new_tokens, request.logprobs_count)
+    prompt_ids = await ctx.chat_prompt_ids(messages, request.enable_thinking, param="messages",
+                                           tools=request.template_tools())
+    params = request.chat_sampling_params()
+    if params.structured_output is not None:
+        forced = [f"tools[{i}].function.parameters" for i, tool in enumerate(request.tools or [])
+                  if forces(request.chosen_tool, tool.function)]
+        await ctx.compile_structured_output(params.structured_output, "response_format", forced)
     completion_id = random_id("chatcmpl-")
     streams = await ctx.open_streams([GenerationRequest(completion_id, prompt_ids, params)], "messages")
     reply = _ChatReply(ctx, request, completion_id, int(time.time()))
@@ -50,10 +56,10 @@ class _ChatReply:
         self._request = request
         self._id = completion_id
         self._created = created
-        self._choices = [ChatChoice(i) for i in range(request.n or 1)]
+        self._choices = [request.new_choice(i) for i in range(request.n or 1)]
         self._last_output: RequestOutput | None = None
 
-    def add(self, output: RequestOutput) -> list[tuple[ChatChoice, SplitText, ChoiceDelta]]:
+    def add(self, output: RequestOutput) -> list[tuple[ChatChoice, ChoiceUpdate, ChoiceDelta]]:
         """Fold in one engine output; returns each choice it advanced, with what became visible."""
         self._last_output = output
         return [(self._choices[delta.index], self._choices[delta.index].add(delta), delta) for delta in output.choices]
@@ -84,12 +90,11 @@ class _ChatReply:
             if item is None:
                 yield sse.KEEPALIVE
                 continue
-            for choice, split, delta in self.add(item[1]):
-                payload = delta_payload(split)
-                if payload:
+            for choice, update, delta in self.add(item[1]):
+                for payload in delta_payloads(choice, update):
                     yield self._chunk([chunk_choice(choice.index, payload, self._unsent_logprobs(choice))])
                 if delta.finish_reason is not None:
-                    finish = chunk_choice(choice.index, {}, self._unsent_logprobs(choice), delta.finish_reason)
+                    finish = chunk_choice(choice.index, {}, self._unsent_logprobs(choice), choice.finish_reason)
                     yield self._chunk([finish])
         if self._request.include_usage:
             payload = chunk(self._id, self._created, self._ctx.model_name, [], include_usage=False)

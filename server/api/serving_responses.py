@@ -20,6 +20,7 @@ from server.api.engine_stream import EngineStreams
 from server.api.errors import APIError, as_api_error, invalid_request
 from server.api.protocol import is_ascii_number, parse_request, random_id
 from server.api.protocol_chat import ChatChoice
+from server.api.protocol_tools import forces, template_tool_call
 from server.api.protocol_responses import (
     ResponseBuilder,
     ResponsesRequest,
@@ -73,9 +74,15 @@ class ResponsesAPI:
         items = request.items()
         conversation = history + chat_messages(items)
         instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
-        prompt_ids = await self._ctx.chat_prompt_ids(instructions + conversation, None, param="input")
+        prompt_ids = await self._ctx.chat_prompt_ids(instructions + conversation, None, param="input",
+                                                     tools=request.template_tools())
+        params = request.sampling_params()
+        if params.structured_output is not None:
+            forced = [f"tools[{i}].parameters" for i, tool in enumerate(request.tools or [])
+                      if forces(request.chosen_tool, tool)]
+            await self._ctx.compile_structured_output(params.structured_output, "text.format", forced)
         response_id = random_id("resp_")
-        generation = GenerationRequest(response_id, prompt_ids, request.sampling_params())
+        generation = GenerationRequest(response_id, prompt_ids, params)
         streams = await self._ctx.open_streams([generation], "input")
         builder = ResponseBuilder(response_object(request, response_id, int(time.time()), self._ctx.model_name))
         flight = self._in_flight[response_id] = _InFlight(response_id)
@@ -86,7 +93,8 @@ class ResponsesAPI:
             await self._finished(flight, builder, conversation, store=False)
             await streams.close()
             raise
-        events = self._generate(streams, builder, flight, conversation, store=request.store is not False)
+        reply = ChatChoice.offering(0, request.tools or [], request.chosen_tool, params.structured_output)
+        events = self._generate(streams, builder, reply, flight, conversation, store=request.store is not False)
         if request.stream:
             return sse_response(events)
         async with aclosing(events):
@@ -94,10 +102,10 @@ class ResponsesAPI:
                 pass
         return json_response(builder.response)
 
-    async def _generate(self, streams: EngineStreams, builder: ResponseBuilder, flight: _InFlight,
+    async def _generate(self, streams: EngineStreams, builder: ResponseBuilder, reply: ChatChoice, flight: _InFlight,
                         conversation: list[dict], store: bool) -> AsyncIterator[str]:
         """The stream's events; the terminal one goes out only once the final response is recorded."""
-        reply, token_ids, terminal, prompt_tokens = ChatChoice(0), [], None, 0
+        token_ids, terminal, prompt_tokens = [], None, 0
 
         def usage() -> dict:
             return response_usage(prompt_tokens, len(token_ids), self._reasoning_tokens(token_ids))
@@ -114,7 +122,7 @@ class ResponsesAPI:
                 for delta in output.choices:
                     token_ids += delta.token_ids
                     logprobs = self._ctx.logprobs.chat(delta.logprobs) if delta.logprobs else None
-                    events = builder.add(reply.add(delta), logprobs)
+                    events = builder.add(reply.add(delta), reply.tool_calls, logprobs)
                     if delta.finish_reason is not None:
                         terminal = self._terminal(builder, delta.finish_reason, usage())
                     for event in events:
@@ -154,6 +162,9 @@ class ResponsesAPI:
         reply = {"role": "assistant", "content": builder.message_text}
         if builder.reasoning_text is not None:
             reply["reasoning_content"] = builder.reasoning_text
+        if builder.function_calls:
+            reply["tool_calls"] = [template_tool_call(item["call_id"], item["name"], item["arguments"])
+                                   for item in builder.function_calls]
         if store:
             await self._store.update(builder.response, conversation + [reply])
         flight.response = builder.response

@@ -29,6 +29,7 @@ from server.engine.request import (
     EngineStats,
     GenerationRequest,
     RequestFailed,
+    StructuredOutput,
     RequestOutput,
     RequestRejected,
 )
@@ -153,6 +154,11 @@ class AsyncEngine:
                     self._num_queued -= not stream.started
             if not finished:
                 self.abort(request_id)
+
+    async def compile_structured_output(self, constraint: StructuredOutput) -> None:
+        """Compile `constraint`'s grammar (cached for the request that uses it) off the event loop;
+        GrammarError, with the grammar engine's reason, when it cannot be compiled."""
+        await asyncio.get_running_loop().run_in_executor(None, self._core.grammars.compile, constraint)
 
     def abort(self, request_id: str) -> None:
         """Abort the request at the next step boundary; its iterator ends with finish_reason "abort"."""

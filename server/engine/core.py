@@ -17,6 +17,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.request import GenerationRequest, RequestFailed, RequestOutput, RequestRejected
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import RequestState, Sequence
+from server.engine.structured import GrammarCompiler
 
 logger = logging.getLogger("nanoserve.engine")
 
@@ -35,6 +36,7 @@ class EngineCore:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # thread-safe (see its docstring)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
 
@@ -50,6 +52,8 @@ class EngineCore:
             detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             seq = Sequence(next(self._seq_ids), request, index, max_tokens, self.tokenizer.eos_token_ids, detokenizer)
             seq.sampling = self.runner.sampler.new_state(params, request.prompt_token_ids, index)
+            if params.structured_output is not None:
+                seq.grammar = self.grammars.matcher(params.structured_output)
             seqs.append(seq)
         self.requests[request.request_id] = RequestState(request, seqs)
         for seq in seqs:
@@ -156,3 +160,6 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
     check_ids(p.logit_bias, "logit_bias")
     check(all(math.isfinite(bias) for bias in p.logit_bias.values()), "logit_bias values must be finite", "logit_bias")
     check_ids(p.stop_token_ids, "stop_token_ids")
+    if p.structured_output is not None:  # the grammar ends the reply with EOS once it is complete
+        check(not p.ignore_eos, "ignore_eos cannot be combined with structured output", "ignore_eos")
+        check(p.min_tokens == 0, "min_tokens cannot be combined with structured output", "min_tokens")

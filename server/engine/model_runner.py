@@ -20,6 +20,7 @@ from server.engine.request import TokenLogprob
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.engine.structured import TokenBitmask
 
 
 class _InputBuffer:
@@ -44,6 +45,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_cache: KVCache = model.allocate_kv_cache(config.num_kv_blocks, config.block_size)
         self.sampler = Sampler(model.config.vocab_size, model.device, eos_token_ids, num_token_ids)
+        self.token_bitmask = TokenBitmask(config.max_num_seqs, model.config.vocab_size, model.device)
         device = model.device
         max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
@@ -92,6 +94,7 @@ class ModelRunner:
                 forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
         if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
             self.sampler.prepare(seqs)
+        self.token_bitmask.start_fill([seq.grammar for seq in seqs])  # grammar masks: while the model runs
         logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
         if scoring is not None:
@@ -99,7 +102,7 @@ class ModelRunner:
             logits = logits[: len(sampling_rows)]
         if not sampling_rows:
             return results
-        sampled = self.sampler.sample(logits, seqs)
+        sampled = self.sampler.sample(logits, seqs, self.token_bitmask.finish_fill())
         token_ids, *logprobs = _to_host(
             sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs
         )

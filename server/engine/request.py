@@ -8,6 +8,24 @@ Nothing here knows HTTP or tensors.
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class FunctionSchema:
+    name: str
+    parameters: str  # the JSON schema its arguments must match, as JSON text
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a reply must be, from its first token on; the engine compiles it into a grammar (cached
+    by this value) and masks every token that would break it, and the reply ends with EOS as soon as
+    it is complete."""
+
+    kind: str  # "json_object" | "json_schema" | "tool_calls"
+    json_schema: str | None = None  # json_schema: the schema the reply matches, as JSON text
+    functions: tuple[FunctionSchema, ...] = ()  # tool_calls: each <tool_call> block calls one of these
+    parallel: bool = False  # tool_calls: one block, or one or more separated by newlines
+
+
 @dataclass
 class SamplingParams:
     n: int = 1  # independent choices generated for the one prompt
@@ -31,6 +49,7 @@ class SamplingParams:
     # max_tokens 0 the prompt is scored and nothing is generated.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # drop special tokens (e.g. <|im_end|>) from the text
+    structured_output: StructuredOutput | None = None  # a grammar the reply must follow
 
     @property
     def uses_prefix_cache(self) -> bool:
@@ -86,6 +105,15 @@ class RequestRejected(ValueError):
         super().__init__(message)
         self.code = code
         self.param = param
+
+
+class GrammarError(ValueError):
+    """The engine cannot compile a structured output; the message is the grammar engine's reason and
+    `function_index` the tool whose parameters schema it rejected, if that was the cause."""
+
+    def __init__(self, message: str, function_index: int | None = None):
+        super().__init__(message)
+        self.function_index = function_index
 
 
 class EngineOverloaded(RuntimeError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import apply_token_bitmask_
 from server.engine.request import SamplingParams
 from server.engine.sequence import Sequence, SequenceSampling
 
@@ -107,16 +108,21 @@ class Sampler:
             seen=seen,
         )
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks."""
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> SamplerOutput:
+        """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks;
+        `token_bitmask` (mask rows, their logits rows) forbids what the rows' grammars do not allow."""
         self.prepare(seqs)
-        if self._params.argmax_only:  # the common case: one op, no inference-mode switch, no loops
+        if self._params.argmax_only and token_bitmask is None:  # the common case: one op, no loops
             # ids without a token are never sampled: the argmax runs over the ids that have one
             return SamplerOutput(logits[:, : self.num_token_ids].max(-1).indices, [])
-        return self._sample(logits, self._params)
+        return self._sample(logits, self._params, token_bitmask)
 
     @torch.inference_mode()
-    def _sample(self, logits: torch.Tensor, p: _BatchParams) -> SamplerOutput:
+    def _sample(
+        self, logits: torch.Tensor, p: _BatchParams, token_bitmask: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> SamplerOutput:
         if self.num_token_ids < self.vocab_size:  # ids without a token are never sampled nor listed
             logits[:, self.num_token_ids :] = float("-inf")
         logprobs = None
@@ -124,6 +130,8 @@ class Sampler:
             rows = logits if p.logprob_index is None else logits[p.logprob_index]
             logprobs = rows.log_softmax(-1)
         self._process(logits, p)
+        if token_bitmask is not None:  # structured outputs: after bias and penalties, before any choice
+            apply_token_bitmask_(logits, *token_bitmask)
         if p.all_greedy:
             token_ids = logits.max(-1).indices  # max(dim) is several times faster than argmax on CPU
         else:

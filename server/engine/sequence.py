@@ -11,6 +11,7 @@ import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer, StopStrings
 from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput, TokenLogprob
+from server.engine.structured import GrammarMatcher
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Sequence:
         self.num_cached = 0  # leading tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.sampling: SequenceSampling | None = None  # the sampler's state: generator, penalty counts
+        self.grammar: GrammarMatcher | None = None  # structured output: where the reply is in its grammar
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         # Choice 0 of a request that asks scores its prompt: the model runner fills this with one
@@ -78,6 +80,8 @@ class Sequence:
     def append_token(self, token_id: int, logprob: TokenLogprob | None) -> ChoiceDelta:
         """Add a sampled token, apply the stop conditions, and return what the client sees of it."""
         self.token_ids.append(token_id)
+        if self.grammar is not None:  # once per generated token: a recompute after preemption replays none
+            self.grammar.accept(token_id)
         # The first `min_tokens` tokens never end the choice (the sampler keeps EOS out of them too).
         stops_active = self.num_generated > self.params.min_tokens
         if stops_active and token_id in self._stop_ids:

@@ -77,3 +77,12 @@ def test_launch_overhead_bench_counts_and_times_every_launcher(tmp_path):
     assert "per step:" in result.stdout and "Triton launches" in result.stdout
     assert launch_summary(report) == (f"host cost of a Qwen3-8B-structured decode step's {report['launches_per_step']} "
                                       f"Triton launches: {report['build_us_per_step']:.0f} us building them")
+
+
+def test_grammar_engines_bench_times_llguidance_on_every_grammar(nanoserve_cache):
+    result = _bench("grammar_engines", "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("llguidance ")]
+    assert [" ".join(row[1:-5]) for row in rows] == ["json_object", "nested schema", "tool calls"]
+    assert all(float(row[-5]) > 0 and row[-1] == "0" for row in rows)  # timed, and no invalid JSON
+    assert "llguidance: in a maxLength string, raw TAB refused, escaped quote accepted" in result.stdout

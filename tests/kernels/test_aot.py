@@ -13,7 +13,7 @@ import pytest
 
 OPS = {"rms_norm", "fused_add_rms_norm", "rms_norm (q/k heads)", "apply_rope", "store_kv",
        "paged_decode_attention", "paged_decode_attention merge", "paged_prefill_attention",
-       "attention_frontend"}
+       "attention_frontend", "apply_token_bitmask"}
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,11 @@ def report(tmp_path_factory) -> list[dict]:
 def test_every_kernel_compiles_for_both_targets_in_every_model_specialisation(report):
     compiled = {(r["kernel"], r["target"], r["shape"].split(" B=")[0]) for r in report}
     shapes = {f"{dtype} D={d}" for dtype in ("bf16", "fp16") for d in (64, 128)}
-    for op in OPS - {"rms_norm", "fused_add_rms_norm"}:
+    for op in OPS - {"rms_norm", "fused_add_rms_norm", "apply_token_bitmask"}:
         assert {(op, target, shape) for target in ("sm_90", "sm_80") for shape in shapes} <= compiled
     for op in ("rms_norm", "fused_add_rms_norm"):
         assert {(op, target, f"{dtype} H=4096") for target in ("sm_90", "sm_80") for dtype in ("bf16", "fp16")} <= compiled
+    assert {("apply_token_bitmask", target, "fp32 V=151936") for target in ("sm_90", "sm_80")} <= compiled
 
 
 def test_no_kernel_spills_registers(report):

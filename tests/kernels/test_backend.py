@@ -87,4 +87,4 @@ def test_cli_refuses_a_bad_kernels_flag_in_one_line():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == ("nanoserve: error: argument --kernels: 'triton,foo=torch': unknown op 'foo' "
-                             "(ops: attention_frontend, decode_attention, prefill_attention, rms_norm, rope, store_kv)\n")
+                             "(ops: attention_frontend, decode_attention, prefill_attention, rms_norm, rope, store_kv, token_bitmask)\n")

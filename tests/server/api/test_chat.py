@@ -141,10 +141,9 @@ def test_async_client(server):
     assert whole == streamed
 
 
-@pytest.mark.parametrize("field", ["tools", "response_format"])
-def test_unimplemented_features_are_refused(http, server, field):
-    value = [{"type": "function", "function": {"name": "f", "parameters": {}}}] if field == "tools" \
-        else {"type": "json_object"}
+@pytest.mark.parametrize("field", ["functions", "function_call"])
+def test_deprecated_function_fields_are_refused(http, server, field):
+    value = [{"name": "f", "parameters": {}}] if field == "functions" else {"name": "f"}
     response = http.post("/v1/chat/completions", json={"model": server.model, "messages": HI, field: value})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == field

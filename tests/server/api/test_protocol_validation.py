@@ -65,10 +65,8 @@ def test_bad_chat_request_names_the_field(change, param):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("response_format", {"type": "json_object"}),
-    ("tool_choice", "required"),
     ("functions", [{"name": "f"}]),
+    ("function_call", "auto"),
 ])
 def test_unimplemented_chat_features_are_refused_by_name(field, value):
     error = _error(ChatCompletionRequest, CHAT | {field: value})
@@ -140,8 +138,11 @@ def test_null_fields_mean_defaults():
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"temperature": 3}, "temperature"),
-    ({"tools": [{"type": "web_search"}]}, "tools"),
-    ({"text": {"format": {"type": "json_schema"}}}, "text.format"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"tool_choice": {"type": "function", "name": "f"}}, "tool_choice"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
     ({"background": True}, "background"),
 ])
 def test_bad_responses_request(change, param):
@@ -168,3 +169,39 @@ def test_sse_framing():
     assert sse.named_event("response.created", {"n": 1}) == 'event: response.created\ndata: {"n":1}\n\n'
     assert sse.DONE == "data: [DONE]\n\n"
     assert sse.KEEPALIVE.startswith(":") and sse.KEEPALIVE.endswith("\n\n")
+
+
+def test_function_calls_and_outputs_become_chat_messages():
+    body = {"model": "m", "input": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "look it up"}]},
+        {"role": "assistant", "content": "Checking."},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call", "call_id": "call_2", "name": "get_time", "arguments": "not json"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "noon"},
+        {"type": "function_call", "call_id": "call_3", "name": "get_weather", "arguments": "{}"},
+    ]}
+    request = parse_request(ResponsesRequest, json.dumps(body).encode())
+    assert chat_messages(request.items()) == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "look it up", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "not json"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_3", "type": "function", "function": {"name": "get_weather", "arguments": {}}}]},
+    ]
+
+
+def test_a_named_tool_choice_forces_that_function_even_one_called_auto():
+    tools = [{"type": "function", "function": {"name": name}} for name in ("auto", "required")]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "auto"}}, "parallel_tool_calls": False}
+    constraint = parse_request(ChatCompletionRequest, json.dumps(body).encode()).structured_output()
+    assert constraint.kind == "tool_calls" and not constraint.parallel
+    assert [f.name for f in constraint.functions] == ["auto"]
+    assert json.loads(constraint.functions[0].parameters) == {"type": "object", "properties": {}}
+    auto = parse_request(ChatCompletionRequest, json.dumps(body | {"tool_choice": "auto"}).encode())
+    assert auto.structured_output() is None
