@@ -36,8 +36,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None,
-        help="prompt tokens in one prefill step at most; longer prompts go in chunks "
-        "(default 8192 on CUDA, 2048 on CPU)",
+        help="tokens in one step at most: a decode token for each running sequence, then prompt chunks; "
+        "longer prompts go in chunks (default 8192 on CUDA, 2048 on CPU)",
     )
     g.add_argument(
         "--num-kv-blocks", type=int, default=None,
@@ -45,6 +45,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "step; on CPU enough for max-model-len x max-num-seqs tokens)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    g.add_argument(
+        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+        help="compute every prompt in full instead of reusing the KV blocks of prefixes computed before "
+        "(default: prefix caching on)",
+    )
     g.add_argument(
         "--max-queue", type=int, default=1024,
         help="requests waiting for their first token at most; beyond it new ones are refused (default 1024)",

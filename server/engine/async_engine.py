@@ -120,6 +120,9 @@ class AsyncEngine:
             kv_blocks_used=blocks.num_used,
             kv_blocks_total=blocks.num_blocks,
             num_preemptions=self._core.scheduler.num_preemptions,
+            kv_blocks_cached=blocks.num_free_cached,
+            prefix_cache_queries=blocks.prefix_cache_queries,
+            prefix_cache_hits=blocks.prefix_cache_hits,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:

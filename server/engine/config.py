@@ -22,6 +22,7 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: 256 on CUDA, 8 on CPU
     max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on CPU
     max_queue: int = 1024  # requests waiting for their first output before new ones are refused
+    enable_prefix_caching: bool = True  # share the KV blocks of equal prompt prefixes (--no-prefix-caching)
 
 
 def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:

@@ -62,6 +62,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # generated so far, summed over choices
     finished: bool  # every choice has a finish_reason: this is the last output
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 class RequestRejected(ValueError):
@@ -93,6 +94,9 @@ class EngineStats:
 
     num_running: int  # requests that have produced output and are not finished
     num_waiting: int  # requests submitted that have produced no output yet (queued or in their first prefill)
-    kv_blocks_used: int
+    kv_blocks_used: int  # held by running sequences
     kv_blocks_total: int
     num_preemptions: int  # sequences preempted (KV freed, recomputed later) since start
+    kv_blocks_cached: int = 0  # free blocks that still hold cached K/V (reusable until evicted)
+    prefix_cache_queries: int = 0  # tokens of admitted sequences looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found

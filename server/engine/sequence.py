@@ -51,6 +51,15 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_cached = 0  # leading tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # content hashes of leading full blocks (the block manager's)
+        # Prompt tokens found in the prefix cache when first admitted (None until then).
+        self.num_cached_prompt_tokens: int | None = None
+        # Set by requests that must compute every prompt token (e.g. for prompt logprobs): no
+        # cache lookup; the blocks they compute are still cached for others.
+        self.skip_reading_prefix_cache = False
+        # Choice 0 of the same request, for choices 1.. of n > 1: they wait until it has cached
+        # the prompt's full blocks, then share them.
+        self.prompt_leader: Sequence | None = None
         self.sampling: SequenceSampling | None = None  # the sampler's state: generator, penalty counts
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -138,4 +147,5 @@ class RequestState:
             prompt_tokens=len(self.request.prompt_token_ids),
             completion_tokens=sum(seq.num_generated for seq in self.seqs),
             finished=self.is_finished,
+            num_cached_tokens=self.seqs[0].num_cached_prompt_tokens or 0,  # the prompt counts once
         )
