@@ -97,10 +97,10 @@ class ResponsesAPI:
     async def _generate(self, streams: EngineStreams, builder: ResponseBuilder, flight: _InFlight,
                         conversation: list[dict], store: bool) -> AsyncIterator[str]:
         """The stream's events; the terminal one goes out only once the final response is recorded."""
-        reply, token_ids, terminal, prompt_tokens = ChatChoice(0), [], None, 0
+        reply, token_ids, terminal, prompt_tokens, cached_tokens = ChatChoice(0), [], None, 0, 0
 
         def usage() -> dict:
-            return response_usage(prompt_tokens, len(token_ids), self._reasoning_tokens(token_ids))
+            return response_usage(prompt_tokens, len(token_ids), self._reasoning_tokens(token_ids), cached_tokens)
 
         try:
             for event in builder.start():
@@ -110,7 +110,7 @@ class ResponsesAPI:
                     yield sse.KEEPALIVE
                     continue
                 output = item[1]
-                prompt_tokens = output.prompt_tokens
+                prompt_tokens, cached_tokens = output.prompt_tokens, output.num_cached_tokens
                 for delta in output.choices:
                     token_ids += delta.token_ids
                     events = builder.add(reply.add(delta))
