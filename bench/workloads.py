@@ -63,7 +63,8 @@ async def chat_workload(client: httpx.AsyncClient, model: str, args: argparse.Na
         messages = [{"role": "system", "content": system}]
         for turn in range(args.turns):
             messages.append({"role": "user", "content": make_prompt(args.user_words, conv_rng)})
-            result = checked(await one_request(client, "chat", stream_body(model, args.output_tokens, messages=messages)))
+            body = stream_body(model, args.output_tokens, messages=messages)
+            result = checked(await one_request(client, "chat", body))
             turns.append((turn, result))
             messages.append({"role": "assistant", "content": result.text})
 
@@ -167,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     long = p.add_argument_group("long-prompts")
     long.add_argument("--streams", type=int, default=4, help="running streams (default %(default)s)")
     long.add_argument("--stream-tokens", type=int, default=400, help="tokens per stream (default %(default)s)")
-    long.add_argument("--long-prompts", type=int, default=3, help="long prompts, one after another (default %(default)s)")
+    long.add_argument("--long-prompts", type=int, default=3,
+                      help="long prompts, one after another (default %(default)s)")
     long.add_argument("--long-prompt-tokens", type=int, default=2000, help="default %(default)s")
     repeat = p.add_argument_group("repeat")
     repeat.add_argument("--repeats", type=int, default=5, help="cold/warm pairs (default %(default)s)")

@@ -32,7 +32,8 @@ class ScheduledBatch:
     def split(self) -> tuple["ScheduledBatch", "ScheduledBatch"]:
         """The decodes and the prompt chunks, as two batches."""
         d = self.num_decodes
-        return ScheduledBatch(self.seqs[:d], self.num_new_tokens[:d], d), ScheduledBatch(self.seqs[d:], self.num_new_tokens[d:])
+        decodes = ScheduledBatch(self.seqs[:d], self.num_new_tokens[:d], d)
+        return decodes, ScheduledBatch(self.seqs[d:], self.num_new_tokens[d:])
 
     def samples(self, seq_index: int) -> bool:
         """Whether this step ends at the sequence's last token, so a new token is sampled for it."""
@@ -119,12 +120,12 @@ class Scheduler:
     def _waits_for_leader(self, seq: Sequence) -> bool:
         """Choices 1.. of an n > 1 request wait while choice 0 prefills their common prompt, then
         share its full blocks through the prefix cache instead of computing copies of them."""
-        leader = seq.prompt_leader
+        leader, block_size = seq.prompt_leader, self.block_manager.block_size
         return (
             leader is not None
             and leader.status is SequenceStatus.RUNNING
             and self.block_manager.reads_cache(seq)
-            and leader.num_cached < leader.num_prompt_tokens // self.block_manager.block_size * self.block_manager.block_size
+            and leader.num_cached < leader.num_prompt_tokens // block_size * block_size
         )
 
     def _preempt(self, seq: Sequence) -> None:

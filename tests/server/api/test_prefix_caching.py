@@ -79,9 +79,9 @@ def test_a_responses_chain_reuses_the_earlier_turns(client, server, http):
     assert cached % BLOCK_SIZE == 0
     body = {"model": server.model, "input": "And then?", "previous_response_id": first.id, "max_output_tokens": 8,
             "temperature": 0, "stream": True}
-    completed = [json.loads(line.removeprefix("data: ")) for line in http.post("/v1/responses", json=body).text.splitlines()
-                 if line.startswith("data: ") and '"response.incomplete"' in line]
-    [event] = completed
+    lines = http.post("/v1/responses", json=body).text.splitlines()
+    [event] = [json.loads(line.removeprefix("data: ")) for line in lines
+               if line.startswith("data: ") and '"response.incomplete"' in line]
     usage = event["response"]["usage"]
     assert usage["input_tokens"] == second.usage.input_tokens
     assert usage["input_tokens_details"]["cached_tokens"] == cached_when_repeated(second.usage.input_tokens)
@@ -89,7 +89,8 @@ def test_a_responses_chain_reuses_the_earlier_turns(client, server, http):
 
 def test_prefix_cache_metrics_count_tokens_looked_up_and_found(client, server):
     prompt = token_prompt(seed=106, length=70)
-    queries, hits = server.metric("nanoserve_prefix_cache_queries_total"), server.metric("nanoserve_prefix_cache_hits_total")
+    queries = server.metric("nanoserve_prefix_cache_queries_total")
+    hits = server.metric("nanoserve_prefix_cache_hits_total")
     for _ in range(2):
         client.completions.create(model=server.model, prompt=prompt, max_tokens=2, temperature=0)
     assert server.metric("nanoserve_prefix_cache_queries_total") - queries == 140

@@ -106,7 +106,8 @@ def test_a_new_sequence_computes_only_what_the_cache_lacks():
     scheduler.add(longer)
     scheduler.add(exact)
     batch = scheduler.schedule()
-    assert shape(batch) == [(longer.seq_id, 24 - 16), (exact.seq_id, 4)]  # 4 blocks cached; the last token's block is not
+    # 4 blocks found for the longer one; 3 for the exact repeat, whose last token's block is computed again.
+    assert shape(batch) == [(longer.seq_id, 24 - 16), (exact.seq_id, 4)]
     assert (longer.num_cached_prompt_tokens, exact.num_cached_prompt_tokens) == (16, 12)
     assert manager.prefix_cache_hits == 16 + 12 and manager.prefix_cache_queries == 18 + 24 + 16
 
