@@ -30,10 +30,9 @@ import torch
 from bench.report import run_and_report
 from bench.timing import on_own_thread, synchronize
 from kernels._triton import HAVE_TRITON, Launch, jit, tl
+from kernels.attention_frontend import attention_frontend_launch
 from kernels.decode_attention import _sm_count, choose_num_splits, paged_decode_attention_launches
 from kernels.rms_norm import _out_like, rms_norm_launch
-from kernels.rope import apply_rope_launch
-from kernels.store_kv import store_kv_launch
 from model import qwen3
 from model.batch import SequenceStep, make_batch
 from model.config import parse_config
@@ -45,9 +44,17 @@ SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=32, num
 CONTEXT, BLOCK_SIZE = 512, 16
 
 
+def _frontend_launch(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
+                     slot_mapping) -> Launch:
+    head_dim, kv_heads = k_cache.shape[-1], k_cache.shape[2]
+    q = torch.empty(qkv.shape[0], qkv.shape[1] // head_dim - 2 * kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    return attention_frontend_launch(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache,
+                                     v_cache, slot_mapping, q)
+
+
 def _decode_attention_launches(q, k_cache, v_cache, block_tables, context_lens, scale) -> list[Launch]:
     max_context = block_tables.shape[1] * k_cache.shape[1]
-    num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], max_context, _sm_count(q.device))
+    num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], q.shape[2], max_context, _sm_count(q.device))
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return paged_decode_attention_launches(q, k_cache, v_cache, block_tables, context_lens, scale, out, num_splits)
 
@@ -57,8 +64,7 @@ BUILDERS: dict[str, Callable[..., Launch | list[Launch]]] = {
     "rms_norm": lambda x, weight, eps: rms_norm_launch(x, None, weight, eps, _out_like(x, weight), None),
     "fused_add_rms_norm": lambda x, residual, weight, eps: rms_norm_launch(
         x, residual, weight, eps, _out_like(x, weight), torch.empty_like(x, memory_format=torch.contiguous_format)),
-    "apply_rope": apply_rope_launch,
-    "store_kv": store_kv_launch,
+    "attention_frontend": _frontend_launch,
     "paged_decode_attention": _decode_attention_launches,
 }
 

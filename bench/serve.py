@@ -12,7 +12,8 @@ bench/schemas/records.json asks for more records than `--output-tokens` holds, s
 still run to the limit and the run compares with an unconstrained one token for token. Reported per level:
 output tokens/s, requests/s, time to first token (TTFT), inter-token latency (ITL, the gaps
 between streamed chunks, divided by the tokens each chunk carries) and end-to-end latency as
-p50/p90/p99, and errors. Writes JSON and, with matplotlib installed, a PNG of latency against load.
+p50/p90/p99, the prefix-cache hit rate (prompt tokens the server reports as cached in
+`usage.prompt_tokens_details.cached_tokens`, over all prompt tokens), and errors. Writes JSON and, with matplotlib installed, a PNG of latency against load.
 
 With `--hf-baseline DIR` (the checkpoint the server serves), the same run then measures
 transformers' batch-1 `generate()` decode rate on those weights on this machine (while the
@@ -44,7 +45,10 @@ class RequestResult:
     e2e_s: float | None = None
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
     itl_s: list[float] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)  # perf_counter() of each chunk with text
+    text: str = ""
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -91,10 +95,15 @@ def chunk_text(chunk: dict, endpoint: str) -> str:
     return choice.get("text") or ""
 
 
-async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, body: dict) -> RequestResult:
-    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+async def one_request(
+    client: httpx.AsyncClient, endpoint: str, body: dict, streaming: asyncio.Event | None = None
+) -> RequestResult:
+    """Stream one request (`endpoint` chat or completions) and time its chunks; `streaming` is
+    set once its first text has arrived."""
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     start = time.perf_counter()
     chunk_times: list[float] = []
+    texts: list[str] = []
     usage = None
     try:
         async with client.stream("POST", path, json=body) as response:
@@ -109,8 +118,11 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, body:
                     return RequestResult(ok=False, error=chunk["error"].get("message", "stream error"))
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                if chunk_text(chunk, args.endpoint):
+                if text := chunk_text(chunk, endpoint):
                     chunk_times.append(time.perf_counter())
+                    texts.append(text)
+                    if streaming is not None:
+                        streaming.set()
     except httpx.HTTPError as err:
         return RequestResult(ok=False, error=f"{type(err).__name__}: {err}")
     end = time.perf_counter()
@@ -126,7 +138,10 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, body:
         e2e_s=end - start,
         output_tokens=output_tokens,
         prompt_tokens=usage["prompt_tokens"],
+        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
         itl_s=[g / tokens_per_gap for g in gaps],
+        chunk_times=chunk_times,
+        text="".join(texts),
     )
 
 
@@ -143,7 +158,7 @@ async def run_level(args: argparse.Namespace, model: str, concurrency: int) -> d
 
         async def send(prompt: str) -> None:
             async with in_flight:
-                results.append(await one_request(client, args, request_body(args, model, prompt)))
+                results.append(await one_request(client, args.endpoint, request_body(args, model, prompt)))
 
         start = time.perf_counter()
         tasks = []
@@ -154,10 +169,15 @@ async def run_level(args: argparse.Namespace, model: str, concurrency: int) -> d
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
 
+    return {"concurrency": concurrency} | summarize(results, duration)
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    """Throughput, latency percentiles and the prefix-cache hit rate of requests run in `duration` s."""
     ok = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = sum(r.prompt_tokens for r in ok)
     return {
-        "concurrency": concurrency,
         "requests": len(results),
         "errors": len(results) - len(ok),
         "error_samples": sorted({r.error for r in results if not r.ok})[:3],
@@ -165,6 +185,7 @@ async def run_level(args: argparse.Namespace, model: str, concurrency: int) -> d
         "output_tokens_per_s": output_tokens / duration,
         "requests_per_s": len(ok) / duration,
         "prompt_tokens_mean": statistics.mean(r.prompt_tokens for r in ok) if ok else None,
+        "cache_hit_rate": sum(r.cached_tokens for r in ok) / prompt_tokens if prompt_tokens else None,
         "ttft_s": percentiles([r.ttft_s for r in ok]),
         "itl_s": percentiles([g for r in ok for g in r.itl_s]),
         "e2e_s": percentiles([r.e2e_s for r in ok]),
@@ -175,14 +196,18 @@ def print_table(levels: list[dict]) -> None:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1e3:.1f}"
 
-    header = f"{'conc':>5} {'req':>5} {'err':>4} {'tok/s':>9} {'req/s':>7} {'TTFT p50/p90/p99 ms':>22} {'ITL p50/p90/p99 ms':>22}"
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value * 100:.1f}"
+
+    header = (f"{'conc':>5} {'req':>5} {'err':>4} {'tok/s':>9} {'req/s':>7} {'TTFT p50/p90/p99 ms':>22} "
+              f"{'ITL p50/p90/p99 ms':>22} {'cache hit %':>12}")
     print(header)
     for lv in levels:
         ttft, itl = lv["ttft_s"], lv["itl_s"]
         print(
             f"{lv['concurrency']:>5} {lv['requests']:>5} {lv['errors']:>4} {lv['output_tokens_per_s']:>9.1f} "
             f"{lv['requests_per_s']:>7.2f} {ms(ttft['p50']) + '/' + ms(ttft['p90']) + '/' + ms(ttft['p99']):>22} "
-            f"{ms(itl['p50']) + '/' + ms(itl['p90']) + '/' + ms(itl['p99']):>22}"
+            f"{ms(itl['p50']) + '/' + ms(itl['p90']) + '/' + ms(itl['p99']):>22} {pct(lv['cache_hit_rate']):>12}"
         )
 
 

@@ -51,8 +51,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None,
-        help="prompt tokens in one prefill step at most; longer prompts go in chunks "
-        "(default 8192 on CUDA, 2048 on CPU)",
+        help="tokens in one step at most: a decode token for each running sequence, then prompt chunks; "
+        "longer prompts go in chunks (default 8192 on CUDA, 2048 on CPU)",
     )
     g.add_argument(
         "--num-kv-blocks", type=int, default=None,
@@ -64,6 +64,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
         help="run every step eagerly, without CUDA graphs for decode (default: graphs on CUDA, eager on CPU; "
         "--no-enforce-eager replays the recorded decode step on CPU too)",
+    )
+    g.add_argument(
+        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+        help="compute every prompt in full instead of reusing the KV blocks of prefixes computed before "
+        "(default: prefix caching on)",
     )
     g.add_argument(
         "--max-queue", type=int, default=1024,

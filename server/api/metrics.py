@@ -1,5 +1,5 @@
-"""Prometheus metrics for `GET /metrics`: the engine's queue and KV-cache gauges, read from
-`engine.stats()` at scrape time, and the server's own counters and latency histograms."""
+"""Prometheus metrics for `GET /metrics`: the engine's queue, KV-cache and prefix-cache figures,
+read from `engine.stats()` at scrape time, and the server's own counters and latency histograms."""
 
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +18,15 @@ INTER_TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 
 _ENGINE_GAUGES = (
     ("nanoserve_requests_running", "Requests in the running batch", "num_running"),
     ("nanoserve_requests_waiting", "Requests waiting to be scheduled", "num_waiting"),
-    ("nanoserve_kv_blocks_used", "KV-cache blocks held by requests", "kv_blocks_used"),
+    ("nanoserve_kv_blocks_used", "KV-cache blocks held by running sequences", "kv_blocks_used"),
+    ("nanoserve_kv_blocks_cached", "Free KV-cache blocks that still hold prefix-cached K/V", "kv_blocks_cached"),
     ("nanoserve_kv_blocks_total", "KV-cache blocks in the cache", "kv_blocks_total"),
+)
+_ENGINE_COUNTERS = (
+    ("nanoserve_preemptions", "Sequences preempted (KV blocks freed, recomputed later)", "num_preemptions"),
+    ("nanoserve_prefix_cache_queries", "Tokens of admitted sequences looked up in the prefix cache",
+     "prefix_cache_queries"),
+    ("nanoserve_prefix_cache_hits", "Tokens of admitted sequences found in the prefix cache", "prefix_cache_hits"),
 )
 
 
@@ -31,8 +38,8 @@ class _EngineGauges(Collector):
         stats = self._engine_stats()
         for name, documentation, attribute in _ENGINE_GAUGES:
             yield GaugeMetricFamily(name, documentation, value=getattr(stats, attribute))
-        yield CounterMetricFamily("nanoserve_preemptions", "Sequences preempted (KV blocks freed, recomputed later)",
-                                  value=stats.num_preemptions)
+        for name, documentation, attribute in _ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, documentation, value=getattr(stats, attribute))
 
 
 class ServerMetrics:

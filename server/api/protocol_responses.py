@@ -246,10 +246,10 @@ def response_object(request: ResponsesRequest, response_id: str, created_at: int
     }
 
 
-def response_usage(input_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict:
+def response_usage(input_tokens: int, output_tokens: int, reasoning_tokens: int, cached_tokens: int) -> dict:
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cache_write_tokens": 0, "cached_tokens": 0},
+        "input_tokens_details": {"cache_write_tokens": 0, "cached_tokens": cached_tokens},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,

@@ -70,7 +70,8 @@ class _ChatReply:
         return self._ctx.logprobs.chat(choice.unsent_logprobs())
 
     def _usage(self) -> dict:
-        return usage(self._last_output.prompt_tokens, self._last_output.completion_tokens)
+        last = self._last_output
+        return usage(last.prompt_tokens, last.completion_tokens, last.num_cached_tokens)
 
     def completion(self) -> dict:
         choices = [

@@ -93,7 +93,8 @@ class _CompletionReply:
 
     def _usage(self) -> dict:
         outputs = self._last_outputs.values()
-        return usage(sum(o.prompt_tokens for o in outputs), sum(o.completion_tokens for o in outputs))
+        return usage(sum(o.prompt_tokens for o in outputs), sum(o.completion_tokens for o in outputs),
+                     sum(o.num_cached_tokens for o in outputs))
 
     def _all_logprobs(self, choice: CompletionChoice) -> dict | None:
         generated = self._logprobs(choice, choice.logprobs)

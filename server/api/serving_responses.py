@@ -105,10 +105,10 @@ class ResponsesAPI:
     async def _generate(self, streams: EngineStreams, builder: ResponseBuilder, reply: ChatChoice, flight: _InFlight,
                         conversation: list[dict], store: bool) -> AsyncIterator[str]:
         """The stream's events; the terminal one goes out only once the final response is recorded."""
-        token_ids, terminal, prompt_tokens = [], None, 0
+        token_ids, terminal, prompt_tokens, cached_tokens = [], None, 0, 0
 
         def usage() -> dict:
-            return response_usage(prompt_tokens, len(token_ids), self._reasoning_tokens(token_ids))
+            return response_usage(prompt_tokens, len(token_ids), self._reasoning_tokens(token_ids), cached_tokens)
 
         try:
             for event in builder.start():
@@ -118,7 +118,7 @@ class ResponsesAPI:
                     yield sse.KEEPALIVE
                     continue
                 output = item[1]
-                prompt_tokens = output.prompt_tokens
+                prompt_tokens, cached_tokens = output.prompt_tokens, output.num_cached_tokens
                 for delta in output.choices:
                     token_ids += delta.token_ids
                     logprobs = self._ctx.logprobs.chat(delta.logprobs) if delta.logprobs else None

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from pathlib import Path
 
+from model.config import load_config
 from model.load import load_model, model_dir_or_demo
 from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
@@ -123,6 +124,9 @@ class AsyncEngine:
             kv_blocks_used=blocks.num_used,
             kv_blocks_total=blocks.num_blocks,
             num_preemptions=self._core.scheduler.num_preemptions,
+            kv_blocks_cached=blocks.num_free_cached,
+            prefix_cache_queries=blocks.prefix_cache_queries,
+            prefix_cache_hits=blocks.prefix_cache_hits,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -243,7 +247,8 @@ def create_engine(args: argparse.Namespace) -> AsyncEngine:
     # the only one that ever runs torch's parallel CPU ops: OpenMP (libgomp) keeps a worker team
     # for every such thread, and once teams outnumber the cores all of them sleep between ops,
     # halving CPU decode speed.
-    tokenizer = Tokenizer(model_dir)  # first: a broken tokenizer fails before the slow part
+    load_config(model_dir)  # first the cheap checks, so a wrong directory or a broken tokenizer fails at once
+    tokenizer = Tokenizer(model_dir)
     with ThreadPoolExecutor(max_workers=1) as loader:
         model, config = loader.submit(_load, model_dir, args.device, args.dtype, config).result()
     return AsyncEngine(model, tokenizer, model_dir, config)

@@ -25,6 +25,7 @@ class EngineConfig:
     # None: CUDA graphs for decode on CUDA, eager on CPU, where replaying the recorded step only
     # adds padding rows and a logits copy (measured: bench/RESULTS.md); False replays on CPU too.
     enforce_eager: bool | None = None
+    enable_prefix_caching: bool = True  # share the KV blocks of equal prompt prefixes (--no-prefix-caching)
 
 
 def default_max_model_len(max_positions: int, device: str) -> int:

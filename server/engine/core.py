@@ -33,7 +33,7 @@ class EngineCore:
         # Ids past the tokenizer's (Qwen3 pads its embedding table to 151,936 rows for 151,669
         # tokens) have no text: no request may name them and the sampler never picks them.
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # thread-safe (see its docstring)
@@ -54,6 +54,7 @@ class EngineCore:
             seq.sampling = self.runner.sampler.new_state(params, request.prompt_token_ids, index)
             if params.structured_output is not None:
                 seq.grammar = self.grammars.matcher(params.structured_output)
+            seq.prompt_leader = seqs[0] if seqs else None
             seqs.append(seq)
         self.requests[request.request_id] = RequestState(request, seqs)
         for seq in seqs:
@@ -74,18 +75,33 @@ class EngineCore:
         """Run one step; (request id, output) for every request that advanced, or the exception
         that failed it: a failing batch fails its own requests, not the engine."""
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+        return [] if batch is None else self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> list[tuple[str, RequestOutput | Exception]]:
         try:
-            return self._process(batch, self.runner.run(batch))
+            results = self.runner.run(batch)
         except Exception as err:
-            logger.exception("engine step failed; failing the requests of its batch")
+            if 0 < batch.num_decodes < len(batch.seqs):
+                # Running streams share every step with new prompts: run the two halves apart, so
+                # that a failure fails only the half that brings it. Sequences advance only in
+                # `_process`, so the halves redo the same work into the same cache slots.
+                logger.warning("a mixed step failed (%s); running its decodes and prompt chunks apart", err)
+                decodes, chunks = batch.split()
+                return self._run(decodes) + self._run(chunks)
+            return self._fail(batch, err)
+        try:
+            return self._process(batch, results)
+        except Exception as err:
             return self._fail(batch, err)
 
     def _process(self, batch: ScheduledBatch, results: list) -> list[tuple[str, RequestOutput | Exception]]:
         advanced: dict[str, RequestState] = {}
+        block_size = self.config.block_size
         for seq, num_new, result in zip(batch.seqs, batch.num_new_tokens, results):
+            full_blocks = seq.num_cached // block_size
             seq.num_cached += num_new
+            if seq.num_cached // block_size > full_blocks:  # now written: findable by other sequences
+                self.block_manager.cache_full_blocks(seq, full_blocks)
             if result is None:
                 continue
             state = self.requests[seq.request_id]
@@ -104,6 +120,7 @@ class EngineCore:
         return outputs
 
     def _fail(self, batch: ScheduledBatch, err: Exception) -> list[tuple[str, RequestOutput | Exception]]:
+        logger.error("engine step failed; failing the requests of its batch", exc_info=err)
         failed = []
         for request_id in dict.fromkeys(seq.request_id for seq in batch.seqs):
             state = self.requests.pop(request_id, None)

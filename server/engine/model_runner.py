@@ -1,5 +1,7 @@
 """One engine step on the device: scheduled sequences in, sampled tokens (and logprobs) out.
 
+A step may mix decodes (one new token each, first) and prompt chunks (after them, each over the
+prefix its sequence has cached); logits are computed only where a sequence's last token is.
 The step's inputs (token ids, positions, cache slots, block tables, context lengths) are written
 into buffers allocated once, host side through numpy views; on CUDA they reach their device twins
 with asynchronous copies from pinned memory. The step's results come back to the host behind one
@@ -82,13 +84,15 @@ class ModelRunner:
         chunk that stops short of the prompt's end."""
         sampling_rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         seqs = [batch.seqs[i] for i in sampling_rows]
-        bucket = None if batch.is_prefill or self._graphs is None else self._graphs.bucket_for(len(batch.seqs))
+        bucket = None  # a pure decode step of a batch size that has a graph replays it
+        if self._graphs is not None and batch.num_decodes == len(batch.seqs):
+            bucket = self._graphs.bucket_for(len(batch.seqs))
         scoring = None
         if bucket:
             self._prepare_graph_decode(batch.seqs, bucket)
         else:
-            forward_batch = self._prepare_prefill(batch, sampling_rows) if batch.is_prefill else self._prepare_decode(batch)
-            scoring = _prompt_scoring(batch) if batch.is_prefill else None
+            forward_batch = self._prepare(batch, sampling_rows)
+            scoring = _prompt_scoring(batch) if batch.num_decodes < len(batch.seqs) else None
             if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
                 rows = torch.tensor(scoring.rows, dtype=torch.int64).to(forward_batch.logits_indices.device)
                 forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
@@ -129,37 +133,22 @@ class ModelRunner:
                 seq.prompt_logprobs.append(TokenLogprob(target, target_logprobs[row], top))
                 row += 1
 
-    def _prepare_decode(self, batch: ScheduledBatch) -> ForwardBatch:
-        seqs = batch.seqs
-        n = len(seqs)
-        self._write_decode_rows(seqs)
-        self._query_start_loc.np[: n + 1] = range(n + 1)
-        self._logits_indices.np[:n] = range(n)
-        return ForwardBatch(
-            token_ids=self._token_ids.load(n),
-            positions=self._positions.load(n),
-            slot_mapping=self._slot_mapping.load(n),
-            block_tables=self._load_block_tables(seqs),
-            context_lens=self._context_lens.load(n),
-            query_start_loc=self._query_start_loc.load(n + 1),
-            query_lens=[1] * n,
-            logits_indices=self._logits_indices.load(n),
-        )
-
-    def _prepare_prefill(self, batch: ScheduledBatch, sampling_rows: list[int]) -> ForwardBatch:
-        bs = self.block_size
-        start = 0
-        ends = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+    def _prepare(self, batch: ScheduledBatch, sampling_rows: list[int]) -> ForwardBatch:
+        """The step's inputs in one pass: the decodes' single tokens first, then the prompt chunks."""
+        seqs, bs, d = batch.seqs, self.block_size, batch.num_decodes
+        self._write_decode_rows(seqs[:d])
+        ends = list(range(1, d + 1))
+        start = d
+        for seq, num_new in zip(seqs[d:], batch.num_new_tokens[d:]):
             end = start + num_new
-            positions = np.arange(seq.num_cached, seq.num_cached + num_new)
+            chunk = np.arange(seq.num_cached, seq.num_cached + num_new)
             self._token_ids.np[start:end] = seq.token_ids[seq.num_cached : seq.num_cached + num_new]
-            self._positions.np[start:end] = positions
-            self._slot_mapping.np[start:end] = np.asarray(seq.block_table)[positions // bs] * bs + positions % bs
+            self._positions.np[start:end] = chunk
+            self._slot_mapping.np[start:end] = np.asarray(seq.block_table)[chunk // bs] * bs + chunk % bs
             start = end
             ends.append(end)
-        n = len(batch.seqs)
-        self._context_lens.np[:n] = [seq.num_cached + num_new for seq, num_new in zip(batch.seqs, batch.num_new_tokens)]
+        n = len(seqs)
+        self._context_lens.np[d:n] = [seq.num_cached + num_new for seq, num_new in zip(seqs[d:], batch.num_new_tokens[d:])]
         self._query_start_loc.np[0] = 0
         self._query_start_loc.np[1 : n + 1] = ends
         self._logits_indices.np[: len(sampling_rows)] = [ends[i] - 1 for i in sampling_rows]
@@ -167,7 +156,7 @@ class ModelRunner:
             token_ids=self._token_ids.load(start),
             positions=self._positions.load(start),
             slot_mapping=self._slot_mapping.load(start),
-            block_tables=self._load_block_tables(batch.seqs),
+            block_tables=self._load_block_tables(seqs),
             context_lens=self._context_lens.load(n),
             query_start_loc=self._query_start_loc.load(n + 1),
             query_lens=list(batch.num_new_tokens),

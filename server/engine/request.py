@@ -94,6 +94,7 @@ class RequestOutput:
     # With `prompt_logprobs`, once, in the first output: one per prompt token after the first
     # (the first has nothing before it to be predicted from).
     prompt_logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 class RequestRejected(ValueError):
@@ -134,6 +135,9 @@ class EngineStats:
 
     num_running: int  # requests that have produced output and are not finished
     num_waiting: int  # requests submitted that have produced no output yet (queued or in their first prefill)
-    kv_blocks_used: int
+    kv_blocks_used: int  # held by running sequences
     kv_blocks_total: int
     num_preemptions: int  # sequences preempted (KV freed, recomputed later) since start
+    kv_blocks_cached: int = 0  # free blocks that still hold cached K/V (reusable until evicted)
+    prefix_cache_queries: int = 0  # tokens of admitted sequences looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found

@@ -1,16 +1,19 @@
 """Which sequences run in the next step, and how many of their tokens.
 
-A step is either a prefill step (prompt tokens, up to `max_num_batched_tokens` of them, long
-prompts in chunks) or a decode step (one token for every running sequence); the model runs the
-two kinds differently. Prefill goes first, so new requests join the batch as soon as their KV
-blocks fit. When a decode step finds the pool empty, the most recently admitted sequence is
-preempted: its blocks are freed and it waits at the head of the queue, to be recomputed from
-its tokens (prompt and output so far) when blocks free up. Nothing is lost: the recompute
-produces the K/V the sequence had, and sampling continues from its last token.
+One step serves everyone, within `max_num_batched_tokens` (vLLM v1's policy): first one token
+for every running sequence past its prompt (decodes), then chunks of prompts already admitted,
+then new sequences as long as their KV blocks fit, each taking what its prompt found in the
+prefix cache and computing the rest, long prompts in chunks. So running streams keep moving
+while a long prompt is prefilled, and decodes come first in the batch, as the model expects.
+
+When a decode finds the pool empty, the most recently admitted sequence is preempted: its blocks
+are let go and it waits at the head of the queue, to be recomputed from its tokens (prompt and
+output so far; the prefix cache may still hold most of them) when blocks free up. Nothing is
+lost: the recompute produces the K/V the sequence had, and sampling continues from its last token.
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
@@ -18,9 +21,19 @@ from server.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]
-    num_new_tokens: list[int]  # per sequence: tokens from `num_cached` on that this step computes
-    is_prefill: bool
+    seqs: list[Sequence] = field(default_factory=list)  # the decodes first, then prompt chunks
+    num_new_tokens: list[int] = field(default_factory=list)  # per sequence: tokens from `num_cached` on
+    num_decodes: int = 0  # leading sequences with one new token: the last one they sampled
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new)
+
+    def split(self) -> tuple["ScheduledBatch", "ScheduledBatch"]:
+        """The decodes and the prompt chunks, as two batches."""
+        d = self.num_decodes
+        decodes = ScheduledBatch(self.seqs[:d], self.num_new_tokens[:d], d)
+        return decodes, ScheduledBatch(self.seqs[d:], self.num_new_tokens[d:])
 
     def samples(self, seq_index: int) -> bool:
         """Whether this step ends at the sequence's last token, so a new token is sampled for it."""
@@ -44,52 +57,76 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
+        batch = ScheduledBatch()
+        prefilling = self._schedule_decodes(batch)
+        budget = self.max_num_batched_tokens - batch.num_decodes
+        for seq in prefilling:  # admitted earlier: their blocks are held until they finish
+            if not budget:
+                break
+            batch.add(seq, min(seq.num_tokens - seq.num_cached, budget))
+            budget -= batch.num_new_tokens[-1]
+        self._admit(batch, budget)
+        return batch if batch.seqs else None
 
     def remove(self, seq: Sequence) -> None:
-        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        """Take a finished or aborted sequence out of the queues and let go of its blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        batch = ScheduledBatch([], [], is_prefill=True)
-        budget = self.max_num_batched_tokens
-        # Chunks of prompts already admitted come first: their blocks are held until they finish.
-        for seq in self.running:
-            remaining = seq.num_tokens - seq.num_cached
-            if remaining > 1 and budget:
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(min(remaining, budget))
-                budget -= batch.num_new_tokens[-1]
-        while self.waiting and budget and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
-                break
-            self.block_manager.allocate(seq)
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(min(seq.num_tokens, budget))
-            budget -= batch.num_new_tokens[-1]
-        return batch if batch.seqs else None
-
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled: list[Sequence] = []
+    def _schedule_decodes(self, batch: ScheduledBatch) -> list[Sequence]:
+        """One token for every running sequence that has computed its prompt, preempting the most
+        recently admitted when the pool runs dry; returns the running ones still prefilling."""
+        kept: list[Sequence] = []
+        prefilling: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
+            if seq.num_tokens - seq.num_cached > 1:
+                prefilling.append(seq)
+                kept.append(seq)
+                continue
             while not self.block_manager.can_append(seq) and self.running:
                 self._preempt(self.running.pop())
             if self.block_manager.can_append(seq):
                 self.block_manager.append(seq)
-                scheduled.append(seq)
+                kept.append(seq)
+                batch.add(seq, 1)
             else:  # the sequences before it (admitted earlier) hold the rest of the pool
                 self._preempt(seq)
-        self.running.extend(scheduled)
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False) if scheduled else None
+        self.running.extend(kept)
+        batch.num_decodes = len(batch.seqs)
+        return prefilling
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Waiting sequences in order, while the budget lasts and their blocks fit."""
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._waits_for_leader(seq):
+                break
+            hits = self.block_manager.lookup(seq)
+            if not self.block_manager.can_allocate(seq, hits):
+                break
+            self.block_manager.allocate(seq, hits)
+            if seq.num_cached_prompt_tokens is None:
+                seq.num_cached_prompt_tokens = seq.num_cached
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, min(seq.num_tokens - seq.num_cached, budget))
+            budget -= batch.num_new_tokens[-1]
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """Choices 1.. of an n > 1 request wait while choice 0 prefills their common prompt, then
+        share its full blocks through the prefix cache instead of computing copies of them."""
+        leader, block_size = seq.prompt_leader, self.block_manager.block_size
+        return (
+            leader is not None
+            and leader.status is SequenceStatus.RUNNING
+            and self.block_manager.reads_cache(seq)
+            and leader.num_cached < leader.num_prompt_tokens // block_size * block_size
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -52,6 +52,15 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_cached = 0  # leading tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # content hashes of leading full blocks (the block manager's)
+        # Prompt tokens found in the prefix cache when first admitted (None until then).
+        self.num_cached_prompt_tokens: int | None = None
+        # Requests that must compute every prompt token (for prompt logprobs) skip the cache
+        # lookup; the blocks they compute are still cached for others.
+        self.skip_reading_prefix_cache = not self.params.uses_prefix_cache
+        # Choice 0 of the same request, for choices 1.. of n > 1: they wait until it has cached
+        # the prompt's full blocks, then share them.
+        self.prompt_leader: Sequence | None = None
         self.sampling: SequenceSampling | None = None  # the sampler's state: generator, penalty counts
         self.grammar: GrammarMatcher | None = None  # structured output: where the reply is in its grammar
         self.finish_reason: str | None = None
@@ -164,4 +173,5 @@ class RequestState:
             completion_tokens=sum(seq.num_generated for seq in self.seqs),
             finished=self.is_finished,
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=self.seqs[0].num_cached_prompt_tokens or 0,  # the prompt counts once
         )

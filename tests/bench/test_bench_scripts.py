@@ -41,10 +41,11 @@ def test_generate_bench_compares_hf_graphs_and_eager_on_the_demo_shape(tmp_path,
     assert set(report["decode_tok_s"]) == {"1", "2"}
     assert "decode tok/s, batch 2" in result.stdout
     assert "recorded decode steps (CPU replay)" in result.stderr and "eager decode" in result.stderr
-    # The demo ties its embeddings: the LM head reads the table, so a step reads every weight.
+    # The demo's embeddings are untied: a step reads one row of the table, every other weight, the K/V.
     context = 8 + 16 // 2
     kv = context * 2 * 2 * 2 * 128 * 4  # tokens x layers x (K, V) x kv heads x head_dim x fp32
-    assert report["step_read_bytes_batch1"] == report["weight_bytes"] + kv
+    table = (151936 - 1) * 64 * 4  # all rows but one, hidden 64, fp32
+    assert report["step_read_bytes_batch1"] == report["weight_bytes"] - table + kv
     rows = {row.name: row for row in evaluate(TARGETS, {"generate-0.6b": report})}
     assert rows["Qwen3-0.6B batch 1, ms/step (graphs)"].measured.startswith(
         f"{report['ms_per_decode_step_batch1']['graphs']:.2f} ms (HF ")
@@ -70,9 +71,12 @@ def test_launch_overhead_bench_counts_and_times_every_launcher(tmp_path):
     result = _bench("launch_overhead", "--device", "cpu", "--layers", "2", "--repeats", "3", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert set(report["ops"]) == {"rms_norm", "fused_add_rms_norm", "apply_rope", "store_kv", "paged_decode_attention"}
+    # Two layers: the first input norm, then per layer the front-end, decode attention and two
+    # fused add + norms (the second one of the last layer is the final norm).
+    calls = {"rms_norm": 1, "attention_frontend": 2, "paged_decode_attention": 2, "fused_add_rms_norm": 4}
+    assert {op: row["calls"] for op, row in report["ops"].items()} == calls
     for row in report["ops"].values():
-        assert row["calls"] >= 2 and row["launches"] >= row["calls"] and row["build_us"] > 0
+        assert row["launches"] >= row["calls"] and row["build_us"] > 0
     assert report["launches_per_step"] == sum(row["launches"] for row in report["ops"].values())
     assert "per step:" in result.stdout and "Triton launches" in result.stdout
     assert launch_summary(report) == (f"host cost of a Qwen3-8B-structured decode step's {report['launches_per_step']} "

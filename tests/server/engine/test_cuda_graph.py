@@ -89,7 +89,7 @@ class _Pool:
 
     def batch(self, size: int) -> ScheduledBatch:
         seqs = self.rng.sample(self.seqs, size)
-        return ScheduledBatch(seqs, [1] * size, is_prefill=False)
+        return ScheduledBatch(seqs, [1] * size, num_decodes=size)
 
     def advance(self, batch: ScheduledBatch, tokens: list[int]) -> None:
         for seq, token in zip(batch.seqs, tokens):
