@@ -16,9 +16,10 @@ Measured, each a median over `--repeats` runs:
   those bytes over the measured memory bandwidth (`bench.timing.memory_bandwidth`). A step reads
   every weight once, except an untied model's embedding table, of which it reads one row (a tied
   table is read whole, as the LM head), and the sequence's K/V at its mean decode context.
-nanoserve's decode runs once per engine mode of `--modes`: `graphs` (CUDA graphs on CUDA; on CPU
-the recorded step replayed over static buffers) and `eager` (`--enforce-eager`), one engine per
-mode for all batch sizes. Greedy decoding, EOS ignored, so every side generates exactly the same
+nanoserve's decode runs once per engine mode of `--modes`: `graphs` (CUDA graphs on CUDA, with
+async scheduling; on CPU the recorded step replayed over static buffers), `sync` (graphs with
+`--no-async-scheduling`: each step read back before the next is scheduled) and `eager`
+(`--enforce-eager`), one engine per mode for all batch sizes. Greedy decoding, EOS ignored, so every side generates exactly the same
 number of tokens. Every phase runs on a thread of its own (see `bench.timing.on_own_thread`).
 """
 
@@ -95,7 +96,10 @@ def ours_prefill_time(ours: Qwen3Model, prompt: list[int], repeats: int, device)
     return median_seconds(lambda: ours.forward(batch, cache), repeats, device)
 
 
-MODES = {"graphs": False, "eager": True}  # engine mode: its EngineConfig.enforce_eager
+# Engine modes: their EngineConfig settings. `graphs` is the server's default (async scheduling on
+# CUDA); `sync` is graphs with every step read back before the next is scheduled.
+MODES = {"graphs": {"enforce_eager": False}, "sync": {"enforce_eager": False, "async_scheduling": False},
+         "eager": {"enforce_eager": True}}
 
 
 def decode_step_bytes(model: Qwen3Model, batch: int, context: int) -> int:
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         decode[batch]["hf"] = batch * args.decode_tokens / (hf_all - hf_first)
     for mode in args.modes:
         print(f"nanoserve decode, {mode} ...", file=sys.stderr)
-        mode_config = replace(config, enforce_eager=MODES[mode])
+        mode_config = replace(config, **MODES[mode])
         times = ours_decode_times(ours, tokenizer_dir, mode_config, prompts.tolist(), args.batches,
                                   args.decode_tokens, args.repeats)
         for batch, seconds in times.items():
@@ -243,7 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default %(default)s)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated decode batch sizes (default %(default)s)")
     p.add_argument("--modes", default="graphs,eager",
-                   help="comma-separated nanoserve engine modes: graphs, eager (--enforce-eager) (default %(default)s)")
+                   help="comma-separated nanoserve engine modes: graphs, sync (graphs, --no-async-scheduling), "
+                   "eager (--enforce-eager) (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure; medians (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
     p.add_argument("--out", default="bench/out/generate.json", help="JSON output (default %(default)s)")
@@ -254,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     args.modes = args.modes.split(",")
     if not args.modes or set(args.modes) - set(MODES) or len(set(args.modes)) < len(args.modes):
-        p.error(f"--modes must name graphs and/or eager once each, got {','.join(args.modes)!r}")
+        p.error(f"--modes must name some of {', '.join(MODES)}, each once, got {','.join(args.modes)!r}")
     if min(args.batches) < 1 or args.prompt_len < 1 or args.decode_tokens < 1 or args.repeats < 1:
         p.error("--batches, --prompt-len, --decode-tokens and --repeats must be positive")
     return args

@@ -38,7 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py", "tests/kernels/test_decode_attention.py"]
+QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py", "tests/server/engine/test_async_scheduling.py",
+               "tests/kernels/test_decode_attention.py"]
 SERVE_LEVELS = {1: 8, 16: 64, 64: 192}  # clients: requests
 SERVE_OUTPUT_TOKENS = 128
 QUICK_BUDGET_S = 540  # --quick ends within this (and a table), whatever a step does; typically ~5 min
@@ -95,8 +96,8 @@ def _ms_per_step(report: dict) -> tuple[float, str] | None:
     ms = report.get("ms_per_decode_step_batch1", {})
     if "graphs" not in ms:
         return None
-    eager = f", eager {ms['eager']:.2f}" if "eager" in ms else ""
-    return ms["graphs"], f"{ms['graphs']:.2f} ms (HF {ms['hf']:.2f}{eager}; floor {report['floor_ms_batch1']:.2f})"
+    others = "".join(f", {mode} {ms[mode]:.2f}" for mode in ("sync", "eager") if mode in ms)
+    return ms["graphs"], f"{ms['graphs']:.2f} ms (HF {ms['hf']:.2f}{others}; floor {report['floor_ms_batch1']:.2f})"
 
 
 def _times_hf(batch: int) -> Callable[[dict], tuple[float, str] | None]:
@@ -105,8 +106,8 @@ def _times_hf(batch: int) -> Callable[[dict], tuple[float, str] | None]:
         if "graphs" not in tok_s or "hf" not in tok_s:
             return None
         ratio = tok_s["graphs"] / tok_s["hf"]
-        eager = f", eager {tok_s['eager']:.0f}" if "eager" in tok_s else ""
-        return ratio, f"{ratio:.2f}x ({tok_s['graphs']:.0f} tok/s vs HF {tok_s['hf']:.0f}{eager})"
+        others = "".join(f", {mode} {tok_s[mode]:.0f}" for mode in ("sync", "eager") if mode in tok_s)
+        return ratio, f"{ratio:.2f}x ({tok_s['graphs']:.0f} tok/s vs HF {tok_s['hf']:.0f}{others})"
     return measure
 
 
@@ -269,7 +270,8 @@ class Steps:
         name = "generate-8b" if shape == "qwen3-8b" else "generate-0.6b"
         command = [sys.executable, "-m", "bench.generate", "--shape", shape, "--device", "cuda", "--dtype", "bfloat16",
                    "--batches", batches, "--prompt-len", "128", "--decode-tokens", "32" if self.quick else "64",
-                   "--repeats", "2" if self.quick else "5", "--modes", "graphs,eager",
+                   "--repeats", "2" if self.quick else "5",
+                   "--modes", "graphs,eager" if self.quick and shape == "qwen3-8b" else "graphs,sync,eager",
                    "--out", str(self.out / f"{name}.json")]
         self.run(f"bench.generate {shape}", command, 180 if self.quick else 1200, f"{name}.log")
 

@@ -66,6 +66,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--no-enforce-eager replays the recorded decode step on CPU too)",
     )
     g.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="schedule and prepare each step while the device still runs the one before, reading its tokens "
+        "back one step late (default: on for CUDA; off on CPU, where the host runs the model itself)",
+    )
+    g.add_argument(
         "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="compute every prompt in full instead of reusing the KV blocks of prefixes computed before "
         "(default: prefix caching on)",

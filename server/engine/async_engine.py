@@ -100,7 +100,8 @@ class AsyncEngine:
         self.max_model_len: int = self.config.max_model_len
         self._core = EngineCore(model, tokenizer, self.config)
         self.vocab_size = self._core.vocab_size
-        self.decode_mode: str = self._core.runner.decode_mode  # CUDA graphs or eager, for the startup log
+        # CUDA graphs or eager, and whether steps overlap, for the startup log
+        self.decode_mode: str = self._core.runner.decode_mode + ("; async scheduling" if self.config.async_scheduling else "")
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _streams, _num_queued, _dead
         self._streams: dict[str, _Stream] = {}

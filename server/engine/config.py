@@ -26,6 +26,10 @@ class EngineConfig:
     # adds padding rows and a logits copy (measured: bench/RESULTS.md); False replays on CPU too.
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True  # share the KV blocks of equal prompt prefixes (--no-prefix-caching)
+    # None: on CUDA, where the host prepares step n+1 while the GPU runs step n; off on CPU, where
+    # the host runs the model itself, so there is nothing to overlap with (each finished sequence
+    # would only cost one dropped row). True on CPU runs the same bookkeeping, for tests.
+    async_scheduling: bool | None = None
 
 
 def default_max_model_len(max_positions: int, device: str) -> int:
@@ -69,4 +73,5 @@ def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enforce_eager=device == "cpu" if config.enforce_eager is None else config.enforce_eager,
+        async_scheduling=device == "cuda" if config.async_scheduling is None else config.async_scheduling,
     )

@@ -2,6 +2,14 @@
 
 A step schedules a batch, runs the model on it, samples, applies stops and detokenizes. The core
 is touched by one thread only (the loop thread of `AsyncEngine`), so it needs no locks.
+
+With async scheduling (vLLM's `--async-scheduling`, SGLang's overlap scheduler) a step launches
+step n+1 before it reads back step n: the host schedules and prepares while the device computes,
+and step n+1's decodes read their tokens from step n's sampled ids on the device. Each sequence
+that step n samples holds an unresolved token until then, so the scheduler counts it. Stops stay
+exact: a sequence that step n finishes was already scheduled in step n+1, whose token for it is
+dropped (its blocks go back after that step, in stream order). A step whose sequences follow a
+grammar is read back before the next is scheduled: the next step's masks need its tokens.
 """
 
 import itertools
@@ -13,8 +21,8 @@ from model.tokenizer import Tokenizer
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.model_runner import ModelRunner
-from server.engine.request import GenerationRequest, RequestFailed, RequestOutput, RequestRejected
+from server.engine.model_runner import LaunchedStep, ModelRunner
+from server.engine.request import ChoiceDelta, GenerationRequest, RequestFailed, RequestOutput, RequestRejected
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import RequestState, Sequence
 from server.engine.structured import GrammarCompiler
@@ -39,9 +47,10 @@ class EngineCore:
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # thread-safe (see its docstring)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
+        self._launched: LaunchedStep | None = None  # async scheduling: the step not read back yet
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._launched is not None
 
     def add_request(self, request: GenerationRequest) -> None:
         params = request.params
@@ -73,9 +82,66 @@ class EngineCore:
 
     def step(self) -> list[tuple[str, RequestOutput | Exception]]:
         """Run one step; (request id, output) for every request that advanced, or the exception
-        that failed it: a failing batch fails its own requests, not the engine."""
+        that failed it: a failing batch fails its own requests, not the engine. With async
+        scheduling the outputs are those of the step launched before."""
+        if self.config.async_scheduling:
+            return self._step_overlapped()
         batch = self.scheduler.schedule()
         return [] if batch is None else self._run(batch)
+
+    def _step_overlapped(self) -> list[tuple[str, RequestOutput | Exception]]:
+        outputs: list[tuple[str, RequestOutput | Exception]] = []
+        previous, self._launched = self._launched, None
+        if previous is not None and previous.needs_tokens_on_host:
+            outputs += self._read_back(previous)
+            previous = None
+        batch = self.scheduler.schedule()
+        launched = None
+        if batch is not None:
+            try:
+                launched = self.runner.launch(batch, previous)
+            except Exception as err:  # the synchronous path splits or fails the batch
+                logger.warning("launching a step failed (%s); running it again synchronously", err)
+                if previous is not None:
+                    outputs += self._read_back(previous)
+                batch = batch.without_finished()
+                return outputs + (self._run(batch) if batch.seqs else [])
+        if previous is not None:
+            outputs += self._read_back(previous)
+        if launched is not None:
+            outputs += self._advance(launched)
+            self._launched = launched
+        return outputs
+
+    def _advance(self, launched: LaunchedStep) -> list[tuple[str, RequestOutput | Exception]]:
+        """A launched step's effect on its sequences before its tokens are known: the K/V it
+        writes and a token to come for each sequence it samples. Sequences that finished while it
+        was launched (stopped by the step before, aborted) take nothing from it."""
+        batch = launched.batch
+        live = batch.without_finished()
+        self._cache_computed(live)
+        advanced: dict[str, RequestState] = {}
+        for row, i in enumerate(launched.sampling_rows):
+            seq = batch.seqs[i]
+            if seq.is_finished:
+                continue
+            if seq.max_tokens:
+                seq.append_unresolved(row)
+            else:
+                self._add_delta(seq, seq.finish_unsampled(), advanced)
+        return self._outputs(advanced)
+
+    def _read_back(self, launched: LaunchedStep) -> list[tuple[str, RequestOutput | Exception]]:
+        """Wait for a launched step and give each sequence it sampled that token: stops, text."""
+        try:
+            results = launched.results()
+        except Exception as err:
+            return self._fail(launched.batch, err)
+        advanced: dict[str, RequestState] = {}
+        for seq, result in zip(launched.batch.seqs, results):
+            if result is not None and seq.unresolved_row is not None and not seq.is_finished:
+                self._add_delta(seq, seq.resolve_token(*result), advanced)
+        return self._outputs(advanced)
 
     def _run(self, batch: ScheduledBatch) -> list[tuple[str, RequestOutput | Exception]]:
         try:
@@ -95,20 +161,30 @@ class EngineCore:
             return self._fail(batch, err)
 
     def _process(self, batch: ScheduledBatch, results: list) -> list[tuple[str, RequestOutput | Exception]]:
+        self._cache_computed(batch)
         advanced: dict[str, RequestState] = {}
+        for seq, result in zip(batch.seqs, results):
+            if result is not None:
+                self._add_delta(seq, seq.append_token(*result) if seq.max_tokens else seq.finish_unsampled(), advanced)
+        return self._outputs(advanced)
+
+    def _cache_computed(self, batch: ScheduledBatch) -> None:
+        """Count the tokens the batch computes as cached; blocks it fills become findable."""
         block_size = self.config.block_size
-        for seq, num_new, result in zip(batch.seqs, batch.num_new_tokens, results):
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             full_blocks = seq.num_cached // block_size
             seq.num_cached += num_new
             if seq.num_cached // block_size > full_blocks:  # now written: findable by other sequences
                 self.block_manager.cache_full_blocks(seq, full_blocks)
-            if result is None:
-                continue
-            state = self.requests[seq.request_id]
-            state.add(seq.append_token(*result) if seq.max_tokens else seq.finish_unsampled())
-            if seq.is_finished:
-                self.scheduler.remove(seq)
-            advanced[seq.request_id] = state
+
+    def _add_delta(self, seq: Sequence, delta: ChoiceDelta, advanced: dict[str, RequestState]) -> None:
+        state = self.requests[seq.request_id]
+        state.add(delta)
+        if seq.is_finished:
+            self.scheduler.remove(seq)
+        advanced[seq.request_id] = state
+
+    def _outputs(self, advanced: dict[str, RequestState]) -> list[tuple[str, RequestOutput | Exception]]:
         outputs: list[tuple[str, RequestOutput | Exception]] = []
         for request_id, state in advanced.items():
             if not state.has_output:  # choice 0 is still scoring the prompt
@@ -128,6 +204,8 @@ class EngineCore:
                 continue
             for seq in state.seqs:
                 self.scheduler.remove(seq)
+                if not seq.is_finished:  # so that a step launched with it takes nothing from it
+                    seq.abort()
             message = f"the engine failed while running this request: {type(err).__name__}: {err}"
             failed.append((request_id, RequestFailed(message)))
         return failed

@@ -7,6 +7,10 @@ into buffers allocated once, host side through numpy views; on CUDA they reach t
 with asynchronous copies from pinned memory. The step's results come back to the host behind one
 synchronisation, the step's only one. A decode step that fits a captured batch size replays its
 CUDA graph (`cuda_graph.py`) over those same buffers; other steps run the model eagerly.
+
+`launch` only starts a step: its results come back when `LaunchedStep.results` is called, so the
+host can schedule and prepare the next step while the device runs this one (async scheduling).
+The next step then reads the tokens it decodes from this step's sampled ids on the device.
 """
 
 from dataclasses import dataclass
@@ -19,19 +23,28 @@ from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
 from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
 from server.engine.request import TokenLogprob
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.structured import TokenBitmask
 
 
 class _InputBuffer:
-    """A flat host buffer and, on CUDA, its device twin: per-step inputs without per-step allocations."""
+    """A flat host buffer and, on CUDA, its device twin: per-step inputs without per-step allocations.
+
+    On CUDA two pinned host buffers take turns (`use`): the host writes a step's inputs into one
+    while the copies of the step before may still be reading the other.
+    """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
-        self.host = torch.zeros(size, dtype=dtype, pin_memory=device.type == "cuda")
+        self.device = torch.zeros(size, dtype=dtype, device=device)
+        on_cuda = device.type == "cuda"
+        self._hosts = [torch.zeros(size, dtype=dtype, pin_memory=True) for _ in range(2)] if on_cuda else [self.device]
+        self.use(0)
+
+    def use(self, turn: int) -> None:
+        self.host = self._hosts[turn % len(self._hosts)]
         self.np = self.host.numpy()
-        self.device = self.host if device.type == "cpu" else torch.zeros(size, dtype=dtype, device=device)
 
     def load(self, n: int) -> torch.Tensor:
         """The device view of the first `n` entries, as written into `np`."""
@@ -58,6 +71,10 @@ class ModelRunner:
         self._context_lens = _InputBuffer(max_num_seqs, torch.int32, device)
         self._query_start_loc = _InputBuffer(max_num_seqs + 1, torch.int32, device)
         self._logits_indices = _InputBuffer(max_num_seqs, torch.int64, device)
+        self._buffers = [self._token_ids, self._positions, self._slot_mapping, self._block_tables,
+                         self._context_lens, self._query_start_loc, self._logits_indices]
+        self._turn = 0  # which host buffers the step being prepared writes
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # per turn: its last copies are done
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
 
     def _capture_graphs(self, config: EngineConfig, table_width: int) -> tuple[DecodeGraphRunner | None, str]:
@@ -82,12 +99,18 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
         """Per scheduled sequence: (sampled token, its logprobs if asked), or None for a prompt
         chunk that stops short of the prompt's end."""
+        return self.launch(batch).results()
+
+    def launch(self, batch: ScheduledBatch, previous: "LaunchedStep | None" = None) -> "LaunchedStep":
+        """Start the step on the device and return without waiting for it. A decode whose last
+        token is unresolved (sampled by `previous`, still on the device) reads it from there."""
         sampling_rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         seqs = [batch.seqs[i] for i in sampling_rows]
         bucket = None  # a pure decode step of a batch size that has a graph replays it
         if self._graphs is not None and batch.num_decodes == len(batch.seqs):
             bucket = self._graphs.bucket_for(len(batch.seqs))
         scoring = None
+        self._next_turn()
         if bucket:
             self._prepare_graph_decode(batch.seqs, bucket)
         else:
@@ -96,24 +119,49 @@ class ModelRunner:
             if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
                 rows = torch.tensor(scoring.rows, dtype=torch.int64).to(forward_batch.logits_indices.device)
                 forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
+        self._end_turn()
+        self._read_unresolved(batch.seqs[: batch.num_decodes], previous)
         if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
             self.sampler.prepare(seqs)
         self.token_bitmask.start_fill([seq.grammar for seq in seqs])  # grammar masks: while the model runs
         logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
-        results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
         if scoring is not None:
             self._score_prompts(logits[len(sampling_rows):], scoring)
             logits = logits[: len(sampling_rows)]
         if not sampling_rows:
-            return results
+            return LaunchedStep(batch, sampling_rows, None, None)
         sampled = self.sampler.sample(logits, seqs, self.token_bitmask.finish_fill())
-        token_ids, *logprobs = _to_host(
-            sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs
-        )
-        logprob_of = dict(zip(sampled.logprob_rows, _token_logprobs(seqs, sampled.logprob_rows, token_ids, *logprobs)))
-        for row, i in enumerate(sampling_rows):
-            results[i] = (token_ids[row], logprob_of.get(row))
-        return results
+        copy = _HostCopy(sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs)
+        return LaunchedStep(batch, sampling_rows, sampled, copy)
+
+    def _next_turn(self) -> None:
+        """On CUDA, the host buffers the copies of the step before last read, once those are done."""
+        if self.model.device.type == "cuda":
+            self._turn ^= 1
+            if (copied := self._copied[self._turn]) is not None:
+                copied.synchronize()
+            for buffer in self._buffers:
+                buffer.use(self._turn)
+
+    def _end_turn(self) -> None:
+        if self.model.device.type == "cuda":
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record()
+
+    def _read_unresolved(self, decodes: list[Sequence], previous: "LaunchedStep | None") -> None:
+        """The decode rows whose token `previous` sampled take it from its ids on the device (the
+        host wrote UNRESOLVED there); the same stream orders this after the inputs' copies."""
+        pairs = [(row, seq.unresolved_row) for row, seq in enumerate(decodes) if seq.unresolved_row is not None]
+        if not pairs:
+            return
+        if previous is None or previous.sampled is None:
+            raise RuntimeError("a decode's last token is unresolved, but no launched step sampled it")
+        token_ids, sampled = self._token_ids.device, previous.sampled.token_ids
+        if all(row == source for row, source in pairs):  # the steady state: the same batch, in order
+            token_ids[: len(pairs)].copy_(sampled[: len(pairs)])
+            return
+        rows, sources = (torch.tensor(column, dtype=torch.int64).to(token_ids.device) for column in zip(*pairs))
+        token_ids.index_copy_(0, rows, sampled.index_select(0, sources))
 
     @torch.inference_mode()
     def _score_prompts(self, logits: torch.Tensor, scoring: "_PromptScoring") -> None:
@@ -227,12 +275,58 @@ def _prompt_scoring(batch: ScheduledBatch) -> _PromptScoring | None:
     return scoring if scoring.seqs else None
 
 
+class _HostCopy:
+    """Device tensors on their way to the host: the copies start now, `lists` waits for them."""
+
+    def __init__(self, *tensors: torch.Tensor | None):
+        self._on_host = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+        self._done = None
+        if any(t is not None and t.is_cuda for t in tensors):
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def lists(self) -> list:
+        """The tensors as Python lists, behind one synchronisation on CUDA."""
+        if self._done is not None:
+            self._done.synchronize()
+        return [None if t is None else t.tolist() for t in self._on_host]
+
+
 def _to_host(*tensors: torch.Tensor | None) -> list:
     """Device tensors as Python lists, through one synchronisation on CUDA."""
-    on_host = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
-    if any(t is not None and t.is_cuda for t in tensors):
-        torch.cuda.current_stream().synchronize()
-    return [None if t is None else t.tolist() for t in on_host]
+    return _HostCopy(*tensors).lists()
+
+
+class LaunchedStep:
+    """A step the device has been given: what it samples stays on the device (the next step may
+    read it there) until `results` brings it to the host."""
+
+    def __init__(self, batch: ScheduledBatch, sampling_rows: list[int], sampled: SamplerOutput | None,
+                 copy: _HostCopy | None):
+        self.batch = batch
+        self.sampling_rows = sampling_rows  # the batch's rows that sample, in the order of `sampled`'s rows
+        self.sampled = sampled
+        self._copy = copy
+
+    @property
+    def needs_tokens_on_host(self) -> bool:
+        """Whether the next step needs this one's tokens on the host first: a grammar must accept a
+        token before it can say what may follow."""
+        return any(self.batch.seqs[i].grammar is not None for i in self.sampling_rows)
+
+    def results(self) -> list[tuple[int, TokenLogprob | None] | None]:
+        """Per scheduled sequence: (sampled token, its logprobs if asked), or None for a prompt
+        chunk that stops short of the prompt's end. Waits for the step."""
+        results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(self.batch.seqs)
+        if self.sampled is None:
+            return results
+        token_ids, *logprobs = self._copy.lists()
+        seqs = [self.batch.seqs[i] for i in self.sampling_rows]
+        rows = self.sampled.logprob_rows
+        logprob_of = dict(zip(rows, _token_logprobs(seqs, rows, token_ids, *logprobs)))
+        for row, i in enumerate(self.sampling_rows):
+            results[i] = (token_ids[row], logprob_of.get(row))
+        return results
 
 
 def _token_logprobs(

@@ -35,6 +35,12 @@ class ScheduledBatch:
         decodes = ScheduledBatch(self.seqs[:d], self.num_new_tokens[:d], d)
         return decodes, ScheduledBatch(self.seqs[d:], self.num_new_tokens[d:])
 
+    def without_finished(self) -> "ScheduledBatch":
+        """This batch less its sequences that have finished since it was scheduled."""
+        kept = [i for i, seq in enumerate(self.seqs) if not seq.is_finished]
+        return ScheduledBatch([self.seqs[i] for i in kept], [self.num_new_tokens[i] for i in kept],
+                              sum(i < self.num_decodes for i in kept))
+
     def samples(self, seq_index: int) -> bool:
         """Whether this step ends at the sequence's last token, so a new token is sampled for it."""
         seq = self.seqs[seq_index]
@@ -103,7 +109,9 @@ class Scheduler:
         """Waiting sequences in order, while the budget lasts and their blocks fit."""
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_leader(seq):
+            # A sequence preempted while its last token was still on the device (async
+            # scheduling) is recomputed from its tokens once that token is known: next step.
+            if self._waits_for_leader(seq) or seq.unresolved_row is not None:
                 break
             hits = self.block_manager.lookup(seq)
             if not self.block_manager.can_allocate(seq, hits):

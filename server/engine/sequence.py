@@ -26,6 +26,10 @@ class SequenceSampling:
     seen: torch.Tensor | None  # [V] bool: tokens in the prompt or generated
 
 
+# The token id an unresolved token holds in `Sequence.token_ids` (no token has it).
+UNRESOLVED = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -69,6 +73,10 @@ class Sequence:
         # entry per prompt token after the first, as prefill chunks compute them.
         self.wants_prompt_logprobs = self.params.prompt_logprobs is not None and index == 0
         self.prompt_logprobs: list[TokenLogprob] = []
+        # With async scheduling, the row of the launched step that samples this sequence's last
+        # token, while that token is still on the device (its place in `token_ids` holds
+        # UNRESOLVED until `resolve_token` fills it); None when every token is known.
+        self.unresolved_row: int | None = None
         self._stop_ids = frozenset(() if self.params.ignore_eos else eos_token_ids)
         self._detokenizer = detokenizer
         self._stop_strings = StopStrings(self.params.stop)
@@ -89,6 +97,21 @@ class Sequence:
     def append_token(self, token_id: int, logprob: TokenLogprob | None) -> ChoiceDelta:
         """Add a sampled token, apply the stop conditions, and return what the client sees of it."""
         self.token_ids.append(token_id)
+        return self._accept(token_id, logprob)
+
+    def append_unresolved(self, row: int) -> None:
+        """Hold the place of the token that row `row` of the launched step samples: the next step
+        is scheduled (and reads it on the device) before the host knows it."""
+        self.token_ids.append(UNRESOLVED)
+        self.unresolved_row = row
+
+    def resolve_token(self, token_id: int, logprob: TokenLogprob | None) -> ChoiceDelta:
+        """The token behind `append_unresolved`, now on the host: `append_token`'s work for it."""
+        self.token_ids[-1] = token_id
+        self.unresolved_row = None
+        return self._accept(token_id, logprob)
+
+    def _accept(self, token_id: int, logprob: TokenLogprob | None) -> ChoiceDelta:
         if self.grammar is not None:  # once per generated token: a recompute after preemption replays none
             self.grammar.accept(token_id)
         # The first `min_tokens` tokens never end the choice (the sampler keeps EOS out of them too).

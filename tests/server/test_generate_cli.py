@@ -60,7 +60,7 @@ def test_generate_sampling_is_reproducible_by_seed_and_stops_before_a_stop_strin
     assert stopped.stdout == text[:start] + "\n"
 
 
-def test_enforce_eager_flags_choose_how_decode_runs_not_the_text(demo_dir):
+def test_enforce_eager_and_async_scheduling_flags_choose_how_decode_runs_not_the_text(demo_dir):
     from server.cli import build_parser
     from server.engine.async_engine import create_engine
 
@@ -73,3 +73,6 @@ def test_enforce_eager_flags_choose_how_decode_runs_not_the_text(demo_dir):
     replayed = _run("--no-enforce-eager", *args)
     assert eager.returncode == replayed.returncode == 0, eager.stderr + replayed.stderr
     assert replayed.stdout == eager.stdout and eager.stdout.strip()
+    overlapped = _run("--async-scheduling", *args)
+    assert overlapped.returncode == 0, overlapped.stderr
+    assert overlapped.stdout == eager.stdout
