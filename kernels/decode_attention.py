@@ -162,7 +162,10 @@ def paged_decode_attention_grouped(
     kv_heads = k_cache.shape[2]
     keys, values, lens = _gather_context(k_cache, v_cache, block_tables, context_lens)
     grouped = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # the query heads sharing a kv head
-    scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)).mul_(scale)  # [B, Hk, G, L]
+    # Keys as [B, Hk, L, D] (one copy that keeps D innermost), multiplied transposed: BLAS takes a
+    # transposed operand as it is, where a [B, Hk, D, L] copy was 5x slower (bench/RESULTS.md).
+    keys = keys.transpose(1, 2).contiguous()
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)  # [B, Hk, G, L]
     mask = _padding_mask(lens, context_lens)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
