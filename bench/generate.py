@@ -19,8 +19,11 @@ Measured, each a median over `--repeats` runs:
 nanoserve's decode runs once per engine mode of `--modes`: `graphs` (CUDA graphs on CUDA, with
 async scheduling; on CPU the recorded step replayed over static buffers), `sync` (graphs with
 `--no-async-scheduling`: each step read back before the next is scheduled) and `eager`
-(`--enforce-eager`), one engine per mode for all batch sizes. Greedy decoding, EOS ignored, so every side generates exactly the same
-number of tokens. Every phase runs on a thread of its own (see `bench.timing.on_own_thread`).
+(`--enforce-eager`), one engine per mode for all batch sizes. Greedy decoding, EOS ignored, so
+every side generates exactly the same number of tokens. Every phase runs on a thread of its own
+(see `bench.timing.on_own_thread`). With `--rounds N` the decode comparison (HF, then each mode)
+runs N times in a row and each figure is its median over the rounds: on a machine whose speed
+drifts (a shared VM), a side measured minutes after the other would otherwise gain or lose by it.
 """
 
 import argparse
@@ -147,6 +150,29 @@ def ours_decode_times(ours: Qwen3Model, tokenizer_dir: Path, config: EngineConfi
     return times
 
 
+def decode_round(args: argparse.Namespace, hf, ours: Qwen3Model, tokenizer_dir: Path, config: EngineConfig,
+                 prompts: torch.Tensor, device: torch.device) -> dict[int, dict[str, float]]:
+    """Decode tokens/s per batch size and side: HF's batched `generate`, then one engine per mode."""
+    decode: dict[int, dict[str, float]] = {batch: {} for batch in args.batches}
+    for batch in args.batches:
+        print(f"HF decode at batch {batch} ...", file=sys.stderr)
+        hf_prompts = prompts[:batch].to(device)
+        hf_first = on_own_thread(hf_generate_time, hf, hf_prompts, 1, args.repeats, device)
+        hf_all = on_own_thread(hf_generate_time, hf, hf_prompts, args.decode_tokens + 1, args.repeats, device)
+        decode[batch]["hf"] = batch * args.decode_tokens / (hf_all - hf_first)
+    for mode in args.modes:
+        print(f"nanoserve decode, {mode} ...", file=sys.stderr)
+        mode_config = replace(config, **MODES[mode])
+        times = ours_decode_times(ours, tokenizer_dir, mode_config, prompts.tolist(), args.batches,
+                                  args.decode_tokens, args.repeats)
+        for batch, seconds in times.items():
+            decode[batch][mode] = batch * args.decode_tokens / seconds
+    for batch, rates in decode.items():
+        print(f"  batch {batch}: " + ", ".join(f"{mode}/HF {rates[mode] / rates['hf']:.2f}x" for mode in args.modes),
+              file=sys.stderr)
+    return decode
+
+
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
@@ -183,20 +209,15 @@ def run(args: argparse.Namespace) -> dict:
 
     config = EngineConfig(block_size=block_size, num_kv_blocks=blocks_per_seq * max_batch + 1,
                           max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * args.prompt_len))
-    decode: dict[int, dict[str, float]] = {batch: {} for batch in args.batches}
-    for batch in args.batches:
-        print(f"HF decode at batch {batch} ...", file=sys.stderr)
-        hf_prompts = prompts[:batch].to(device)
-        hf_first = on_own_thread(hf_generate_time, hf, hf_prompts, 1, args.repeats, device)
-        hf_all = on_own_thread(hf_generate_time, hf, hf_prompts, args.decode_tokens + 1, args.repeats, device)
-        decode[batch]["hf"] = batch * args.decode_tokens / (hf_all - hf_first)
-    for mode in args.modes:
-        print(f"nanoserve decode, {mode} ...", file=sys.stderr)
-        mode_config = replace(config, **MODES[mode])
-        times = ours_decode_times(ours, tokenizer_dir, mode_config, prompts.tolist(), args.batches,
-                                  args.decode_tokens, args.repeats)
-        for batch, seconds in times.items():
-            decode[batch][mode] = batch * args.decode_tokens / seconds
+    rounds: list[dict[int, dict[str, float]]] = []
+    for round_index in range(args.rounds):  # HF, then each mode: one round; rounds alternate the sides
+        if args.rounds > 1:
+            print(f"round {round_index + 1} of {args.rounds}", file=sys.stderr)
+        rounds.append(decode_round(args, hf, ours, tokenizer_dir, config, prompts, device))
+    decode = {batch: {side: statistics.median(r[batch][side] for r in rounds) for side in rounds[0][batch]}
+              for batch in args.batches}
+    if args.rounds > 1:
+        result["decode_tok_s_rounds"] = rounds
     result["decode_tok_s"] = decode
     step_s = {side: 1.0 / tok_s for side, tok_s in decode.get(1, {}).items()}
     result["ms_per_decode_step_batch1"] = {side: s * 1e3 for side, s in step_s.items()}
@@ -250,6 +271,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated nanoserve engine modes: graphs, sync (graphs, --no-async-scheduling), "
                    "eager (--enforce-eager) (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure; medians (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="decode comparisons run one after another, each HF then nanoserve; figures are the medians "
+                   "over rounds, so that a machine whose speed drifts favours neither side (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
     p.add_argument("--out", default="bench/out/generate.json", help="JSON output (default %(default)s)")
     args = p.parse_args(argv)
@@ -260,8 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = args.modes.split(",")
     if not args.modes or set(args.modes) - set(MODES) or len(set(args.modes)) < len(args.modes):
         p.error(f"--modes must name some of {', '.join(MODES)}, each once, got {','.join(args.modes)!r}")
-    if min(args.batches) < 1 or args.prompt_len < 1 or args.decode_tokens < 1 or args.repeats < 1:
-        p.error("--batches, --prompt-len, --decode-tokens and --repeats must be positive")
+    if min(args.batches) < 1 or min(args.prompt_len, args.decode_tokens, args.repeats, args.rounds) < 1:
+        p.error("--batches, --prompt-len, --decode-tokens, --repeats and --rounds must be positive")
     return args
 
 

@@ -31,9 +31,15 @@ def test_generate_bench_compares_hf_graphs_and_eager_on_the_demo_shape(tmp_path,
     # 16 tokens, 3 repeats: HF's decode time is the difference of two medians, which a shared
     # machine's scheduling hiccups (tens of ms) can turn negative over fewer tokens.
     result = _bench("generate", "--shape", "demo", "--dtype", "float32", "--batches", "1,2", "--prompt-len", "8",
-                    "--decode-tokens", "16", "--repeats", "3", "--out", str(out))
+                    "--decode-tokens", "16", "--repeats", "3", "--rounds", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
+    # Two rounds, HF and nanoserve alternating; each figure is the median (here the mean) of the two.
+    rounds = report["decode_tok_s_rounds"]
+    assert len(rounds) == 2 and result.stderr.count("HF decode at batch 1") == 2
+    for batch in ("1", "2"):
+        for side in ("hf", "graphs", "eager"):
+            assert report["decode_tok_s"][batch][side] == pytest.approx((rounds[0][batch][side] + rounds[1][batch][side]) / 2)
     assert report["shape"] == "demo" and report["device"] == "cpu" and report["modes"] == ["graphs", "eager"]
     assert report["prefill_tok_s"]["hf"] > 0 and report["prefill_tok_s"]["nanoserve"] > 0
     for figure in ("ms_per_decode_step_batch1", "pct_of_floor_batch1"):
