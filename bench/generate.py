@@ -216,8 +216,11 @@ def run(args: argparse.Namespace) -> dict:
         rounds.append(decode_round(args, hf, ours, tokenizer_dir, config, prompts, device))
     decode = {batch: {side: statistics.median(r[batch][side] for r in rounds) for side in rounds[0][batch]}
               for batch in args.batches}
-    if args.rounds > 1:
+    if args.rounds > 1:  # each round's ratio is a paired comparison: drift between rounds cancels in it
         result["decode_tok_s_rounds"] = rounds
+        result["decode_ratio_median"] = {
+            batch: {mode: statistics.median(r[batch][mode] / r[batch]["hf"] for r in rounds) for mode in args.modes}
+            for batch in args.batches}
     result["decode_tok_s"] = decode
     step_s = {side: 1.0 / tok_s for side, tok_s in decode.get(1, {}).items()}
     result["ms_per_decode_step_batch1"] = {side: s * 1e3 for side, s in step_s.items()}
@@ -251,6 +254,12 @@ def print_table(r: dict) -> None:
           f"(one eager forward: {prefill['nanoserve'] / prefill['hf']:.2f}x)")
     for batch, values in r["decode_tok_s"].items():
         row(f"decode tok/s, batch {batch}", values)
+    if "decode_ratio_median" in r:  # with --rounds: each round's own ratio, HF measured beside it
+        print(f"decode figures: medians over {len(r['decode_tok_s_rounds'])} rounds; each round's own ratio:")
+        for batch, ratios in r["decode_ratio_median"].items():
+            for mode, median in ratios.items():
+                each = " ".join(f"{rd[batch][mode] / rd[batch]['hf']:.2f}" for rd in r["decode_tok_s_rounds"])
+                print(f"  {mode}/HF, batch {batch}: {each} (median {median:.2f}x)")
     if r["ms_per_decode_step_batch1"]:
         row("ms per decode step, batch 1", r["ms_per_decode_step_batch1"], "{:.2f}", higher_is_better=False)
         row("read GB/s, batch 1", r["read_GBps_batch1"])
