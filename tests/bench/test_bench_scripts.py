@@ -37,6 +37,9 @@ def test_generate_bench_compares_hf_graphs_and_eager_on_the_demo_shape(tmp_path,
     # Two rounds, HF and nanoserve alternating; each figure is the median (here the mean) of the two.
     rounds = report["decode_tok_s_rounds"]
     assert len(rounds) == 2 and result.stderr.count("HF decode at batch 1") == 2
+    paired = report["decode_ratio_median"]["1"]["eager"]
+    assert paired == pytest.approx(sum(r["1"]["eager"] / r["1"]["hf"] for r in rounds) / 2)
+    assert "eager/HF, batch 1: " in result.stdout and f"(median {paired:.2f}x)" in result.stdout
     for batch in ("1", "2"):
         for side in ("hf", "graphs", "eager"):
             assert report["decode_tok_s"][batch][side] == pytest.approx((rounds[0][batch][side] + rounds[1][batch][side]) / 2)
