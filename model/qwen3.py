@@ -28,7 +28,7 @@ from kernels import (
 from kernels.backend import use_triton
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
-from model.cpu_plan import AttentionFn, CpuPlan, measure_cpu_plan
+from model.cpu_plan import AttentionFn, CpuPlan, measure_cpu_plan, pack_weight
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), each [blocks, block_size, Hk, D]
 
@@ -74,8 +74,27 @@ class Qwen3Model(nn.Module):
         on the thread that runs the model (see `server.engine.async_engine.create_engine`)."""
         layer, c = self.layers[0], self.config
         weights = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj, self.lm_head]
-        self.cpu_plan = measure_cpu_plan(weights, c.num_heads, c.num_kv_heads, c.head_dim, max_batch, max_context)
-        return self.cpu_plan
+        plan = measure_cpu_plan(weights, c.num_heads, c.num_kv_heads, c.head_dim, max_batch, max_context)
+        self._pack_weights(plan)
+        self.cpu_plan = plan
+        return plan
+
+    def _pack_weights(self, plan: CpuPlan) -> None:
+        """Hold the weights of the shapes the plan packs in their packed layout (in place of the
+        plain ones; a tied LM head gets a packed copy, the embedding keeps its table)."""
+        packed = plan.packed_shapes
+
+        def pack(weight: nn.Parameter) -> nn.Parameter:
+            return nn.Parameter(pack_weight(weight.detach()), requires_grad=False)
+
+        for layer in self.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                if tuple(getattr(layer, name).shape) in packed and not getattr(layer, name).is_mkldnn:
+                    setattr(layer, name, pack(getattr(layer, name)))
+        if tuple(self.lm_head.shape) in packed and not self.lm_head.is_mkldnn:
+            if self.lm_head is self.embed_tokens:
+                plan.extra_bytes = self.lm_head.numel() * self.lm_head.element_size()
+            self.lm_head = pack(self.lm_head)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)

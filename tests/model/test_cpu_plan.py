@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from model.batch import SequenceStep, make_batch
-from model.cpu_plan import DECODE_ATTENTIONS, ONE_ROW_LINEARS, AttentionChoice, CpuPlan, fastest
+from model.cpu_plan import (
+    DECODE_ATTENTIONS,
+    ONE_ROW_LINEARS,
+    PACKED,
+    AttentionChoice,
+    CpuPlan,
+    fastest,
+    packing_available,
+)
 from model.demo import write_checkpoint
 from model.load import load_model
 
@@ -99,3 +107,41 @@ def test_plan_cpu_ops_measures_every_projection_shape(model):
                                         (VOCAB, c.hidden_size)}
     assert [(a.batch, a.context) for a in plan.decode_attention] == [(1, 64), (4, 64)]
     assert "CPU ops chosen by timing them here" in plan.describe()
+
+
+@pytest.fixture(scope="module")
+def bf16_tied_model(tmp_path_factory):
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, dtype="bfloat16")
+    return load_model(write_checkpoint(tmp_path_factory.mktemp("packed"), shape, seed=6, with_tokenizer=False), "cpu",
+                      "bfloat16")
+
+
+@pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this torch build has no oneDNN")
+def test_packed_weights_give_the_models_tokens_and_keep_the_tied_embedding(bf16_tied_model):
+    model = bf16_tied_model
+    rng = random.Random(4)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (6, 13, 2)]
+    expected = _greedy(model, prompts, 16)
+    c = model.config
+    shapes = {(c.q_size + 2 * c.kv_size, c.hidden_size), (c.hidden_size, c.q_size),
+              (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size), (VOCAB, c.hidden_size)}
+    table = model.embed_tokens.detach().clone()
+    plan = CpuPlan({shape: PACKED for shape in shapes}, [AttentionChoice(1, 64, "sdpa")], 0.0)
+    model._pack_weights(plan)
+    model.cpu_plan = plan
+    assert all(getattr(layer, name).is_mkldnn for layer in model.layers
+               for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    assert model.lm_head.is_mkldnn and not model.embed_tokens.is_mkldnn  # the lookup keeps its plain table
+    torch.testing.assert_close(model.embed_tokens, table, rtol=0, atol=0)
+    assert plan.extra_bytes == VOCAB * 64 * 2 and "the tied LM head packed as a copy" in plan.describe()
+    assert _greedy(model, prompts, 16) == expected  # prefill (several rows) and decode through packed weights
+
+
+def test_weights_are_offered_packed_only_in_bf16(model):
+    assert not packing_available(torch.float32) and not packing_available(torch.float16)
+    try:
+        plan = model.plan_cpu_ops(max_batch=4, max_context=64)  # an fp32 model
+    finally:
+        model.cpu_plan = None
+    assert PACKED not in plan.one_row_linear.values() and not any(p.is_mkldnn for p in model.parameters())
