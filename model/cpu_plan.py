@@ -142,6 +142,9 @@ def measure_cpu_plan(
         shape = tuple(weight.shape)
         if shape in one_row:
             continue
+        if weight.is_mkldnn:  # packed by an earlier plan: it stays so
+            one_row[shape] = PACKED
+            continue
         x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
         candidates = {name: (lambda fn=fn: fn(x, weight)) for name, fn in ONE_ROW_LINEARS.items()}
         if packing_available(weight.dtype):

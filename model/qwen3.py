@@ -92,9 +92,9 @@ class Qwen3Model(nn.Module):
                 if tuple(getattr(layer, name).shape) in packed and not getattr(layer, name).is_mkldnn:
                     setattr(layer, name, pack(getattr(layer, name)))
         if tuple(self.lm_head.shape) in packed and not self.lm_head.is_mkldnn:
-            if self.lm_head is self.embed_tokens:
-                plan.extra_bytes = self.lm_head.numel() * self.lm_head.element_size()
             self.lm_head = pack(self.lm_head)
+        if self.config.tie_word_embeddings and self.lm_head is not self.embed_tokens:
+            plan.extra_bytes = self.embed_tokens.numel() * self.embed_tokens.element_size()
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)

@@ -136,6 +136,8 @@ def test_packed_weights_give_the_models_tokens_and_keep_the_tied_embedding(bf16_
     torch.testing.assert_close(model.embed_tokens, table, rtol=0, atol=0)
     assert plan.extra_bytes == VOCAB * 64 * 2 and "the tied LM head packed as a copy" in plan.describe()
     assert _greedy(model, prompts, 16) == expected  # prefill (several rows) and decode through packed weights
+    again = model.plan_cpu_ops(max_batch=4, max_context=64)  # a second plan keeps what is packed
+    assert set(again.one_row_linear.values()) == {PACKED} and again.extra_bytes == plan.extra_bytes
 
 
 def test_weights_are_offered_packed_only_in_bf16(model):
