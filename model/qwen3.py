@@ -89,8 +89,9 @@ class Qwen3Model(nn.Module):
 
         for layer in self.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-                if tuple(getattr(layer, name).shape) in packed and not getattr(layer, name).is_mkldnn:
-                    setattr(layer, name, pack(getattr(layer, name)))
+                weight = getattr(layer, name)
+                if tuple(weight.shape) in packed and not weight.is_mkldnn:
+                    setattr(layer, name, pack(weight))
         if tuple(self.lm_head.shape) in packed and not self.lm_head.is_mkldnn:
             self.lm_head = pack(self.lm_head)
         if self.config.tie_word_embeddings and self.lm_head is not self.embed_tokens:

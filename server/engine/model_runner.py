@@ -74,7 +74,8 @@ class ModelRunner:
         self._buffers = [self._token_ids, self._positions, self._slot_mapping, self._block_tables,
                          self._context_lens, self._query_start_loc, self._logits_indices]
         self._turn = 0  # which host buffers the step being prepared writes
-        self._copied: list[torch.cuda.Event | None] = [None, None]  # per turn: its last copies are done
+        # On CUDA, per turn: recorded after that turn's copies (waiting on one never recorded returns at once).
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
 
     def _capture_graphs(self, config: EngineConfig, table_width: int) -> tuple[DecodeGraphRunner | None, str]:
@@ -136,26 +137,25 @@ class ModelRunner:
 
     def _next_turn(self) -> None:
         """On CUDA, the host buffers the copies of the step before last read, once those are done."""
-        if self.model.device.type == "cuda":
+        if self._copied:
             self._turn ^= 1
-            if (copied := self._copied[self._turn]) is not None:
-                copied.synchronize()
+            self._copied[self._turn].synchronize()
             for buffer in self._buffers:
                 buffer.use(self._turn)
 
     def _end_turn(self) -> None:
-        if self.model.device.type == "cuda":
-            self._copied[self._turn] = torch.cuda.Event()
+        if self._copied:
             self._copied[self._turn].record()
 
     def _read_unresolved(self, decodes: list[Sequence], previous: "LaunchedStep | None") -> None:
         """The decode rows whose token `previous` sampled take it from its ids on the device (the
-        host wrote UNRESOLVED there); the same stream orders this after the inputs' copies."""
+        host wrote UNRESOLVED there); the same stream orders this after the inputs' copies. Without
+        a `previous` that sampled, no token is unresolved (the core reads a step back first)."""
+        if previous is None or previous.sampled is None:
+            return
         pairs = [(row, seq.unresolved_row) for row, seq in enumerate(decodes) if seq.unresolved_row is not None]
         if not pairs:
             return
-        if previous is None or previous.sampled is None:
-            raise RuntimeError("a decode's last token is unresolved, but no launched step sampled it")
         token_ids, sampled = self._token_ids.device, previous.sampled.token_ids
         if all(row == source for row, source in pairs):  # the steady state: the same batch, in order
             token_ids[: len(pairs)].copy_(sampled[: len(pairs)])

@@ -7,16 +7,9 @@ from typing import Literal
 
 import openai
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # additionalProperties: false, as strict schemas have it
-
-
-class Address(Strict):
-    city: str = Field(max_length=12)
-    zip: str = Field(pattern=r"^[0-9]{5}$")
+from tests.server.engine.test_structured import Address, Strict  # the engine test's schemas
 
 
 class Profile(Strict):
