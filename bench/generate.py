@@ -108,9 +108,11 @@ MODES = {"graphs": {"enforce_eager": False}, "sync": {"enforce_eager": False, "a
 def decode_step_bytes(model: Qwen3Model, batch: int, context: int) -> int:
     """Bytes a decode step of `batch` sequences of `context` tokens reads at the least: every
     weight once, but of an embedding table that is not also the LM head (untied, or tied with a
-    packed copy of it as the head, see `model.cpu_plan`) one row per sequence, and every K/V."""
+    held copy of it as the head, see `model.cpu_plan`) one row per sequence, and every K/V. Weights
+    count in the model's dtype: a layout the CPU plan holds them in (fp32 copies) reads more, and
+    that is the plan's cost, not the floor's."""
     c, itemsize = model.config, model.dtype.itemsize
-    read = sum(p.numel() * p.element_size() for p in model.parameters())  # a shared table counts once
+    read = sum(p.numel() * itemsize for p in model.parameters())  # a shared table counts once
     if model.lm_head is not model.embed_tokens:
         read -= (c.vocab_size - batch) * c.hidden_size * itemsize
     return read + batch * context * c.num_layers * 2 * c.kv_size * itemsize

@@ -1,4 +1,4 @@
-"""Which implementation each CPU op uses, chosen by timing the candidates when a model loads.
+"""Which implementation each CPU op uses, chosen by running and timing the candidates when a model loads.
 
 The fastest way to run an op on a CPU depends on the processor, the torch build and the shapes,
 and no rule carries over: for one bf16 row, `torch.mv` read the weights 35% faster than
@@ -7,21 +7,38 @@ a single query token lost to two grouped matmuls by 11x at 160 tokens on the EPY
 1,024. So the candidates are timed here, on the model's own weights and head shapes, on this
 machine, and the choice is logged in one line (`CpuPlan.describe`).
 
+Whether a candidate can run at all is found the same way: each is first run once on the model's
+shapes inside a guard, and its result checked against a plain fp32 computation. One that raises
+(oneDNN's bf16 packing needs AVX-512 or AVX-NE-CONVERT, which AVX2-only processors lack) or
+computes something else is dropped and named in the startup line, so nothing the plan keeps can
+fail later, and availability is never read from build or ISA flags.
+
 Timing is interleaved (every round runs each candidate once) and the median of each is compared;
 a candidate replaces the default only when it is faster by `MARGIN`, so noise keeps the default.
 
-For bf16 weights there is a third candidate: the weight prepacked once into oneDNN's blocked
-layout (`torch.ops.mkldnn._reorder_linear_weight`), which `F.linear` otherwise works from the
-plain layout on every call. It served one row 15-28% faster than `F.linear` on the EPYC, and 8
-and 128 rows faster too, with bit-identical results there (bf16 `F.linear` runs oneDNN itself).
-A packed weight serves every batch size, so it is kept only if a full batch is no slower with it;
-the model then holds it in place of the plain weight (`Qwen3Model.plan_cpu_ops`).
+Besides computing from the plain weight (`F.linear`; `torch.mv` for one row), a weight can be
+held in another layout, which then serves every batch size (`HELD_LAYOUTS`):
+- `packed`: prepacked once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`),
+  which `F.linear` otherwise works from the plain layout on every call. For bf16 on an AVX-512
+  EPYC it served one row 15-28% faster than `F.linear`, and 8 and 128 rows faster too; for fp32
+  on an AVX2-only EPYC, 8 rows several times faster than MKL's small-batch path.
+- `fp32`, `fp32 packed` (16-bit weights): upcast once (and packed) and multiplied in fp32, the
+  activations upcast per call and the result rounded back to the model's dtype. A CPU without
+  native bf16 dot products runs bf16 matmuls on slow conversion paths; fp32 reads twice the bytes
+  but may still win. It costs the extra memory, which the startup line counts, and is refused for
+  a shape whose copies would not fit in `MEMORY_SHARE` of the memory available.
+Because a held layout serves every batch, layouts are compared at one row and at a full batch,
+each by its worse ratio to the fastest there (`_choose_linear`). The model then holds the winner
+in place of the plain weight (`Qwen3Model.plan_cpu_ops`), a tied LM head as a copy beside the
+embedding table.
 """
 
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +52,13 @@ MARGIN = 0.05  # a challenger must beat the default by 5%
 ROUNDS = 7
 BLOCK_SIZE = 16  # of the scratch caches that attention candidates are timed on
 SHORT_CONTEXT = 128
+# The longest context attention candidates are timed at: longer contexts use the choice made here
+# (the nearest measured point). Timing at a 40,960-token context would take seconds and gigabytes.
+LONG_CONTEXT = 2048
+MEMORY_SHARE = 0.5  # of the memory available at load time, what held fp32 copies may take
+# A candidate's result may differ from the fp32 computation by this much, relative to its largest
+# magnitude: rounding to a 16-bit type (2^-8) and summation order, well below what a wrong kernel gives.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -43,11 +67,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _mv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mv(weight, x[0]).unsqueeze(0)
-
-
-def packing_available(dtype: torch.dtype) -> bool:
-    """Whether weights of `dtype` may be prepacked: bf16, where `F.linear` runs oneDNN's kernels too."""
-    return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -59,13 +78,54 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def held_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` for a weight held packed and/or in fp32; the result in `x`'s dtype."""
+    compute = x if weight.dtype == x.dtype else x.to(weight.dtype)
+    out = packed_linear(compute, weight) if weight.is_mkldnn else F.linear(compute, weight)
+    return out.to(x.dtype)
+
+
 # The first candidate is the default.
 ONE_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, "mv": _mv}
-PACKED = "packed"  # a weight shape whose weights are held packed (for every batch size)
+PLAIN, PACKED, FP32, FP32_PACKED = "plain", "packed", "fp32", "fp32 packed"
+HELD_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    PACKED: pack_weight,
+    FP32: lambda w: w.float(),
+    FP32_PACKED: lambda w: pack_weight(w.float()),
+}
 DECODE_ATTENTIONS: dict[str, AttentionFn] = {
     "sdpa": paged_decode_attention_reference,
     "grouped": paged_decode_attention_grouped,
 }
+
+
+def held_layouts(dtype: torch.dtype) -> list[str]:
+    """The layouts a weight of `dtype` may be offered in (whether they run here is found by running them)."""
+    return [PACKED] if dtype == torch.float32 else [PACKED, FP32, FP32_PACKED]
+
+
+def layout_of(weight: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """The held layout `weight` is in, for a model of `dtype`, or None when it is plain."""
+    upcast = weight.dtype != dtype
+    if weight.is_mkldnn:
+        return FP32_PACKED if upcast else PACKED
+    return FP32 if upcast else None
+
+
+def probe_packing(dtype: torch.dtype) -> str | None:
+    """Why weights of `dtype` cannot be packed here, or None when a small packed matmul runs and is right."""
+    weight, x = torch.randn(48, 32, dtype=dtype), torch.randn(3, 32, dtype=dtype)
+    problem = _run_problem(lambda: packed_linear(x, pack_weight(weight)), _reference_linear(x, weight), dtype)
+    return None if problem is None else f"packed: {problem}"
+
+
+@dataclass
+class PlannedWeight:
+    """One weight shape of the model, for the plan: a sample to time, and what holding it costs."""
+
+    sample: torch.Tensor  # a weight of this shape (plain, or held by an earlier plan)
+    replaced: int  # weights of this shape that a held layout replaces
+    copied: int = 0  # weights of this shape that stay plain beside a held copy (a tied LM head's table)
 
 
 @dataclass
@@ -77,22 +137,23 @@ class AttentionChoice:
 
 @dataclass
 class CpuPlan:
-    one_row_linear: dict[tuple[int, int], str]  # weight shape -> winner for a single row, or PACKED
+    one_row_linear: dict[tuple[int, int], str]  # weight shape -> winner for a single row, or a held layout
     decode_attention: list[AttentionChoice]  # measured points
     seconds: float  # what measuring took
-    extra_bytes: int = 0  # memory the plan added (a packed copy of a tied LM head)
+    extra_bytes: int = 0  # memory the held layouts add (fp32 copies, a tied LM head's copy)
+    skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was dropped (the first reason)
 
     def __post_init__(self) -> None:
         self._one_row = {shape: ONE_ROW_LINEARS[name] for shape, name in self.one_row_linear.items()
                          if name in ONE_ROW_LINEARS}
 
-    @property
-    def packed_shapes(self) -> set[tuple[int, int]]:
-        return {shape for shape, name in self.one_row_linear.items() if name == PACKED}
+    def held_layout(self, shape: tuple[int, int]) -> str | None:
+        name = self.one_row_linear.get(shape)
+        return name if name in HELD_LAYOUTS else None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if weight.is_mkldnn:  # packed by the plan
-            return packed_linear(x, weight)
+        if weight.is_mkldnn or weight.dtype != x.dtype:  # held by the plan
+            return held_linear(x, weight)
         if x.shape[0] == 1:
             return self._one_row.get(weight.shape, _linear)(x, weight)
         return F.linear(x, weight)
@@ -105,9 +166,14 @@ class CpuPlan:
     def describe(self) -> str:
         linears = ", ".join(f"{o}x{i} {name}" for (o, i), name in self.one_row_linear.items())
         attention = ", ".join(f"B={c.batch} L={c.context} {c.name}" for c in self.decode_attention)
-        extra = f"; the tied LM head packed as a copy (+{self.extra_bytes / 2**20:.0f} MiB)" if self.extra_bytes else ""
-        return (f"CPU ops chosen by timing them here ({self.seconds:.1f} s, {torch.get_num_threads()} threads): "
-                f"one-row matmul: {linears}; decode attention: {attention}{extra}")
+        text = (f"CPU ops chosen by timing them here ({self.seconds:.1f} s, {torch.get_num_threads()} threads, "
+                f"ATen {torch.backends.cpu.get_cpu_capability()}): "
+                f"one-row matmul: {linears}; decode attention: {attention}")
+        if self.extra_bytes:
+            text += f"; held weights add {self.extra_bytes / 2**20:.0f} MiB"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{reason}" for reason in self.skipped.values())
+        return text
 
 
 def _median_seconds(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -124,51 +190,187 @@ def _median_seconds(candidates: dict[str, Callable[[], object]], rounds: int) ->
 
 def fastest(candidates: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> str:
     """The candidate with the lowest median time, if it beats the first (the default) by MARGIN."""
-    medians = _median_seconds(candidates, rounds)
-    default = next(iter(candidates))
-    best = min(medians, key=medians.get)
-    return best if medians[best] < medians[default] * (1 - MARGIN) else default
+    return _pick(_median_seconds(candidates, rounds))
+
+
+def _pick(costs: dict[str, float]) -> str:
+    """The lowest cost, if it beats the first entry's (the default) by MARGIN; else the default."""
+    default = next(iter(costs))
+    best = min(costs, key=costs.get)
+    return best if costs[best] < costs[default] * (1 - MARGIN) else default
+
+
+def _run_problem(fn: Callable[[], torch.Tensor], reference: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why `fn` cannot be used here: it raises, or its result is not `reference`'s; None when it is."""
+    try:
+        out = fn()
+    except Exception as err:  # an op this processor or torch build lacks: whatever it raises
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"unavailable here ({first_line[:160]})"
+    error = (out.float() - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    if not error <= TOLERANCE[dtype] * scale:  # NaN fails too
+        return f"gives wrong results here (max |difference| {error:.3g} for values up to {scale:.3g})"
+    return None
+
+
+def runnable(candidates: dict[str, Callable[[], torch.Tensor]], reference: torch.Tensor, dtype: torch.dtype,
+             skipped: dict[str, str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """The candidates that run and give `reference` (in order); the others go into `skipped`, by name."""
+    kept = {}
+    for name, fn in candidates.items():
+        problem = _run_problem(fn, reference, dtype)
+        if problem is None:
+            kept[name] = fn
+        else:
+            skipped.setdefault(name, f"{name}: {problem}")
+    return kept
+
+
+def _reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), weight.float())
+
+
+class _MemoryBudget:
+    """What held copies may still take: MEMORY_SHARE of the memory available when the plan starts."""
+
+    def __init__(self) -> None:
+        self.left = MEMORY_SHARE * available_memory_bytes()
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.left
+
+
+def available_memory_bytes() -> int:
+    """Memory the kernel says can be given to new allocations without swapping (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _holding_cost(weight: PlannedWeight, layout: str, dtype: torch.dtype) -> int:
+    """Bytes that holding every weight of this shape in `layout` adds to a model of `dtype` (a
+    packed weight keeps its element size)."""
+    numel = math.prod(weight.sample.shape)
+    plain = numel * dtype.itemsize
+    held = numel * (4 if layout in (FP32, FP32_PACKED) else dtype.itemsize)
+    return weight.replaced * (held - plain) + weight.copied * held
+
+
+def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget, skipped: dict[str, str]) -> tuple[str, int]:
+    """The winner for this weight shape (a one-row function of the plain weight, or a held layout)
+    and the bytes it adds.
+
+    A held layout serves every batch size, so layouts are compared at one row and at `max_batch`
+    rows, each by its worse ratio to the fastest at either size: neither batch-1 decode nor a full
+    batch may pay much for the other's gain."""
+    sample = weight.sample
+    held: dict[str, torch.Tensor] = {}
+    for layout in held_layouts(sample.dtype):
+        cost = _holding_cost(weight, layout, sample.dtype)
+        if not budget.fits(cost):
+            skipped.setdefault(layout, f"{layout}: {tuple(sample.shape)} would need {cost / 2**30:.1f} GiB more, "
+                                       f"over {MEMORY_SHARE:.0%} of the memory available")
+            continue
+        try:
+            held[layout] = HELD_LAYOUTS[layout](sample)
+        except Exception as err:
+            skipped.setdefault(layout, f"{layout}: unavailable here ({str(err).strip().splitlines()[0][:160]})")
+    one_row = _times(sample, 1, ONE_ROW_LINEARS, held, skipped)
+    plain_fns = {name: one_row[name] for name in ONE_ROW_LINEARS if name in one_row}
+    held = {layout: copy for layout, copy in held.items() if layout in one_row}
+    if not one_row:
+        raise RuntimeError(f"no matmul runs on this CPU for a {tuple(sample.shape)} {sample.dtype} weight: "
+                           + "; ".join(skipped.values()))
+    plain_one_row = _pick(plain_fns) if plain_fns else None
+    # Per option: (one-row seconds, full-batch seconds); the plain weight runs F.linear for a batch.
+    batch = _times(sample, max_batch, {"linear": _linear}, held, skipped) if max_batch > 1 else {}
+    options: dict[str, tuple[float, float]] = {}
+    if plain_one_row is not None and (max_batch == 1 or "linear" in batch):
+        options[PLAIN] = (one_row[plain_one_row], batch.get("linear", 0.0))
+    options |= {layout: (one_row[layout], batch.get(layout, 0.0)) for layout in held
+                if max_batch == 1 or layout in batch}
+    if not options:
+        raise RuntimeError(f"no matmul runs on this CPU for {max_batch} rows of a {tuple(sample.shape)} weight: "
+                           + "; ".join(skipped.values()))
+    fastest_at = [min(times[i] for times in options.values()) for i in (0, 1)]
+    worst_ratio = {name: max(t / best if best else 1.0 for t, best in zip(times, fastest_at))
+                   for name, times in options.items()}
+    winner = _pick(worst_ratio)
+    if winner == PLAIN:
+        return plain_one_row, 0
+    cost = _holding_cost(weight, winner, sample.dtype)
+    budget.left -= cost
+    return winner, cost
+
+
+def _times(weight: torch.Tensor, rows: int, plain: dict[str, LinearFn], held: dict[str, torch.Tensor],
+           skipped: dict[str, str]) -> dict[str, float]:
+    """Median seconds of `rows` random rows through each plain function of `weight` and each held
+    copy of it, for those that run and give the right result (the others go into `skipped`)."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    candidates = {name: partial(fn, x, weight) for name, fn in plain.items()}
+    candidates |= {layout: partial(held_linear, x, copy) for layout, copy in held.items()}
+    candidates = runnable(candidates, _reference_linear(x, weight), weight.dtype, skipped)
+    return _median_seconds(candidates, ROUNDS) if candidates else {}
 
 
 @torch.inference_mode()
 def measure_cpu_plan(
-    weights: list[torch.Tensor], num_heads: int, num_kv_heads: int, head_dim: int, max_batch: int, max_context: int,
+    weights: list[PlannedWeight], dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+    max_batch: int, max_context: int,
 ) -> CpuPlan:
-    """Time the candidates on `weights` (one of each projection shape) and on decode attention over
-    scratch caches at batch 1 and `max_batch`, contexts SHORT_CONTEXT and `max_context`."""
+    """Time the candidates on `weights` (one per weight shape) and on decode attention over scratch
+    caches at batch 1 and `max_batch`, contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
     started = time.perf_counter()
-    one_row = {}
+    one_row: dict[tuple[int, int], str] = {}
+    skipped: dict[str, str] = {}
+    budget = _MemoryBudget()
+    extra_bytes = 0
     for weight in weights:
-        shape = tuple(weight.shape)
-        if shape in one_row:
+        shape = tuple(weight.sample.shape)
+        if (held := layout_of(weight.sample, dtype)) is not None:  # held by an earlier plan: it stays so
+            one_row[shape] = held
+            extra_bytes += _holding_cost(weight, held, dtype)
             continue
-        if weight.is_mkldnn:  # packed by an earlier plan: it stays so
-            one_row[shape] = PACKED
-            continue
-        x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-        candidates = {name: (lambda fn=fn: fn(x, weight)) for name, fn in ONE_ROW_LINEARS.items()}
-        if packing_available(weight.dtype):
-            packed = pack_weight(weight)
-            one_row[shape] = fastest(candidates | {PACKED: lambda: packed_linear(x, packed)})
-            if one_row[shape] == PACKED and max_batch > 1 and not _packed_serves_a_batch(weight, packed, max_batch):
-                one_row[shape] = fastest(candidates)
-            del packed
-        else:
-            one_row[shape] = fastest(candidates)
-    dtype = weights[0].dtype
+        one_row[shape], cost = _choose_linear(weight, max_batch, budget, skipped)
+        extra_bytes += cost
     attention = []
+    long_context = min(max_context, LONG_CONTEXT)
     for batch in sorted({1, max_batch}):
-        for context in sorted({min(SHORT_CONTEXT, max_context), max_context}):
-            args = _attention_inputs(batch, context, num_heads, num_kv_heads, head_dim, dtype)
-            candidates = {name: (lambda fn=fn: fn(*args)) for name, fn in DECODE_ATTENTIONS.items()}
-            attention.append(AttentionChoice(batch, context, fastest(candidates)))
-    return CpuPlan(one_row, attention, time.perf_counter() - started)
+        for context in sorted({min(SHORT_CONTEXT, long_context), long_context}):
+            attention.append(AttentionChoice(batch, context, _choose_attention(
+                _attention_inputs(batch, context, num_heads, num_kv_heads, head_dim, dtype), skipped)))
+    return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped)
 
 
-def _packed_serves_a_batch(weight: torch.Tensor, packed: torch.Tensor, batch: int) -> bool:
-    """Whether `batch` rows through the packed weight are no slower than `F.linear` (by MARGIN)."""
-    x = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
-    return fastest({PACKED: lambda: packed_linear(x, packed), "linear": lambda: F.linear(x, weight)}) == PACKED
+def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:
+    q = args[0]
+    reference = _attention_reference(*args)
+    candidates = {name: partial(fn, *args) for name, fn in DECODE_ATTENTIONS.items()}
+    candidates = runnable(candidates, reference, q.dtype, skipped)
+    if not candidates:
+        raise RuntimeError("no decode attention runs on this CPU: " + "; ".join(skipped.values()))
+    return fastest(candidates) if len(candidates) > 1 else next(iter(candidates))
+
+
+def _attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """Decode attention in fp32, written out plainly: what every candidate must give."""
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    group = q.shape[1] // kv_heads
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for b, length in enumerate(context_lens.tolist()):
+        blocks = block_tables[b, : -(-length // block_size)].long()
+        keys = k_cache[blocks].reshape(-1, kv_heads, head_dim)[:length].float().repeat_interleave(group, 1)
+        values = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:length].float().repeat_interleave(group, 1)
+        probs = (torch.einsum("hd,lhd->hl", q[b].float(), keys) * scale).softmax(-1)
+        out[b] = torch.einsum("hl,lhd->hd", probs, values)
+    return out
 
 
 def _attention_inputs(batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):

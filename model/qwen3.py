@@ -28,7 +28,7 @@ from kernels import (
 from kernels.backend import use_triton
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
-from model.cpu_plan import AttentionFn, CpuPlan, measure_cpu_plan, pack_weight
+from model.cpu_plan import HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), each [blocks, block_size, Hk, D]
 
@@ -72,30 +72,39 @@ class Qwen3Model(nn.Module):
         """Time the CPU candidates of the ops that have several (see `model.cpu_plan`) on this model's
         weights and head shapes, and use the winners from now on. Run it on a thread that ends or
         on the thread that runs the model (see `server.engine.async_engine.create_engine`)."""
-        layer, c = self.layers[0], self.config
-        weights = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj, self.lm_head]
-        plan = measure_cpu_plan(weights, c.num_heads, c.num_kv_heads, c.head_dim, max_batch, max_context)
-        self._pack_weights(plan)
+        c = self.config
+        plan = measure_cpu_plan(self._planned_weights(), self.dtype, c.num_heads, c.num_kv_heads, c.head_dim,
+                                max_batch, max_context)
+        self._hold_weights(plan)
         self.cpu_plan = plan
         return plan
 
-    def _pack_weights(self, plan: CpuPlan) -> None:
-        """Hold the weights of the shapes the plan packs in their packed layout (in place of the
-        plain ones; a tied LM head gets a packed copy, the embedding keeps its table)."""
-        packed = plan.packed_shapes
+    def _matmul_weights(self) -> list[tuple[nn.Module, str]]:
+        """(owner, attribute) of every weight that goes through `_linear`."""
+        names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        return [(layer, name) for layer in self.layers for name in names] + [(self, "lm_head")]
 
-        def pack(weight: nn.Parameter) -> nn.Parameter:
-            return nn.Parameter(pack_weight(weight.detach()), requires_grad=False)
+    def _planned_weights(self) -> list[PlannedWeight]:
+        """One entry per weight shape: a sample, how many weights of that shape a held layout
+        replaces, and how many stay plain beside a held copy (a tied LM head's embedding table)."""
+        planned: dict[tuple[int, ...], PlannedWeight] = {}
+        for owner, name in self._matmul_weights():
+            weight = getattr(owner, name)
+            entry = planned.setdefault(tuple(weight.shape), PlannedWeight(weight, 0))
+            if name == "lm_head" and self.config.tie_word_embeddings:
+                entry.copied += 1
+            else:
+                entry.replaced += 1
+        return list(planned.values())
 
-        for layer in self.layers:
-            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-                weight = getattr(layer, name)
-                if tuple(weight.shape) in packed and not weight.is_mkldnn:
-                    setattr(layer, name, pack(weight))
-        if tuple(self.lm_head.shape) in packed and not self.lm_head.is_mkldnn:
-            self.lm_head = pack(self.lm_head)
-        if self.config.tie_word_embeddings and self.lm_head is not self.embed_tokens:
-            plan.extra_bytes = self.embed_tokens.numel() * self.embed_tokens.element_size()
+    def _hold_weights(self, plan: CpuPlan) -> None:
+        """Hold the weights of the shapes the plan holds in another layout (packed, fp32) in place
+        of the plain ones; a tied LM head gets a copy, the embedding keeps its table."""
+        for owner, name in self._matmul_weights():
+            weight = getattr(owner, name)
+            layout = plan.held_layout(tuple(weight.shape))
+            if layout is not None and layout_of(weight, self.dtype) is None:
+                setattr(owner, name, nn.Parameter(HELD_LAYOUTS[layout](weight.detach()), requires_grad=False))
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)

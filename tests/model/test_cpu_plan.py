@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from model.batch import SequenceStep, make_batch
+import model.cpu_plan as cpu_plan
 from model.cpu_plan import (
     DECODE_ATTENTIONS,
+    FP32,
     ONE_ROW_LINEARS,
     PACKED,
     AttentionChoice,
     CpuPlan,
     fastest,
-    packing_available,
+    probe_packing,
 )
 from model.demo import write_checkpoint
 from model.load import load_model
@@ -58,10 +60,16 @@ def test_plan_picks_the_nearest_measured_attention_point():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def fp32_checkpoint(tmp_path_factory):
     shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, dtype="float32")
-    return load_model(write_checkpoint(tmp_path_factory.mktemp("plan"), shape, seed=5, with_tokenizer=False), "cpu")
+    return write_checkpoint(tmp_path_factory.mktemp("plan"), shape, seed=5, with_tokenizer=False)
+
+
+@pytest.fixture
+def model(fp32_checkpoint):
+    """Loaded for each test: a plan may hold its weights in another layout."""
+    return load_model(fp32_checkpoint, "cpu")
 
 
 def _greedy(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
@@ -117,33 +125,108 @@ def bf16_tied_model(tmp_path_factory):
                       "bfloat16")
 
 
-@pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this torch build has no oneDNN")
+def _projection_shapes(model) -> set[tuple[int, int]]:
+    c = model.config
+    return {(c.q_size + 2 * c.kv_size, c.hidden_size), (c.hidden_size, c.q_size),
+            (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size), (VOCAB, c.hidden_size)}
+
+
+@pytest.fixture
+def bf16_tied_model(tmp_path_factory):
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, dtype="bfloat16")
+    return load_model(write_checkpoint(tmp_path_factory.mktemp("held"), shape, seed=6, with_tokenizer=False), "cpu",
+                      "bfloat16")
+
+
+@pytest.mark.skipif(bool(probe_packing(torch.bfloat16)), reason=f"{probe_packing(torch.bfloat16)}")
 def test_packed_weights_give_the_models_tokens_and_keep_the_tied_embedding(bf16_tied_model):
     model = bf16_tied_model
     rng = random.Random(4)
     prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (6, 13, 2)]
     expected = _greedy(model, prompts, 16)
-    c = model.config
-    shapes = {(c.q_size + 2 * c.kv_size, c.hidden_size), (c.hidden_size, c.q_size),
-              (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size), (VOCAB, c.hidden_size)}
     table = model.embed_tokens.detach().clone()
-    plan = CpuPlan({shape: PACKED for shape in shapes}, [AttentionChoice(1, 64, "sdpa")], 0.0)
-    model._pack_weights(plan)
+    plan = CpuPlan({shape: PACKED for shape in _projection_shapes(model)}, [AttentionChoice(1, 64, "sdpa")], 0.0)
+    model._hold_weights(plan)
     model.cpu_plan = plan
     assert all(getattr(layer, name).is_mkldnn for layer in model.layers
                for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
     assert model.lm_head.is_mkldnn and not model.embed_tokens.is_mkldnn  # the lookup keeps its plain table
     torch.testing.assert_close(model.embed_tokens, table, rtol=0, atol=0)
-    assert plan.extra_bytes == VOCAB * 64 * 2 and "the tied LM head packed as a copy" in plan.describe()
     assert _greedy(model, prompts, 16) == expected  # prefill (several rows) and decode through packed weights
-    again = model.plan_cpu_ops(max_batch=4, max_context=64)  # a second plan keeps what is packed
-    assert set(again.one_row_linear.values()) == {PACKED} and again.extra_bytes == plan.extra_bytes
+    again = model.plan_cpu_ops(max_batch=4, max_context=64)  # a second plan keeps what is held
+    assert set(again.one_row_linear.values()) == {PACKED} and again.extra_bytes == VOCAB * 64 * 2
+    assert "held weights add" in again.describe()
 
 
-def test_weights_are_offered_packed_only_in_bf16(model):
-    assert not packing_available(torch.float32) and not packing_available(torch.float16)
+def test_fp32_held_weights_give_the_models_tokens_and_count_their_memory(bf16_tied_model):
+    model = bf16_tied_model
+    rng = random.Random(8)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (9, 4, 15)]
+    expected = _greedy(model, prompts, 16)
+    table = model.embed_tokens.detach().clone()
+    plan = CpuPlan({shape: FP32 for shape in _projection_shapes(model)}, [AttentionChoice(1, 64, "grouped")], 0.0)
+    model._hold_weights(plan)
+    model.cpu_plan = plan
+    assert all(getattr(layer, name).dtype == torch.float32 for layer in model.layers
+               for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    assert model.lm_head.dtype == torch.float32 and model.embed_tokens.dtype == torch.bfloat16
+    torch.testing.assert_close(model.embed_tokens, table, rtol=0, atol=0)
+    assert _greedy(model, prompts, 16) == expected
+    again = model.plan_cpu_ops(max_batch=4, max_context=64)
+    layer_numel = sum(getattr(layer, name).numel() for layer in model.layers
+                      for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    # bf16 -> fp32 adds 2 bytes per layer weight element; the tied head is a 4-byte copy beside the table.
+    assert set(again.one_row_linear.values()) == {FP32}
+    assert again.extra_bytes == layer_numel * 2 + VOCAB * 64 * 4
+
+
+def test_a_candidate_that_raises_or_computes_wrongly_is_dropped_and_named(model, monkeypatch):
+    def raises(x, w):
+        raise RuntimeError("this processor lacks the instructions\nsecond line")
+
+    monkeypatch.setitem(ONE_ROW_LINEARS, "mv", raises)
+    monkeypatch.setitem(DECODE_ATTENTIONS, "grouped", lambda q, *args: 2 * DECODE_ATTENTIONS["sdpa"](q, *args))
+    try:
+        plan = model.plan_cpu_ops(max_batch=4, max_context=64)
+    finally:
+        model.cpu_plan = None
+    assert "mv" not in plan.one_row_linear.values()
+    assert {a.name for a in plan.decode_attention} == {"sdpa"}
+    assert plan.skipped["mv"] == "mv: unavailable here (this processor lacks the instructions)"
+    assert plan.skipped["grouped"].startswith("grouped: gives wrong results here (max |difference| ")
+    line = plan.describe()
+    assert "skipped: " in line and plan.skipped["mv"] in line and plan.skipped["grouped"] in line
+
+
+def test_fp32_copies_are_refused_when_they_would_not_fit(bf16_tied_model, monkeypatch):
+    monkeypatch.setattr(cpu_plan, "available_memory_bytes", lambda: 1000)
+    model = bf16_tied_model
+    plan = model.plan_cpu_ops(max_batch=4, max_context=64)
+    assert FP32 not in plan.one_row_linear.values() and plan.extra_bytes == 0
+    assert "would need" in plan.skipped[FP32] and "of the memory available" in plan.skipped[FP32]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.is_mkldnn)
+
+
+def test_fp32_models_are_not_offered_fp32_copies(model):
     try:
         plan = model.plan_cpu_ops(max_batch=4, max_context=64)  # an fp32 model
     finally:
         model.cpu_plan = None
-    assert PACKED not in plan.one_row_linear.values() and not any(p.is_mkldnn for p in model.parameters())
+    assert FP32 not in plan.one_row_linear.values() and FP32 not in plan.skipped
+    assert all(p.dtype == torch.float32 for p in model.parameters() if not p.is_mkldnn)
+
+
+@pytest.mark.parametrize("one_row,batch,winner", [
+    # (seconds per option at one row, at a full batch) -> the option whose worse ratio to the fastest is least
+    ({"linear": 1.0, "mv": 0.9, FP32: 1.1}, {"linear": 10.0, FP32: 1.0}, FP32),  # 1.22x at one row, 10x better at 8
+    ({"linear": 1.0, "mv": 0.5, FP32: 1.1}, {"linear": 1.0, FP32: 0.9}, "mv"),  # held 2.2x slower for one row
+    ({"linear": 1.0, "mv": 1.0, FP32: 0.98}, {"linear": 1.0, FP32: 0.98}, "linear"),  # within the margin: the default
+])
+def test_held_layouts_are_compared_at_one_row_and_a_full_batch(bf16_tied_model, monkeypatch, one_row, batch, winner):
+    monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype: [FP32])
+    monkeypatch.setattr(cpu_plan, "_times", lambda weight, rows, plain, held, skipped: one_row if rows == 1 else batch)
+    weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
+    chosen, cost = cpu_plan._choose_linear(weight, 8, cpu_plan._MemoryBudget(), {})
+    assert chosen == winner
+    assert cost == (2 * weight.sample.numel() * 2 if winner == FP32 else 0)
