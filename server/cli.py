@@ -44,7 +44,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-model-len", type=int, default=None,
         help="prompt + completion tokens per sequence at most (default: the model's context, "
-        "at most 2048 on CPU, and never more than the KV cache holds)",
+        "never more than the KV cache holds)",
     )
     g.add_argument(
         "--max-num-seqs", type=int, default=None, help="sequences in one batch at most (default 256 on CUDA, 8 on CPU)"
@@ -57,7 +57,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-kv-blocks", type=int, default=None,
         help="KV-cache size in blocks (default: on CUDA what free memory holds after the weights and the largest "
-        "step; on CPU enough for max-model-len x max-num-seqs tokens)",
+        "step; on CPU enough for max-model-len x max-num-seqs tokens, at most a quarter of the available memory)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     g.add_argument(
@@ -203,11 +203,9 @@ def _check_kv_cache_size(args: argparse.Namespace) -> None:
     if args.num_kv_blocks is None or args.max_model_len is not None:
         return
     from model.config import load_config
-    from model.load import model_dir_or_demo, resolve_device
-    from server.engine.config import default_max_model_len
+    from model.load import model_dir_or_demo
 
-    positions = load_config(model_dir_or_demo(args.model)).max_position_embeddings
-    context = default_max_model_len(positions, resolve_device(args.device).type)
+    context = load_config(model_dir_or_demo(args.model)).max_position_embeddings
     capacity = args.num_kv_blocks * args.block_size
     if capacity < context:
         raise ValueError(f"--num-kv-blocks {args.num_kv_blocks} holds {capacity} tokens (x --block-size "

@@ -1,24 +1,29 @@
 """The engine's sizes (`EngineConfig`) and how their defaults are resolved for a model and device."""
 
+import logging
 import math
 from dataclasses import dataclass, replace
 
+from model.cpu_plan import available_memory_bytes
 from model.qwen3 import Qwen3Model
 from server.engine.memory import kv_blocks_for_free_memory
 
-# Defaults where the engine flags are not given. On CPU the KV cache is sized from
-# max_model_len x max_num_seqs, so the context is capped: the demo's 40960 positions would
-# otherwise reserve 40960 x 8 tokens (1.3 GB) of cache for a model of a few MB.
-CPU_MAX_MODEL_LEN = 2048
+# Defaults where the engine flags are not given.
 DEFAULT_MAX_NUM_SEQS = {"cpu": 8, "cuda": 256}
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+# On CPU, without --num-kv-blocks, the KV cache holds max_model_len x max_num_seqs tokens, but
+# takes at most this share of the memory available once the weights are loaded; a longer context
+# than that holds is cut to what it holds. (Pages of the cache are touched only as blocks are used.)
+CPU_KV_MEMORY_SHARE = 0.25
+
+logger = logging.getLogger("nanoserve.engine")
 
 
 @dataclass
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from free memory on CUDA, max_model_len x max_num_seqs on CPU
-    max_model_len: int | None = None  # None: the model's context (CPU: at most 2048), at most the cache
+    max_model_len: int | None = None  # None: the model's context, at most what the cache holds
     max_num_seqs: int | None = None  # None: 256 on CUDA, 8 on CPU
     max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on CPU
     max_queue: int = 1024  # requests waiting for their first output before new ones are refused
@@ -32,9 +37,25 @@ class EngineConfig:
     async_scheduling: bool | None = None
 
 
-def default_max_model_len(max_positions: int, device: str) -> int:
-    """The context when --max-model-len is not given: the model's, capped on CPU."""
-    return max_positions if device == "cuda" else min(max_positions, CPU_MAX_MODEL_LEN)
+def kv_block_bytes(model: Qwen3Model, block_size: int) -> int:
+    """Bytes of one KV-cache block: K and V of `block_size` tokens in every layer."""
+    c = model.config
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+
+
+def cpu_kv_blocks(model: Qwen3Model, block_size: int, max_model_len: int, max_num_seqs: int) -> tuple[int, str]:
+    """On CPU: blocks for `max_num_seqs` sequences of `max_model_len` tokens, or as many as
+    CPU_KV_MEMORY_SHARE of the available memory holds if fewer; and a line saying which."""
+    block_bytes = kv_block_bytes(model, block_size)
+    wanted = math.ceil(max_model_len / block_size) * max_num_seqs
+    available = available_memory_bytes()
+    fit = int(CPU_KV_MEMORY_SHARE * available // block_bytes)
+    if wanted <= fit:
+        return wanted, (f"KV cache: {wanted} blocks ({wanted * block_bytes / 2**30:.2f} GiB) for {max_num_seqs} "
+                        f"sequences of {max_model_len} tokens")
+    return fit, (f"KV cache: {fit} blocks ({fit * block_bytes / 2**30:.2f} GiB), {CPU_KV_MEMORY_SHARE:.0%} of the "
+                 f"{available / 2**30:.1f} GiB of memory available, short of {max_num_seqs} sequences of "
+                 f"{max_model_len} tokens (--num-kv-blocks sets it)")
 
 
 def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
@@ -54,12 +75,15 @@ def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
             f"--max-num-batched-tokens {max_num_batched_tokens} is below --max-num-seqs {max_num_seqs}: "
             "a decode step takes one token from every running sequence"
         )
-    max_model_len = config.max_model_len or default_max_model_len(max_positions, device)
+    max_model_len = config.max_model_len or max_positions
     num_kv_blocks = config.num_kv_blocks
     if num_kv_blocks is None and device == "cuda":
         num_kv_blocks = kv_blocks_for_free_memory(model, config.block_size, max_num_batched_tokens, max_num_seqs)
     elif num_kv_blocks is None:
-        num_kv_blocks = math.ceil(max_model_len / config.block_size) * max_num_seqs
+        num_kv_blocks, sizing = cpu_kv_blocks(model, config.block_size, max_model_len, max_num_seqs)
+        logger.info(sizing)
+        if num_kv_blocks < 1:
+            raise ValueError(f"no memory for the KV cache: {sizing}")
     capacity = num_kv_blocks * config.block_size
     if config.max_model_len and config.max_model_len > capacity:
         raise ValueError(
