@@ -96,8 +96,10 @@ def start_server(chat_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(start_server, tmp_path_factory) -> LiveServer:
-    """The shared server, with default flags except its response store."""
-    return start_server("--response-store", str(tmp_path_factory.mktemp("store") / "responses.sqlite3"))
+    """The shared server, with default flags except its response store and a 2,048-token context,
+    so that the prompts that exceed it stay small."""
+    return start_server("--response-store", str(tmp_path_factory.mktemp("store") / "responses.sqlite3"),
+                        "--max-model-len", "2048")
 
 
 @pytest.fixture(scope="session")

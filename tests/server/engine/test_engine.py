@@ -13,7 +13,7 @@ from model.batch import SequenceStep, make_batch
 from model.load import load_model
 from model.tokenizer import Tokenizer
 from server.engine.async_engine import AsyncEngine
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, resolve_config
 from server.engine.request import (
     EngineDead,
     EngineOverloaded,
@@ -454,3 +454,28 @@ def test_a_request_larger_than_the_whole_cache_is_rejected(make_engine):
     rejected, fits = run(main())
     assert (rejected.code, rejected.param) == ("context_length_exceeded", "max_tokens")
     assert len(fits.choices[0].token_ids) == 38 and engine.stats().kv_blocks_used == 0
+
+
+def test_cpu_default_context_is_the_checkpoints_and_the_cache_holds_it_within_a_memory_share(demo, monkeypatch, caplog):
+    import server.engine.config as engine_config
+
+    model, _ = demo
+    block_bytes = engine_config.kv_block_bytes(model, 16)
+    assert block_bytes == 2 * 2 * 16 * 2 * 128 * 4  # K and V, 2 layers, 16 tokens, 2 kv heads of 128 fp32
+    with caplog.at_level("INFO", logger="nanoserve.engine"):
+        roomy = resolve_config(EngineConfig(), model)
+    assert roomy.max_model_len == 40960 == model.config.max_position_embeddings
+    assert roomy.num_kv_blocks == 40960 // 16 * 8
+    assert "KV cache: 20480 blocks (1.25 GiB) for 8 sequences of 40960 tokens" in caplog.text
+    # A machine with 1 GiB available: a quarter of it, 4096 blocks of 64 KiB, a context cut to what they hold.
+    monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: 2**30)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nanoserve.engine"):
+        tight = resolve_config(EngineConfig(), model)
+    assert tight.num_kv_blocks == 2**30 // 4 // block_bytes == 4096
+    assert tight.max_model_len == 40960  # 65,536 tokens in all: one sequence still holds the whole context
+    assert "25% of the 1.0 GiB of memory available, short of 8 sequences of 40960 tokens" in caplog.text
+    monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: 2**26)
+    assert resolve_config(EngineConfig(), model).max_model_len == 2**24 // block_bytes * 16 == 4096
+    with pytest.raises(ValueError, match="--max-model-len 8192 does not fit the KV cache"):
+        resolve_config(EngineConfig(max_model_len=8192), model)
