@@ -18,6 +18,7 @@ from server.engine.request import (
     RequestOutput,
 )
 from server.api.response_store import ResponseStore
+from server.api.sealed_reasoning import ReasoningSeal
 
 MODEL = "scripted"
 THINKING_REPLY = ["<think>", "\nThe user", " greets me.\n", "</think>", "\n\n", "Hello", " there!"]
@@ -80,7 +81,8 @@ def call(tokenizer, tmp_path):
 
     async def call(engine_kwargs: dict, path: str, body: dict, then: tuple[str, str] | None = None):
         store = ResponseStore(tmp_path / "responses.sqlite3", 100)
-        app = create_app(ScriptedEngine(tokenizer, **engine_kwargs), MODEL, store, None, 1 << 20)
+        app = create_app(ScriptedEngine(tokenizer, **engine_kwargs), MODEL, store, None, 1 << 20,
+                         ReasoningSeal(bytes(range(32))))
         try:
             async with app.test_app() as test_app:
                 client = test_app.test_client()

@@ -194,5 +194,5 @@ def test_bad_responses_tools_are_400s(client, server):
         client.responses.create(model=server.model, input=[{"type": "function_call_output", "output": "x"}])
     assert err.value.body["param"] == "input[0].call_id"
     response = httpx.post(f"{server.base_url}/v1/responses", json={
-        "model": server.model, "input": "x", "tools": [{"type": "web_search"}]})
+        "model": server.model, "input": "x", "tools": [{"type": "local_shell"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tools[0].type"
