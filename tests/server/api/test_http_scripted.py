@@ -16,6 +16,7 @@ from server.engine.request import (
     GenerationRequest,
     RequestFailed,
     RequestOutput,
+    StructuredOutput,
 )
 from server.api.response_store import ResponseStore
 from server.api.sealed_reasoning import ReasoningSeal
@@ -47,8 +48,14 @@ class ScriptedEngine:
         self.failure = failure
         self.admission_error = admission_error
         self.first_output_delay = first_output_delay
+        self.requests: list[GenerationRequest] = []  # every request generated, in order
+        self.compiled: list[StructuredOutput] = []  # every constraint compiled, in order
+
+    async def compile_structured_output(self, constraint: StructuredOutput) -> None:
+        self.compiled.append(constraint)
 
     async def generate(self, request: GenerationRequest):
+        self.requests.append(request)
         if self.admission_error is not None:
             raise self.admission_error
         await asyncio.sleep(self.first_output_delay)
