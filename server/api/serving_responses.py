@@ -242,8 +242,9 @@ class ResponsesAPI:
         if builder.reasoning_text is not None:
             reply["reasoning_content"] = builder.reasoning_text
         if builder.function_calls:
-            reply["tool_calls"] = [template_tool_call(item["call_id"], item["name"], item.get("arguments", item.get("input")),
-                                                      raw="input" in item) for item in builder.function_calls]
+            reply["tool_calls"] = [  # a custom tool's call keeps its raw input
+                template_tool_call(item["call_id"], item["name"], item.get("arguments", item.get("input")),
+                                   raw="input" in item) for item in builder.function_calls]
         if store:
             await self._store.update(builder.response, conversation + [reply])
         flight.response = builder.response
