@@ -240,10 +240,10 @@ def test_a_reply_under_auto_with_a_format_is_json_or_calls_as_steered(random_eng
     either = StructuredOutput("tool_calls", functions=(TOOLS[0], COUNT, DIFF), parallel=False,
                               or_reply=StructuredOutput("json_schema", json_schema=schema_of(Search)))
     call_token = engine.tokenizer.encode("<tool_call>")[0]
-    replies = generate_all(engine, [constrained(seed, either, seed, logit_bias={call_token: -100.0}) for seed in range(4)])
+    replies = generate_all(engine, [constrained(seed, either, seed, logit_bias={call_token: -100.0}) for seed in range(2)])
     for text, _, finish in replies:
         assert finish == "stop" and Search.model_validate_json(text), text
-    calls = generate_all(engine, [constrained(seed, either, seed, logit_bias={call_token: 100.0}) for seed in range(8)])
+    calls = generate_all(engine, [constrained(seed, either, seed, logit_bias={call_token: 100.0}) for seed in range(6)])
     names = set()
     for _, token_ids, finish in calls:
         text = engine.tokenizer.decode(token_ids, skip_special_tokens=False)
