@@ -24,6 +24,7 @@ from server.api.metrics import CONTENT_TYPE, ServerMetrics
 from server.api.protocol import parse_request, random_id
 from server.api.protocol_tokenize import DetokenizeRequest, TokenizeRequest
 from server.api.response_store import ResponseStore
+from server.api.sealed_reasoning import ReasoningSeal, load_or_create_key
 from server.api.serving import ServingContext, json_response
 from server.api.serving_chat import create_chat_completion
 from server.api.serving_completions import create_completion
@@ -39,6 +40,8 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # A client's own x-request-id is echoed when it is a plain token of at most this many characters.
 MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(f"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}")
+# The key of reasoning items' `encrypted_content` (server.api.sealed_reasoning), in the cache directory.
+REASONING_KEY_FILE = "reasoning.key"
 # Hypercorn's wait for open connections after shutdown starts; streams end at once by then.
 GRACEFUL_TIMEOUT_SECONDS = 5.0
 
@@ -53,13 +56,13 @@ def nanoserve_version() -> str:
 
 
 def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api_key: str | None,
-               max_body_bytes: int) -> Quart:
+               max_body_bytes: int, seal: ReasoningSeal) -> Quart:
     app = Quart("nanoserve")
     # No overall response deadline: a stream lasts as long as its generation.
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None)
     metrics = ServerMetrics(engine.stats)
     ctx = ServingContext(engine, model_name, metrics)
-    responses = ResponsesAPI(ctx, store)
+    responses = ResponsesAPI(ctx, store, seal)
     created = int(time.time())
     version = nanoserve_version()
     register_error_handlers(app)
@@ -125,6 +128,10 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
     @app.post("/v1/responses")
     async def create_response() -> Response:
         return await responses.create(await body())
+
+    @app.post("/v1/responses/input_tokens")
+    async def count_input_tokens() -> Response:
+        return await responses.count_input_tokens(await body())
 
     @app.get("/v1/responses/<response_id>")
     async def get_response(response_id: str) -> Response:
@@ -222,6 +229,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     api_key = resolve_api_key(args.api_key)
     store = ResponseStore(args.response_store or cache_dir() / "responses.sqlite3", args.response_store_max)
+    seal = ReasoningSeal(load_or_create_key(cache_dir() / REASONING_KEY_FILE))
     name = served_model_name(args)
     _say(f"loading {args.model or 'the demo checkpoint'} (--device {args.device}, --dtype {args.dtype})")
     started = time.monotonic()
@@ -230,7 +238,7 @@ def serve_main(args: argparse.Namespace) -> int:
          f"max_model_len {engine.max_model_len}, {engine.stats().kv_blocks_total} KV blocks; {engine.decode_mode}")
     try:
         _announce_auth(api_key, args.host)
-        app = create_app(engine, name, store, api_key, args.max_body_bytes)
+        app = create_app(engine, name, store, api_key, args.max_body_bytes, seal)
         config = Config()
         host = f"[{args.host}]" if ":" in args.host else args.host
         config.bind = [f"{host}:{args.port}"]

@@ -75,7 +75,8 @@ def error_response(error: APIError) -> Response:
 
 
 def _http_exception(error: HTTPException) -> APIError:
-    if error.code == 404:
+    # OpenAI answers a method a /v1/ route does not take as it answers an unknown route.
+    if error.code == 404 or (error.code == 405 and request.path.startswith("/v1/")):
         return APIError(404, f"Invalid URL ({request.method} {request.path})")
     if error.code == 405:
         return APIError(405, f"Method {request.method} is not allowed for {request.path}")

@@ -1,6 +1,7 @@
 """`POST /v1/chat/completions`: the request model and the objects and chunks it answers with."""
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -10,13 +11,15 @@ from server.api.protocol import RequestModel, SamplingRequest, random_id
 from server.api.protocol_tools import (
     NAME_PATTERN,
     FunctionDefinition,
+    OfferedTool,
     check_tool_choice,
-    forced_tool_calls,
+    check_unique_names,
     json_output,
     named,
     template_tool_call,
+    tool_grammar,
 )
-from server.api.reasoning import ReasoningSplitter
+from server.api.reasoning import ReasoningEffort, ReasoningSplitter, thinking_for_effort
 from server.api.tool_calls import Event, ToolCallArguments, ToolCallParser, ToolCallStart
 from server.engine.request import ChoiceDelta, SamplingParams, StructuredOutput, TokenLogprob
 
@@ -99,6 +102,9 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None  # Qwen3's thinking switch (see server.api.reasoning)
+    # Stored chat completions (OpenAI's `store: true`) are not kept here: refused by name.
+    store: bool | None = None
     # The deprecated forms of tools: refused by name rather than ignored.
     functions: list[Any] | None = None
     function_call: Any = None
@@ -110,14 +116,15 @@ class ChatCompletionRequest(SamplingRequest):
         for name in ("functions", "function_call"):
             if getattr(self, name):
                 raise not_supported(name)
-        check_tool_choice(self.chosen_tool, self.functions_offered)
+        if self.store:
+            raise invalid_request("'store' is not supported by this server: chat completions are not stored (the "
+                                  "Responses API stores responses).", param="store")
+        check_unique_names(self.offered_tools)
+        check_tool_choice(self.chosen_tool, self.offered_tools)
         if self.response_format and self.response_format.type == "json_schema" and (
                 self.response_format.json_schema is None or self.response_format.json_schema.json_schema is None):
             raise invalid_request("Missing required parameter: 'response_format.json_schema.schema'.",
                                   param="response_format.json_schema.schema")
-        if self.response_format and self.response_format.type != "text" and self.chosen_tool not in ("none", "auto"):
-            raise invalid_request("'response_format' cannot be combined with a forced tool call ('tool_choice').",
-                                  param="response_format")
         for i, message in enumerate(self.messages):
             if message.tool_calls and message.role != "assistant":
                 raise invalid_request(f"Only assistant messages can have 'tool_calls' (messages[{i}] is "
@@ -130,9 +137,9 @@ class ChatCompletionRequest(SamplingRequest):
                                       param=f"messages[{i}].content")
         return self
 
-    @property
-    def functions_offered(self) -> list[FunctionDefinition]:
-        return [tool.function for tool in self.tools or []]
+    @cached_property
+    def offered_tools(self) -> list[OfferedTool]:
+        return [tool.function.offered(f"tools[{i}].function") for i, tool in enumerate(self.tools or [])]
 
     @property
     def chosen_tool(self) -> str:
@@ -145,21 +152,27 @@ class ChatCompletionRequest(SamplingRequest):
         """The tools the chat template offers the model: none under tool_choice "none"."""
         if self.chosen_tool == "none":
             return None
-        return [function.template_tool() for function in self.functions_offered]
+        return [tool.template for tool in self.offered_tools]
+
+    @cached_property
+    def _reply_format(self) -> StructuredOutput | None:
+        if self.response_format is None:
+            return None
+        schema = self.response_format.json_schema
+        return json_output(self.response_format.type, schema.json_schema if schema else None,
+                           schema.strict if schema else None, schema.name if schema else None,
+                           "response_format.json_schema.schema")
 
     def structured_output(self) -> StructuredOutput | None:
-        forced = forced_tool_calls(self.functions_offered, self.chosen_tool, self.parallel_tool_calls is not False)
-        if forced is not None or self.response_format is None:
-            return forced
-        schema = self.response_format.json_schema
-        return json_output(self.response_format.type, schema.json_schema if schema else None)
+        return tool_grammar(self.offered_tools, self.chosen_tool, self.parallel_tool_calls is not False,
+                            self._reply_format)
 
     def chat_sampling_params(self) -> SamplingParams:
         params = self.sampling_params(self.max_new_tokens, self.logprobs_count)
         return replace(params, structured_output=self.structured_output())
 
     def new_choice(self, index: int) -> "ChatChoice":
-        return ChatChoice.offering(index, self.functions_offered, self.chosen_tool, self.structured_output())
+        return ChatChoice.offering(index, self.offered_tools, self.chosen_tool, self.structured_output())
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -167,7 +180,10 @@ class ChatCompletionRequest(SamplingRequest):
 
     @property
     def enable_thinking(self) -> bool | None:
-        return self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+        """`chat_template_kwargs.enable_thinking` if given, else what `reasoning_effort` says."""
+        if self.chat_template_kwargs and self.chat_template_kwargs.enable_thinking is not None:
+            return self.chat_template_kwargs.enable_thinking
+        return thinking_for_effort(self.reasoning_effort)
 
     @property
     def logprobs_count(self) -> int | None:
@@ -186,10 +202,11 @@ class ChoiceUpdate:
 class ChatChoice:
     """One choice as its deltas arrive: reasoning, content and tool calls split apart, logprobs gathered.
 
-    With tools on offer (`names`), the answer's `<tool_call>` blocks become calls; `live` when a
-    grammar forces them (see `server.api.tool_calls`)."""
+    With tools on offer (`names`; `raw_names` those whose input is raw text), the answer's
+    `<tool_call>` blocks become calls; `live` when a grammar writes them (see `server.api.tool_calls`)."""
 
-    def __init__(self, index: int, names: set[str] | None = None, live: bool = False):
+    def __init__(self, index: int, names: set[str] | None = None, live: bool = False,
+                 raw_names: frozenset[str] = frozenset()):
         self.index = index
         self.reasoning = ""
         self.content = ""
@@ -197,15 +214,19 @@ class ChatChoice:
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
         self._splitter = ReasoningSplitter()
-        self._tool_parser = ToolCallParser(names, live) if names else None
+        self._tool_parser = ToolCallParser(names, live, raw_names) if names else None
+        self.forced_calls = False  # a grammar allows only calls: the reply has no content
         self._logprobs_sent = 0
 
     @classmethod
-    def offering(cls, index: int, functions: list[FunctionDefinition], chosen_tool: str,
+    def offering(cls, index: int, tools: list[OfferedTool], chosen_tool: str,
                  structured: StructuredOutput | None) -> "ChatChoice":
-        """A choice of a request that offers `functions` (tool_choice `chosen_tool`)."""
-        names = {f.name for f in functions} if chosen_tool != "none" else set()
-        return cls(index, names, live=structured is not None and structured.kind == "tool_calls")
+        """A choice of a request that offers `tools` (tool_choice `chosen_tool`)."""
+        offered = tools if chosen_tool != "none" else []
+        live = structured is not None and structured.kind == "tool_calls"
+        choice = cls(index, {t.name for t in offered}, live, frozenset(t.name for t in offered if t.custom))
+        choice.forced_calls = live and structured.or_reply is None
+        return choice
 
     def add(self, delta: ChoiceDelta) -> ChoiceUpdate:
         """What `delta` adds to the visible reasoning, content and tool calls."""

@@ -1,8 +1,11 @@
-"""The Responses API's shapes: the request model, input items as chat messages, the Response
-object, and the builder that grows a Response's output while emitting the stream events that
-describe each step (`sequence_number` from 0, every `added` closed by its `done`)."""
+"""The Responses API's shapes: the request model, the Response object, and the builder that grows
+a Response's output while emitting the stream events that describe each step (`sequence_number`
+from 0, every `added` closed by its `done`). Tools are in protocol_responses_tools, input items in
+protocol_responses_items."""
 
 import copy
+from collections.abc import Callable
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -10,57 +13,30 @@ from pydantic import Field, model_validator
 from server.api.errors import invalid_request, not_supported
 from server.api.protocol import RequestModel, random_id
 from server.api.protocol_chat import ChoiceUpdate
+from server.api.protocol_responses_items import InputItem
+from server.api.protocol_responses_tools import (
+    ResponsesTool,
+    ToolChoice,
+    ToolChoiceByName,
+    HostedToolChoice,
+    check_tool_types,
+    chosen_tool,
+    offered_tools,
+)
 from server.api.protocol_tools import (
     NAME_PATTERN,
-    FunctionDefinition,
+    OfferedTool,
     check_tool_choice,
-    forced_tool_calls,
+    check_unique_names,
     json_output,
-    named,
-    template_tool_call,
+    tool_grammar,
 )
+from server.api.reasoning import ReasoningEffort, thinking_for_effort
 from server.api.tool_calls import ToolCallArguments, ToolCallStart
 from server.engine.request import SamplingParams, StructuredOutput
 
-
 OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
-
-
-class ContentPart(RequestModel):
-    type: Literal["input_text", "output_text", "reasoning_text"]
-    text: str
-
-
-class InputItem(RequestModel):
-    """A message (`type` may be left out, as in OpenAI's easy input), an earlier reasoning item, an
-    earlier function call, or the output the client's function gave for it."""
-
-    type: Literal["message", "reasoning", "function_call", "function_call_output"] = "message"
-    role: Literal["user", "system", "developer", "assistant"] | None = None
-    content: str | list[ContentPart] | None = None
-    call_id: str | None = None  # function_call, function_call_output
-    name: str | None = None  # function_call
-    arguments: str | None = None  # function_call
-    output: str | None = None  # function_call_output
-
-    @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-
-    def missing(self) -> str | None:
-        """The first required field this item lacks."""
-        required = {"message": ("role", "content"), "reasoning": (), "function_call": ("call_id", "name", "arguments"),
-                    "function_call_output": ("call_id", "output")}[self.type]
-        return next((name for name in required if getattr(self, name) is None), None)
-
-
-class FunctionTool(FunctionDefinition):
-    type: Literal["function"]
-
-
-class NamedFunctionChoice(RequestModel):
-    type: Literal["function"]
-    name: str = Field(pattern=NAME_PATTERN)
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
 
 
 class TextFormat(RequestModel):
@@ -78,6 +54,12 @@ class TextConfig(RequestModel):
     format: TextFormat | None = None
 
 
+class ReasoningConfig(RequestModel):
+    effort: ReasoningEffort | None = None  # Qwen3's thinking switch (see server.api.reasoning)
+    summary: Literal["auto", "concise", "detailed"] | None = None  # accepted; no summaries are written
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # the deprecated name of `summary`
+
+
 class ResponsesRequest(RequestModel):
     model: str
     input: str | list[InputItem]
@@ -90,12 +72,15 @@ class ResponsesRequest(RequestModel):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None  # accepted and ignored, as it only identifies the end user
-    include: list[str] | None = None  # of these, only "message.output_text.logprobs" adds anything here
+    # Of these, "message.output_text.logprobs" and "reasoning.encrypted_content" add something here.
+    include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    tools: list[ResponsesTool] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    truncation: Literal["auto", "disabled"] | None = None
     # Accepted only as "nothing asked for": it would change the answer in ways not implemented.
     background: bool | None = None
     conversation: Any = None  # the Conversations API is not implemented
@@ -103,23 +88,19 @@ class ResponsesRequest(RequestModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _function_tools_only(cls, data: Any) -> Any:
-        for i, tool in enumerate(data.get("tools") or [] if isinstance(data, dict) else []):
-            if isinstance(tool, dict) and tool.get("type") != "function":
-                raise invalid_request(f"Tools of type {tool.get('type')!r} are not supported by this server; only "
-                                      "'function' tools are.", param=f"tools[{i}].type")
+    def _known_tool_types(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_tool_types(data.get("tools"))
         return data
 
     @model_validator(mode="after")
     def _check_responses(self):
-        check_tool_choice(self.chosen_tool, self.tools or [])
+        check_unique_names(self.offered_tools)
+        check_tool_choice(self.chosen_tool, self.offered_tools)
         text_format = self.text.format if self.text else None
         if text_format and text_format.type == "json_schema" and (text_format.json_schema is None or not text_format.name):
             missing = "name" if not text_format.name else "schema"
             raise invalid_request(f"Missing required parameter: 'text.format.{missing}'.", param=f"text.format.{missing}")
-        if text_format and text_format.type != "text" and self.chosen_tool not in ("none", "auto"):
-            raise invalid_request("'text.format' cannot be combined with a forced tool call ('tool_choice').",
-                                  param="text.format")
         if self.background:
             raise not_supported("background")
         for name in ("conversation", "prompt"):
@@ -128,31 +109,45 @@ class ResponsesRequest(RequestModel):
         if self.input in ("", []):
             raise invalid_request("'input' must not be empty.", param="input")
         for i, item in enumerate(self.input if isinstance(self.input, list) else []):
-            if (missing := item.missing()) is not None:
-                raise invalid_request(f"Missing required parameter: 'input[{i}].{missing}'.", param=f"input[{i}].{missing}")
+            item.check(f"input[{i}]")
         return self
 
-    @property
+    @cached_property
+    def offered_tools(self) -> list[OfferedTool]:
+        return offered_tools(self.tools or [])
+
+    @cached_property
     def chosen_tool(self) -> str:
-        """"none", "auto", "required" or the name of the function that must be called."""
-        if isinstance(self.tool_choice, NamedFunctionChoice):
-            return named(self.tool_choice.name)
-        return self.tool_choice or ("auto" if self.tools else "none")
+        """"none", "auto", "required" or the name of the tool that must be called."""
+        return chosen_tool(self.tool_choice, self.offered_tools, bool(self.tools))
 
     def template_tools(self) -> list[dict] | None:
         if self.chosen_tool == "none":
             return None
-        return [tool.template_tool() for tool in self.tools or []]
+        return [tool.template for tool in self.offered_tools] or None
+
+    @cached_property
+    def _reply_format(self) -> StructuredOutput | None:
+        text_format = self.text.format if self.text else None
+        if text_format is None:
+            return None
+        return json_output(text_format.type, text_format.json_schema, text_format.strict, text_format.name,
+                           "text.format.schema")
 
     def structured_output(self) -> StructuredOutput | None:
-        forced = forced_tool_calls(self.tools or [], self.chosen_tool, self.parallel_tool_calls is not False)
-        text_format = self.text.format if self.text else None
-        if forced is not None or text_format is None:
-            return forced
-        return json_output(text_format.type, text_format.json_schema)
+        return tool_grammar(self.offered_tools, self.chosen_tool, self.parallel_tool_calls is not False,
+                            self._reply_format)
 
     def items(self) -> list[InputItem]:
         return [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    @property
+    def enable_thinking(self) -> bool | None:
+        return thinking_for_effort(self.reasoning.effort if self.reasoning else None)
+
+    @property
+    def seals_reasoning(self) -> bool:
+        return ENCRYPTED_REASONING in (self.include or [])
 
     @property
     def logprobs_count(self) -> int | None:
@@ -169,52 +164,20 @@ class ResponsesRequest(RequestModel):
         )
 
 
-def chat_messages(items: list[InputItem]) -> list[dict]:
-    """Input items as chat-template messages: a reasoning item goes with the assistant turn after
-    it, function calls join the assistant turn before them (or make one), and each function's
-    output becomes a tool message."""
-    messages, reasoning = [], None
-    for item in items:
-        if item.type == "reasoning":
-            reasoning = item.text
-            continue
-        if item.type == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
-            continue
-        if item.type == "function_call":
-            if not messages or messages[-1]["role"] != "assistant":
-                messages.append({"role": "assistant", "content": ""})
-            call = template_tool_call(item.call_id, item.name, item.arguments)
-            messages[-1].setdefault("tool_calls", []).append(call)
-            message = messages[-1]
-        else:
-            message = {"role": "system" if item.role == "developer" else item.role, "content": item.text}
-            messages.append(message)
-        if message["role"] == "assistant" and reasoning is not None:
-            message["reasoning_content"], reasoning = reasoning, None
-    return messages
+class InputTokensRequest(ResponsesRequest):
+    """`POST /v1/responses/input_tokens`: a would-be request; `model` and `input` may be left out."""
+
+    model: str | None = None
+    input: str | list[InputItem] | None = None
+
+    def items(self) -> list[InputItem]:
+        return [] if self.input is None else super().items()
 
 
-def listed_input_items(items: list[InputItem]) -> list[dict]:
-    """Input items as `GET /v1/responses/{id}/input_items` lists them."""
-    listed = []
-    for item in items:
-        if item.type == "reasoning":
-            listed.append({"id": random_id("rs_"), "type": "reasoning", "summary": [],
-                           "content": [{"type": "reasoning_text", "text": item.text}]})
-            continue
-        if item.type == "function_call":
-            listed.append({"id": random_id("fc_"), "type": "function_call", "call_id": item.call_id,
-                           "name": item.name, "arguments": item.arguments, "status": "completed"})
-            continue
-        if item.type == "function_call_output":
-            listed.append({"id": random_id("fco_"), "type": "function_call_output", "call_id": item.call_id,
-                           "output": item.output, "status": "completed"})
-            continue
-        part_type = "output_text" if item.role == "assistant" else "input_text"
-        listed.append({"id": random_id("msg_"), "type": "message", "role": item.role, "status": "completed",
-                       "content": [{"type": part_type, "text": item.text}]})
-    return listed
+def _tool_choice_echo(choice: ToolChoice | None) -> Any:
+    if isinstance(choice, (ToolChoiceByName, HostedToolChoice)):
+        return choice.model_dump()
+    return choice or "auto"
 
 
 def response_object(request: ResponsesRequest, response_id: str, created_at: int, model: str) -> dict:
@@ -236,10 +199,12 @@ def response_object(request: ResponsesRequest, response_id: str, created_at: int
         "temperature": 1.0 if request.temperature is None else request.temperature,
         "top_p": 1.0 if request.top_p is None else request.top_p,
         "text": {"format": request.text.format.echo() if request.text and request.text.format else {"type": "text"}},
-        "tool_choice": request.tool_choice.model_dump() if isinstance(request.tool_choice, NamedFunctionChoice)
-        else request.tool_choice or "auto",
-        "tools": [tool.model_dump() for tool in request.tools or []],
-        "truncation": "disabled",
+        "tool_choice": _tool_choice_echo(request.tool_choice),
+        "tools": [tool.echo() for tool in request.tools or []],
+        "truncation": request.truncation or "disabled",
+        "reasoning": {"effort": request.reasoning.effort if request.reasoning else None,
+                      "summary": (request.reasoning.summary or request.reasoning.generate_summary)
+                      if request.reasoning else None},
         "metadata": request.metadata or {},
         "top_logprobs": request.top_logprobs,
         "usage": None,
@@ -272,17 +237,22 @@ _ITEM_KINDS = {
 
 
 class ResponseBuilder:
-    """Grows `response` from reasoning, content and function calls; every method returns the events
-    for its step as (event type, payload) pairs."""
+    """Grows `response` from reasoning, content and tool calls; every method returns the events
+    for its step as (event type, payload) pairs. `tools` are the offered tools by name (a custom
+    tool's call is a `custom_tool_call` item, a namespaced function's call names its namespace);
+    `seal` gives a reasoning item its `encrypted_content`, when the client asked for it."""
 
-    def __init__(self, response: dict):
+    def __init__(self, response: dict, tools: dict[str, OfferedTool] | None = None,
+                 seal: Callable[[str], str] | None = None):
         self.response = response
+        self._tools = tools or {}
+        self._seal = seal
         self._sequence_number = 0
         self._kind: str | None = None  # the open output item's kind
         self._text = ""  # the open item's text (a function call's arguments) so far
         self.message_text = ""
         self.reasoning_text: str | None = None
-        self.function_calls: list[dict] = []  # the function_call items, as they end
+        self.function_calls: list[dict] = []  # the function_call and custom_tool_call items, as they end
         self._logprobs: list[dict] = []  # the open message's token logprobs, when asked for
         self._unsent_logprobs: list[dict] = []  # of tokens whose text has not come out yet
 
@@ -314,7 +284,7 @@ class ResponseBuilder:
                 events += self._open_call(calls[event.index]["id"], event.name)
             elif isinstance(event, ToolCallArguments):
                 self._text += event.delta
-                events.append(self._event("response.function_call_arguments.delta", **self._where(call=True),
+                events.append(self._event(f"{self._call_event_prefix()}.delta", **self._where(call=True),
                                           delta=event.delta))
         return events
 
@@ -331,12 +301,24 @@ class ResponseBuilder:
                                   **self._logprobs_field(delta_logprobs)))
         return events
 
+    def _call_event_prefix(self) -> str:
+        if self._kind == "custom_tool_call":
+            return "response.custom_tool_call_input"
+        return "response.function_call_arguments"
+
     def _open_call(self, call_id: str, name: str) -> list[tuple[str, dict]]:
         events = self._close("completed") if self._kind is not None else []
-        item = {"id": random_id("fc_"), "type": "function_call", "status": "in_progress", "arguments": "",
-                "call_id": call_id, "name": name}
+        tool = self._tools.get(name)
+        if tool is not None and tool.custom:
+            item = {"id": random_id("ctc_"), "type": "custom_tool_call", "status": "in_progress", "input": "",
+                    "call_id": call_id, "name": name}
+        else:
+            item = {"id": random_id("fc_"), "type": "function_call", "status": "in_progress", "arguments": "",
+                    "call_id": call_id, "name": name}
+        if tool is not None and tool.namespace is not None:
+            item["namespace"] = tool.namespace
         self.response["output"].append(item)
-        self._kind, self._text = "function_call", ""
+        self._kind, self._text = item["type"], ""
         events.append(self._event("response.output_item.added", output_index=len(self.response["output"]) - 1,
                                   item=copy.deepcopy(item)))
         return events
@@ -381,7 +363,7 @@ class ResponseBuilder:
 
     def _close(self, item_status: str) -> list[tuple[str, dict]]:
         item = self.response["output"][-1]
-        if self._kind == "function_call":
+        if self._kind in ("function_call", "custom_tool_call"):
             return self._close_call(item, item_status)
         where, part = self._where(), self._part(self._text, self._logprobs)
         item.update(status=item_status, content=[part])
@@ -389,6 +371,8 @@ class ResponseBuilder:
             self.message_text += self._text
         else:
             self.reasoning_text = self._text
+            if self._seal is not None:
+                item["encrypted_content"] = self._seal(self._text)
         events = [
             self._event(f"{_ITEM_KINDS[self._kind][3]}.done", **where, text=self._text,
                         **self._logprobs_field(self._logprobs)),
@@ -399,11 +383,13 @@ class ResponseBuilder:
         return events
 
     def _close_call(self, item: dict, item_status: str) -> list[tuple[str, dict]]:
-        item.update(status=item_status, arguments=self._text)
+        field = "input" if self._kind == "custom_tool_call" else "arguments"
+        item.update({"status": item_status, field: self._text})
         self.function_calls.append(item)
         where = self._where(call=True)
+        done = self._event(f"{self._call_event_prefix()}.done", **where, **{field: self._text})
         self._kind = None
         return [
-            self._event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
+            done,
             self._event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item)),
         ]

@@ -9,9 +9,20 @@ until the next piece decides it; the pieces add up to the same split whatever th
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 THINK_START = "<think>"
 THINK_END = "</think>"
+
+# OpenAI's reasoning efforts (chat `reasoning_effort`, Responses `reasoning.effort`). Qwen3 has one
+# switch: "none" and "minimal" turn thinking off, every other effort leaves it on.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+_NO_THINKING = ("none", "minimal")
+
+
+def thinking_for_effort(effort: str | None) -> bool | None:
+    """The chat template's `enable_thinking` for a reasoning effort; None (the template's default) for none given."""
+    return None if effort is None else effort not in _NO_THINKING
 
 
 @dataclass

@@ -105,6 +105,22 @@ class ResponseStore:
         ).fetchone()
         return None if row is None else StoredResponse(*(json.loads(column) for column in row))
 
+    async def find_items(self, item_ids: list[str]) -> dict[str, dict]:
+        """The stored items (output items of stored responses, then their listed input items) that
+        have these ids, by id; ids not found are left out. One scan of the table for all of them."""
+        return await self._run(self._find_items, item_ids)
+
+    def _find_items(self, item_ids: list[str]) -> dict[str, dict]:
+        marks = ", ".join("?" * len(item_ids))
+        rows = self._db.execute(
+            f"SELECT item.value, 0 FROM responses, json_each(responses.response, '$.output') AS item "
+            f"WHERE json_extract(item.value, '$.id') IN ({marks}) UNION ALL "
+            f"SELECT item.value, 1 FROM responses, json_each(responses.input_items) AS item "
+            f"WHERE json_extract(item.value, '$.id') IN ({marks}) ORDER BY 2 DESC",
+            (*item_ids, *item_ids),
+        ).fetchall()
+        return {item["id"]: item for item in (json.loads(text) for text, _ in rows)}  # output items win
+
     async def delete(self, response_id: str) -> bool:
         return await self._run(self._delete, response_id)
 

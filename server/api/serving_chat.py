@@ -21,7 +21,7 @@ from server.api.protocol_chat import (
     message_choice,
     usage,
 )
-from server.api.protocol_tools import forces
+from server.api.protocol_tools import grammar_params
 from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput
 from server.api.serving import ServingContext, data_stream, json_response, sse_response
 
@@ -34,9 +34,8 @@ async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
                                            tools=request.template_tools())
     params = request.chat_sampling_params()
     if params.structured_output is not None:
-        forced = [f"tools[{i}].function.parameters" for i, tool in enumerate(request.tools or [])
-                  if forces(request.chosen_tool, tool.function)]
-        await ctx.compile_structured_output(params.structured_output, "response_format", forced)
+        await ctx.compile_structured_output(params.structured_output, "response_format",
+                                            grammar_params(request.offered_tools, params.structured_output))
     completion_id = random_id("chatcmpl-")
     streams = await ctx.open_streams([GenerationRequest(completion_id, prompt_ids, params)], "messages")
     reply = _ChatReply(ctx, request, completion_id, int(time.time()))
@@ -84,16 +83,31 @@ class _ChatReply:
         payload = chunk(self._id, self._created, self._ctx.model_name, choices, self._request.include_usage)
         return sse.data_event(payload)
 
+    def _role_chunk(self, choice: ChatChoice, first: dict | None) -> str:
+        """A choice's first chunk: its `content` is null when the reply is tool calls, as OpenAI sends it."""
+        calls = choice.forced_calls or (first is not None and "tool_calls" in first)
+        return self._chunk([chunk_choice(choice.index, {"role": "assistant", "content": None if calls else ""})])
+
     async def chunks(self, streams: EngineStreams) -> AsyncIterator[str]:
+        # With tools on offer and no grammar forcing calls, a choice's first chunk waits for its
+        # first delta, which says whether the reply is text or calls.
+        waiting = {c.index for c in self._choices if self._request.template_tools() and not c.forced_calls}
         for choice in self._choices:
-            yield self._chunk([chunk_choice(choice.index, {"role": "assistant", "content": ""})])
+            if choice.index not in waiting:
+                yield self._role_chunk(choice, None)
         async for item in streams.outputs(keepalive=True):
             if item is None:
                 yield sse.KEEPALIVE
                 continue
             for choice, update, delta in self.add(item[1]):
                 for payload in delta_payloads(choice, update):
+                    if choice.index in waiting:
+                        waiting.discard(choice.index)
+                        yield self._role_chunk(choice, payload)
                     yield self._chunk([chunk_choice(choice.index, payload, self._unsent_logprobs(choice))])
+                if delta.finish_reason is not None and choice.index in waiting:
+                    waiting.discard(choice.index)
+                    yield self._role_chunk(choice, None)
                 if delta.finish_reason is not None:
                     finish = chunk_choice(choice.index, {}, self._unsent_logprobs(choice), choice.finish_reason)
                     yield self._chunk([finish])

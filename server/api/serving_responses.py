@@ -20,19 +20,26 @@ from server.api.engine_stream import EngineStreams
 from server.api.errors import APIError, as_api_error, invalid_request
 from server.api.protocol import is_ascii_number, parse_request, random_id
 from server.api.protocol_chat import ChatChoice
-from server.api.protocol_tools import forces, template_tool_call
 from server.api.protocol_responses import (
+    InputTokensRequest,
     ResponseBuilder,
     ResponsesRequest,
-    chat_messages,
-    listed_input_items,
     response_object,
     response_usage,
 )
+from server.api.protocol_responses_items import (
+    ContentPart,
+    InputItem,
+    chat_messages,
+    check_call_ids,
+    listed_input_items,
+)
+from server.api.protocol_tools import grammar_params, template_tool_call
 from server.api.reasoning import THINK_END, THINK_START
-from server.engine.request import GenerationRequest
 from server.api.response_store import ResponseStore, StoredResponse
+from server.api.sealed_reasoning import ReasoningSeal
 from server.api.serving import ServingContext, json_response, sse_response
+from server.engine.request import GenerationRequest
 
 
 @dataclass
@@ -47,9 +54,10 @@ def _not_found(response_id: str, param: str = "response_id") -> APIError:
 
 
 class ResponsesAPI:
-    def __init__(self, ctx: ServingContext, store: ResponseStore):
+    def __init__(self, ctx: ServingContext, store: ResponseStore, seal: ReasoningSeal):
         self._ctx = ctx
         self._store = store
+        self._seal = seal
         self._in_flight: dict[str, _InFlight] = {}
         self._think_ids = (ctx.tokenizer.encode(THINK_START), ctx.tokenizer.encode(THINK_END))
 
@@ -59,32 +67,103 @@ class ResponsesAPI:
             raise _not_found(response_id)
         return stored
 
+    async def _history(self, request: ResponsesRequest) -> list[dict]:
+        """The conversation so far that `previous_response_id` continues, as chat messages."""
+        if request.previous_response_id is None:
+            return []
+        previous = await self._store.get(request.previous_response_id)
+        if previous is None:
+            raise _not_found(request.previous_response_id, param="previous_response_id")
+        if previous.response["status"] in ("queued", "in_progress"):
+            raise invalid_request(f"Response '{request.previous_response_id}' is still in progress.",
+                                  param="previous_response_id")
+        return previous.conversation
+
+    async def _resolved(self, items: list[InputItem]) -> list[InputItem]:
+        """The items with references replaced by the stored items and sealed reasoning opened."""
+        references = [item.id for item in items if item.type == "item_reference"]
+        found = await self._store.find_items(references) if references else {}
+        resolved = []
+        for i, item in enumerate(items):
+            if item.type == "item_reference":
+                if item.id not in found:
+                    raise invalid_request(f"Item with id '{item.id}' not found (an item_reference names a stored "
+                                          "item).", param=f"input[{i}].id")
+                item = InputItem.model_validate(found[item.id])
+            if item.type == "reasoning" and not item.content and item.encrypted_content:
+                reasoning = self._seal.open(item.encrypted_content, f"input[{i}].encrypted_content")
+                item = item.model_copy(update={"content": [ContentPart(type="reasoning_text", text=reasoning)]})
+            resolved.append(item)
+        return resolved
+
+    async def _prompt_ids(self, request: ResponsesRequest, conversation: list[dict]) -> list[int]:
+        """The prompt; with `truncation: "auto"`, the oldest messages go (never the instructions, nor
+        the last message) until it fits with `max_output_tokens`, as OpenAI documents."""
+        instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
+
+        async def render(messages: list[dict]) -> list[int]:
+            return await self._ctx.chat_prompt_ids(instructions + messages, request.enable_thinking, param="input",
+                                                   tools=request.template_tools())
+
+        if request.truncation != "auto":
+            return await render(conversation)
+
+        async def fitting(dropped: int) -> list[int] | None:
+            kept = conversation[dropped:]
+            while len(kept) > 1 and kept[0]["role"] == "tool":  # results whose call went
+                kept = kept[1:]
+            try:
+                ids = await render(kept)
+            except APIError as err:
+                if err.code != "context_length_exceeded":
+                    raise
+                return None
+            return ids if len(ids) + (request.max_output_tokens or 1) <= self._ctx.engine.max_model_len else None
+
+        if (ids := await fitting(0)) is not None:
+            return ids
+        low, high, best = 1, len(conversation) - 1, None  # the fewest dropped that fit: a binary search
+        while low <= high:
+            middle = (low + high) // 2
+            if (ids := await fitting(middle)) is not None:
+                best, high = ids, middle - 1
+            else:
+                low = middle + 1
+        return best if best is not None else await render(conversation[-1:])
+
+    async def _conversation(self, request: ResponsesRequest) -> tuple[list[InputItem], list[dict]]:
+        """The request's input items (resolved) and the whole conversation they continue."""
+        history = await self._history(request)
+        items = await self._resolved(request.items())
+        check_call_ids(history, items)
+        return items, history + chat_messages(items)
+
+    async def count_input_tokens(self, body: bytes) -> Response:
+        """`POST /v1/responses/input_tokens`: the input tokens the same `POST /v1/responses` would take."""
+        request = parse_request(InputTokensRequest, body)
+        if request.model is not None:
+            self._ctx.check_model(request.model)
+        _, conversation = await self._conversation(request)
+        if not conversation:
+            raise invalid_request("Missing required parameter: 'input'.", param="input")
+        prompt_ids = await self._prompt_ids(request, conversation)
+        return json_response({"object": "response.input_tokens", "input_tokens": len(prompt_ids)})
+
     async def create(self, body: bytes) -> Response:
         request = parse_request(ResponsesRequest, body)
         self._ctx.check_model(request.model)
-        history = []
-        if request.previous_response_id is not None:
-            previous = await self._store.get(request.previous_response_id)
-            if previous is None:
-                raise _not_found(request.previous_response_id, param="previous_response_id")
-            if previous.response["status"] in ("queued", "in_progress"):
-                raise invalid_request(f"Response '{request.previous_response_id}' is still in progress.",
-                                      param="previous_response_id")
-            history = previous.conversation
-        items = request.items()
-        conversation = history + chat_messages(items)
-        instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
-        prompt_ids = await self._ctx.chat_prompt_ids(instructions + conversation, None, param="input",
-                                                     tools=request.template_tools())
+        items, conversation = await self._conversation(request)
+        prompt_ids = await self._prompt_ids(request, conversation)
         params = request.sampling_params()
         if params.structured_output is not None:
-            forced = [f"tools[{i}].parameters" for i, tool in enumerate(request.tools or [])
-                      if forces(request.chosen_tool, tool)]
-            await self._ctx.compile_structured_output(params.structured_output, "text.format", forced)
+            await self._ctx.compile_structured_output(params.structured_output, "text.format",
+                                                      grammar_params(request.offered_tools, params.structured_output))
         response_id = random_id("resp_")
         generation = GenerationRequest(response_id, prompt_ids, params)
         streams = await self._ctx.open_streams([generation], "input")
-        builder = ResponseBuilder(response_object(request, response_id, int(time.time()), self._ctx.model_name))
+        seal = self._seal.seal if request.seals_reasoning else None
+        builder = ResponseBuilder(response_object(request, response_id, int(time.time()), self._ctx.model_name),
+                                  {tool.name: tool for tool in request.offered_tools}, seal)
         flight = self._in_flight[response_id] = _InFlight(response_id)
         try:
             if request.store is not False:
@@ -93,7 +172,7 @@ class ResponsesAPI:
             await self._finished(flight, builder, conversation, store=False)
             await streams.close()
             raise
-        reply = ChatChoice.offering(0, request.tools or [], request.chosen_tool, params.structured_output)
+        reply = ChatChoice.offering(0, request.offered_tools, request.chosen_tool, params.structured_output)
         events = self._generate(streams, builder, reply, flight, conversation, store=request.store is not False)
         if request.stream:
             return sse_response(events)
@@ -163,8 +242,9 @@ class ResponsesAPI:
         if builder.reasoning_text is not None:
             reply["reasoning_content"] = builder.reasoning_text
         if builder.function_calls:
-            reply["tool_calls"] = [template_tool_call(item["call_id"], item["name"], item["arguments"])
-                                   for item in builder.function_calls]
+            reply["tool_calls"] = [  # a custom tool's call keeps its raw input
+                template_tool_call(item["call_id"], item["name"], item.get("arguments", item.get("input")),
+                                   raw="input" in item) for item in builder.function_calls]
         if store:
             await self._store.update(builder.response, conversation + [reply])
         flight.response = builder.response

@@ -16,6 +16,11 @@ A call streams in one of two ways:
 - otherwise (a free-running model, which may write anything) a block is judged once it is
   complete: a declared function's name and an object for arguments make a call, sent whole;
   anything else, or a block the reply never closes, is returned as plain content.
+
+A custom tool (one of `raw_names`) takes raw text where a function's JSON arguments go,
+`{"name": "apply_patch", "arguments": *** Begin Patch …}`, which is how Qwen3's chat template
+writes string arguments back into the history; its arguments are that text, kept exactly
+(whitespace included), whatever it is.
 """
 
 import json
@@ -26,7 +31,8 @@ from server.api.reasoning import partial_tag_length
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
-_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
+# The template writes `": "` before the arguments: one space, which a custom tool's raw input does not own.
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*: ?')
 
 
 @dataclass
@@ -44,26 +50,29 @@ class ToolCallArguments:
 Event = str | ToolCallStart | ToolCallArguments
 
 
-def _arguments_end(pending: str) -> int:
+def _arguments_end(pending: str, raw: bool) -> int:
     """Where the arguments in `pending` may end: the start of its longest suffix that could still
-    become the block's closing `}` and `</tool_call>` (whitespace around both allowed)."""
+    become the block's closing `}` and `</tool_call>` (whitespace around both allowed, and before
+    the `}` too unless the arguments are `raw` input, which keeps its own)."""
     brace = pending.rfind("}")
     if brace >= 0 and TOOL_CALL_END.startswith(pending[brace + 1:].lstrip()):
         end = brace
     else:
         end = len(pending.rstrip())
-    while end > 0 and pending[end - 1].isspace():
+    while end > 0 and pending[end - 1].isspace() and not raw:
         end -= 1
     return end
 
 
-def _whole_call(block: str, names: set[str]) -> tuple[str, str] | None:
+def _whole_call(block: str, names: set[str], raw_names: frozenset[str]) -> tuple[str, str] | None:
     """(name, arguments text) of a complete block's text, or None when it is not a valid call."""
     header = _HEADER.match(block)
     rest = block[header.end():].rstrip() if header else ""
     if header is None or header.group(1) not in names or not rest.endswith("}"):
         return None
-    arguments = rest[:-1].rstrip()
+    if header.group(1) in raw_names:
+        return header.group(1), rest[:-1]
+    arguments = rest[:-1].strip()
     try:
         parsed = json.loads(arguments)
     except ValueError:
@@ -72,9 +81,11 @@ def _whole_call(block: str, names: set[str]) -> tuple[str, str] | None:
 
 
 class ToolCallParser:
-    def __init__(self, names: set[str], live: bool):
+    def __init__(self, names: set[str], live: bool, raw_names: frozenset[str] = frozenset()):
         self._names = names
+        self._raw_names = raw_names
         self._live = live
+        self._raw = False  # live: the open call's arguments are a custom tool's raw input
         self._held = ""  # content that may still be part of a tag, or newlines that may be dropped
         self._in_block = False
         self._block = ""  # the open block's text after <tool_call>
@@ -144,18 +155,19 @@ class ToolCallParser:
                 events.append(ToolCallStart(self.num_calls, header.group(1)))
                 self.num_calls += 1
                 self._arguments_at = header.end()
+                self._raw = header.group(1) in self._raw_names
         if end < 0:
             if self._arguments_at is not None:
                 pending = block[self._arguments_at:]
-                self._send_arguments(events, pending[:_arguments_end(pending)])
+                self._send_arguments(events, pending[:_arguments_end(pending, self._raw)])
             return
         self._held = self._block[end + len(TOOL_CALL_END):]
         self._in_block, self._block = False, ""
         if self._arguments_at is not None:
             pending = block[self._arguments_at:]
-            self._send_arguments(events, pending[:_arguments_end(pending)])
+            self._send_arguments(events, pending[:_arguments_end(pending, self._raw)])
             self._strip_leading_newlines = True
-        elif (call := _whole_call(block, self._names)) is not None:
+        elif (call := _whole_call(block, self._names, self._raw_names)) is not None:
             events.append(ToolCallStart(self.num_calls, call[0]))
             events.append(ToolCallArguments(self.num_calls, call[1]))
             self.num_calls += 1

@@ -15,6 +15,15 @@ class FunctionSchema:
 
 
 @dataclass(frozen=True)
+class CustomToolSchema:
+    """A tool whose input is raw text, written where a function's JSON arguments would go."""
+
+    name: str
+    syntax: str = "text"  # "text" (anything) | "lark" | "regex": the grammar `definition` is written in
+    definition: str = ""
+
+
+@dataclass(frozen=True)
 class StructuredOutput:
     """What a reply must be, from its first token on; the engine compiles it into a grammar (cached
     by this value) and masks every token that would break it, and the reply ends with EOS as soon as
@@ -22,8 +31,11 @@ class StructuredOutput:
 
     kind: str  # "json_object" | "json_schema" | "tool_calls"
     json_schema: str | None = None  # json_schema: the schema the reply matches, as JSON text
-    functions: tuple[FunctionSchema, ...] = ()  # tool_calls: each <tool_call> block calls one of these
+    functions: tuple[FunctionSchema | CustomToolSchema, ...] = ()  # tool_calls: each <tool_call> block calls one
     parallel: bool = False  # tool_calls: one block, or one or more separated by newlines
+    # tool_calls: a reply may be this (a json_object or json_schema output) instead of calls, as when
+    # tool_choice "auto" meets a response format
+    or_reply: "StructuredOutput | None" = None
 
 
 @dataclass
@@ -110,7 +122,7 @@ class RequestRejected(ValueError):
 
 class GrammarError(ValueError):
     """The engine cannot compile a structured output; the message is the grammar engine's reason and
-    `function_index` the tool whose parameters schema it rejected, if that was the cause."""
+    `function_index` the tool whose parameters schema (or input grammar) it rejected, if that was the cause."""
 
     def __init__(self, message: str, function_index: int | None = None):
         super().__init__(message)

@@ -29,7 +29,7 @@ import llguidance
 import torch
 
 from model.tokenizer import Tokenizer
-from server.engine.request import GrammarError, StructuredOutput
+from server.engine.request import CustomToolSchema, FunctionSchema, GrammarError, StructuredOutput
 
 logger = logging.getLogger("nanoserve.engine")
 
@@ -48,21 +48,65 @@ def _json_rule(schema_text: str) -> str:
     return "%json " + json.dumps(schema | {"x-guidance": JSON_STYLE})
 
 
+def _whole_input(pattern: str) -> str:
+    """`pattern` (Rust regex syntax, as OpenAI's custom tools take it) as a group for a Lark regex,
+    which matches the whole input anyway: the anchors a client may write around it go."""
+    pattern = pattern.removeprefix("^")
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1]
+    return "(?:" + pattern.replace("/", "\\/") + ")"
+
+
+def _input_rules(i: int, tool: CustomToolSchema) -> list[str]:
+    """A custom tool's raw input and the `}` that closes the block after it. Free text and a regex
+    are one lexeme together with that `}` (a `}` inside the input cannot end it early: only
+    `</tool_call>` can follow the lexeme); a Lark grammar is nested as a grammar of its own."""
+    if tool.syntax == "text":
+        return [f"arguments_{i}: INPUT_{i}", f'INPUT_{i}: /(?s:.*)\\}}\\n/']
+    if tool.syntax == "regex":
+        return [f"arguments_{i}: INPUT_{i}", f"INPUT_{i}: /{_whole_input(tool.definition)}\\}}\\n/"]
+    if tool.syntax == "lark":
+        return [f"arguments_{i}: input_{i} {json.dumps(TOOL_CALL_TAIL)}", f"input_{i}: %lark {{\n{tool.definition}\n}}"]
+    raise GrammarError(f"unknown custom tool syntax {tool.syntax!r}")
+
+
+def _tool_rules(i: int, tool: FunctionSchema | CustomToolSchema) -> list[str]:
+    head = json.dumps(TOOL_CALL_HEAD + tool.name + TOOL_CALL_ARGUMENTS)
+    if isinstance(tool, CustomToolSchema):
+        return [f"call_{i}: <tool_call> {head} arguments_{i} </tool_call>", *_input_rules(i, tool)]
+    return [f"call_{i}: <tool_call> {head} arguments_{i} {json.dumps(TOOL_CALL_TAIL)} </tool_call>",
+            f"arguments_{i}: " + _json_rule(tool.parameters)]
+
+
+def _reply_rule(constraint: StructuredOutput) -> str:
+    if constraint.kind == "json_object":
+        return _json_rule('{"type": "object"}')
+    if constraint.kind == "json_schema":
+        return _json_rule(constraint.json_schema)
+    raise GrammarError(f"unknown structured output {constraint.kind!r}")
+
+
 def grammar_source(constraint: StructuredOutput) -> str:
     """The Lark grammar (llguidance's dialect) of a constraint."""
-    if constraint.kind == "json_object":
-        return "start: " + _json_rule('{"type": "object"}')
-    if constraint.kind == "json_schema":
-        return "start: " + _json_rule(constraint.json_schema)
-    if constraint.kind != "tool_calls" or not constraint.functions:
-        raise GrammarError(f"unknown structured output {constraint.kind!r}")
-    lines = ['start: call ("\\n" call)*' if constraint.parallel else "start: call",
+    if constraint.kind != "tool_calls":
+        return "start: " + _reply_rule(constraint)
+    if not constraint.functions:
+        raise GrammarError("a tool call constraint needs at least one tool")
+    calls = 'call ("\\n" call)*' if constraint.parallel else "call"
+    lines = [f"start: {calls} | reply" if constraint.or_reply else f"start: {calls}",
              "call: " + " | ".join(f"call_{i}" for i in range(len(constraint.functions)))]
-    for i, function in enumerate(constraint.functions):
-        head = json.dumps(TOOL_CALL_HEAD + function.name + TOOL_CALL_ARGUMENTS)
-        lines.append(f"call_{i}: <tool_call> {head} arguments_{i} {json.dumps(TOOL_CALL_TAIL)} </tool_call>")
-        lines.append(f"arguments_{i}: " + _json_rule(function.parameters))
+    if constraint.or_reply is not None:
+        lines.append("reply: " + _reply_rule(constraint.or_reply))
+    for i, tool in enumerate(constraint.functions):
+        lines += _tool_rules(i, tool)
     return "\n".join(lines)
+
+
+def _tool_check_source(tool: FunctionSchema | CustomToolSchema) -> str:
+    """A grammar of `tool`'s arguments alone, to name the tool whose schema or grammar fails."""
+    if isinstance(tool, FunctionSchema):
+        return "start: " + _json_rule(tool.parameters)
+    return "\n".join(["start: arguments_0", *_input_rules(0, tool)])
 
 
 def _reason(error: str) -> str:
@@ -106,9 +150,9 @@ class GrammarCompiler:
             if constraint in self._compiled:
                 self._compiled.move_to_end(constraint)
                 return self._compiled[constraint]
-            for i, function in enumerate(constraint.functions):  # name the tool whose schema fails
+            for i, tool in enumerate(constraint.functions):  # name the tool whose schema fails
                 try:
-                    self._build("start: " + _json_rule(function.parameters))
+                    self._build(_tool_check_source(tool))
                 except GrammarError as err:
                     raise GrammarError(str(err), function_index=i) from None
             compiled = self._build(grammar_source(constraint))

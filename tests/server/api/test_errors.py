@@ -78,7 +78,12 @@ def test_unknown_response_id(client, http, server):
 
 def test_framework_errors_use_the_envelope(http, server):
     assert "/v1/nothing" in _envelope(http.get("/v1/nothing"), 404)["message"]
-    _envelope(http.post("/v1/models"), 405)
+    # A method a /v1/ route does not take is an unknown route, as OpenAI answers it (Codex probes
+    # /v1/responses/compact); beside the API it stays a 405.
+    assert _envelope(http.post("/v1/models"), 404)["message"] == "Invalid URL (POST /v1/models)"
+    assert _envelope(http.post("/v1/responses/compact", json={}), 404)["message"] == \
+        "Invalid URL (POST /v1/responses/compact)"
+    _envelope(http.post("/health"), 405)
     too_large = b'{"model": "' + b"x" * (8 * 1024 * 1024) + b'"}'
     _envelope(http.post("/v1/chat/completions", content=too_large, headers={"content-type": "application/json"}), 413)
     assert http.get("/health").status_code == 200

@@ -16,8 +16,10 @@ from server.engine.request import (
     GenerationRequest,
     RequestFailed,
     RequestOutput,
+    StructuredOutput,
 )
 from server.api.response_store import ResponseStore
+from server.api.sealed_reasoning import ReasoningSeal
 
 MODEL = "scripted"
 THINKING_REPLY = ["<think>", "\nThe user", " greets me.\n", "</think>", "\n\n", "Hello", " there!"]
@@ -46,8 +48,14 @@ class ScriptedEngine:
         self.failure = failure
         self.admission_error = admission_error
         self.first_output_delay = first_output_delay
+        self.requests: list[GenerationRequest] = []  # every request generated, in order
+        self.compiled: list[StructuredOutput] = []  # every constraint compiled, in order
+
+    async def compile_structured_output(self, constraint: StructuredOutput) -> None:
+        self.compiled.append(constraint)
 
     async def generate(self, request: GenerationRequest):
+        self.requests.append(request)
         if self.admission_error is not None:
             raise self.admission_error
         await asyncio.sleep(self.first_output_delay)
@@ -80,7 +88,8 @@ def call(tokenizer, tmp_path):
 
     async def call(engine_kwargs: dict, path: str, body: dict, then: tuple[str, str] | None = None):
         store = ResponseStore(tmp_path / "responses.sqlite3", 100)
-        app = create_app(ScriptedEngine(tokenizer, **engine_kwargs), MODEL, store, None, 1 << 20)
+        app = create_app(ScriptedEngine(tokenizer, **engine_kwargs), MODEL, store, None, 1 << 20,
+                         ReasoningSeal(bytes(range(32))))
         try:
             async with app.test_app() as test_app:
                 client = test_app.test_client()

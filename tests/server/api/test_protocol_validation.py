@@ -10,7 +10,8 @@ from server.api.errors import APIError
 from server.api.protocol import parse_request
 from server.api.protocol_chat import ChatCompletionRequest
 from server.api.protocol_completions import CompletionRequest
-from server.api.protocol_responses import ResponsesRequest, chat_messages
+from server.api.protocol_responses import ResponsesRequest
+from server.api.protocol_responses_items import chat_messages
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -138,7 +139,7 @@ def test_null_fields_mean_defaults():
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"temperature": 3}, "temperature"),
-    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "local_shell"}]}, "tools[0].type"),
     ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"tool_choice": {"type": "function", "name": "f"}}, "tool_choice"),
@@ -202,6 +203,6 @@ def test_a_named_tool_choice_forces_that_function_even_one_called_auto():
     constraint = parse_request(ChatCompletionRequest, json.dumps(body).encode()).structured_output()
     assert constraint.kind == "tool_calls" and not constraint.parallel
     assert [f.name for f in constraint.functions] == ["auto"]
-    assert json.loads(constraint.functions[0].parameters) == {"type": "object", "properties": {}}
+    assert json.loads(constraint.functions[0].parameters) == {"type": "object", "properties": {}, "additionalProperties": False}
     auto = parse_request(ChatCompletionRequest, json.dumps(body | {"tool_choice": "auto"}).encode())
     assert auto.structured_output() is None

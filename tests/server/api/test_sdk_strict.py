@@ -3,7 +3,6 @@ stream event it sends validates against the SDK's own pydantic types in strict m
 replies end on their own, so `status: completed` and the SDK's stream helpers work."""
 
 import json
-from pathlib import Path
 
 import httpx
 import openai
@@ -13,18 +12,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.server.conftest import LiveServer
 
 STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
 HI = [{"role": "user", "content": "Hello! How are you today?"}]
-
-
-@pytest.fixture(scope="module")
-def demo_server(demo_dir, tmp_path_factory):
-    server = LiveServer(Path(demo_dir), tmp_path_factory.mktemp("demo-log") / "server.log",
-                        "--response-store", str(tmp_path_factory.mktemp("demo-store") / "responses.sqlite3"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture

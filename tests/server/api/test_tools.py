@@ -174,7 +174,6 @@ def test_streamed_responses_call_events(client, server):
     ({"tools": [CHAT_TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
       "tool_choice": "required"}, "tools[1].function.parameters"),
     ({"messages": QUESTION + [{"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
-    ({"tools": CHAT_TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [{"name": "f"}]}, "functions"),
 ])
 def test_bad_tool_requests_are_400s_naming_the_field(http, server, body, param):
@@ -183,6 +182,50 @@ def test_bad_tool_requests_are_400s_naming_the_field(http, server, body, param):
     assert response.json()["error"]["param"] == param
     if param.endswith("parameters"):
         assert "Invalid type: nonsense" in response.json()["error"]["message"]
+
+
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}}, "required": ["answer"],
+          "additionalProperties": False}
+CALL_TOKEN = 151657  # <tool_call>
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_format_and_tools_compose_in_chat(client, server, stream):
+    """tool_choice auto with a response format: JSON in the format, or calls, as logit_bias steers
+    the random weights; a forced call with a format is the call (the format governs a later turn)."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "Answer", "schema": ANSWER, "strict": True}}
+
+    def reply(bias: float, choice: str = "auto") -> tuple[str | None, list]:
+        kwargs = dict(model=server.model, messages=QUESTION, tools=CHAT_TOOLS, tool_choice=choice, seed=3,
+                      max_tokens=120, response_format=response_format, logit_bias={str(CALL_TOKEN): bias},
+                      parallel_tool_calls=False)
+        if not stream:
+            message = client.chat.completions.create(**kwargs).choices[0].message
+            return message.content, [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        texts, calls = [], {}
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            delta = chunk.choices[0].delta
+            texts.append(delta.content or "")
+            for piece in delta.tool_calls or []:
+                name, arguments = calls.get(piece.index, ("", ""))
+                calls[piece.index] = (name + (piece.function.name or ""), arguments + (piece.function.arguments or ""))
+        return "".join(texts) or None, [calls[i] for i in sorted(calls)]
+
+    content, calls = reply(-100.0)
+    assert calls == [] and json.loads(content)["answer"] is not None
+    for bias, choice in ((100.0, "auto"), (0.0, "required")):
+        content, calls = reply(bias, choice)
+        assert not content and len(calls) == 1, (content, calls)
+        validate_call(*calls[0])
+
+
+def test_a_forced_responses_call_accepts_a_format(client, server):
+    response = client.responses.create(model=server.model, input="Weather in Paris?", tools=RESPONSE_TOOLS,
+                                       tool_choice="required", parallel_tool_calls=False, max_output_tokens=120,
+                                       text={"format": {"type": "json_schema", "name": "Answer", "schema": ANSWER,
+                                                        "strict": True}})
+    assert [item.type for item in response.output] == ["function_call"] and response.text.format.name == "Answer"
+    validate_call(response.output[0].name, response.output[0].arguments)
 
 
 def test_bad_responses_tools_are_400s(client, server):
@@ -194,5 +237,5 @@ def test_bad_responses_tools_are_400s(client, server):
         client.responses.create(model=server.model, input=[{"type": "function_call_output", "output": "x"}])
     assert err.value.body["param"] == "input[0].call_id"
     response = httpx.post(f"{server.base_url}/v1/responses", json={
-        "model": server.model, "input": "x", "tools": [{"type": "web_search"}]})
+        "model": server.model, "input": "x", "tools": [{"type": "local_shell"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tools[0].type"

@@ -15,9 +15,13 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.load import load_model
+from model.tokenizer import Tokenizer
 from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
 from server.engine.core import validate_request
 from server.engine.request import (
+    CustomToolSchema,
     FunctionSchema,
     GenerationRequest,
     GrammarError,
@@ -189,6 +193,71 @@ def test_what_cannot_be_compiled_is_refused_with_the_engines_reason(demo):
         compiler.compile(StructuredOutput("tool_calls", functions=(TOOLS[0], bad_tool)))
     assert err.value.function_index == 1
     assert compiler.compile(StructuredOutput("json_object")) is compiler.compile(StructuredOutput("json_object"))
+
+
+COUNT = CustomToolSchema("count", "regex", r"^[0-9]{1,3} (apples|pears)$")
+DIFF = CustomToolSchema("diff", "lark", 'start: line (LF line){0,2}\nline: ("+" | "-") /[a-z]{1,8}/\n%import common.LF')
+CALL_BLOCK = re.compile(r'<tool_call>\n\{"name": "(\w+)", "arguments": (.*?)\}\n</tool_call>', re.DOTALL)
+
+
+def test_custom_tool_inputs_follow_their_grammars_and_formats_compose_with_tools(demo):
+    """Custom tools write raw input where JSON arguments go (free text, a regex, a Lark grammar);
+    under "auto" with a response format the reply is JSON in the format or calls, nothing else."""
+    _, tokenizer = demo
+    compiler = GrammarCompiler(tokenizer, 151936)
+    either = StructuredOutput("tool_calls", functions=(TOOLS[0], COUNT, DIFF, CustomToolSchema("free")), parallel=True,
+                              or_reply=StructuredOutput("json_schema", json_schema=schema_of(Search)))
+
+    def accepts(text: str) -> bool:
+        matcher = compiler.matcher(either)._matcher
+        return all(matcher.consume_token(t) for t in tokenizer.encode(text)) and matcher.is_accepting()
+
+    def call(name: str, arguments: str) -> str:
+        return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+    assert accepts('{"query": "x", "limit": 3}') and accepts(call("get_weather", '{"city": "P", "unit": "c"}'))
+    assert accepts(call("count", "12 pears") + "\n" + call("diff", "+abc\n-de") + "\n" + call("free", "} any {\n"))
+    for text in ('{"query": "x"}', "plain text", call("count", "12 plums"), call("diff", "+abc\n"),
+                 call("get_weather", '{"city": "P"}'), '{"query": "x", "limit": 3}' + call("count", "1 pears")):
+        assert not accepts(text), text
+    bad = CustomToolSchema("bad", "lark", "start: undefined_rule")
+    with pytest.raises(GrammarError, match="undefined_rule") as err:
+        compiler.compile(StructuredOutput("tool_calls", functions=(COUNT, bad)))
+    assert err.value.function_index == 1
+
+
+@pytest.fixture
+def random_engine(chat_checkpoint):
+    """An engine on random weights: the demo blocks special tokens such as <tool_call> outright,
+    so only here can a logit_bias steer a free choice into the call branch."""
+    engine = AsyncEngine(load_model(chat_checkpoint, "cpu"), Tokenizer(chat_checkpoint), chat_checkpoint, EngineConfig())
+    yield engine
+    engine.shutdown()
+
+
+def test_a_reply_under_auto_with_a_format_is_json_or_calls_as_steered(random_engine):
+    engine = random_engine
+    either = StructuredOutput("tool_calls", functions=(TOOLS[0], COUNT, DIFF), parallel=False,
+                              or_reply=StructuredOutput("json_schema", json_schema=schema_of(Search)))
+    call_token = engine.tokenizer.encode("<tool_call>")[0]
+    replies = generate_all(engine, [constrained(seed, either, seed, logit_bias={call_token: -100.0}) for seed in range(2)])
+    for text, _, finish in replies:
+        assert finish == "stop" and Search.model_validate_json(text), text
+    calls = generate_all(engine, [constrained(seed, either, seed, logit_bias={call_token: 100.0}) for seed in range(6)])
+    names = set()
+    for _, token_ids, finish in calls:
+        text = engine.tokenizer.decode(token_ids, skip_special_tokens=False)
+        match = CALL_BLOCK.fullmatch(text.removesuffix("<|im_end|>").removesuffix("<|endoftext|>"))
+        assert finish == "stop" and match, text
+        name, arguments = match.groups()
+        names.add(name)
+        if name == "get_weather":
+            Weather.model_validate_json(arguments)
+        elif name == "count":
+            assert re.fullmatch(r"[0-9]{1,3} (apples|pears)", arguments), arguments
+        else:
+            assert re.fullmatch(r"[+-][a-z]{1,8}(\n[+-][a-z]{1,8}){0,2}", arguments), arguments
+    assert len(names) > 1  # more than one tool was called over the seeds
 
 
 @pytest.mark.parametrize("params, param", [({"ignore_eos": True}, "ignore_eos"), ({"min_tokens": 3}, "min_tokens")])
