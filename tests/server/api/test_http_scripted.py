@@ -17,7 +17,7 @@ from server.engine.request import (
     RequestFailed,
     RequestOutput,
 )
-from server.api.response_store import ResponseStore
+from server.api.response_store import SQLiteResponseStore
 
 MODEL = "scripted"
 THINKING_REPLY = ["<think>", "\nThe user", " greets me.\n", "</think>", "\n\n", "Hello", " there!"]
@@ -79,7 +79,7 @@ def call(tokenizer, tmp_path):
     """POST a JSON body to an app over `engine`; (status, headers, body text)."""
 
     async def call(engine_kwargs: dict, path: str, body: dict, then: tuple[str, str] | None = None):
-        store = ResponseStore(tmp_path / "responses.sqlite3", 100)
+        store = SQLiteResponseStore(tmp_path / "responses.sqlite3", 100)
         app = create_app(ScriptedEngine(tokenizer, **engine_kwargs), MODEL, store, None, 1 << 20)
         try:
             async with app.test_app() as test_app:
