@@ -10,11 +10,12 @@ so as root the cluster is made and run by the `postgres` user that Debian's pack
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+
+from tests.server.conftest import free_port
 
 START_TIMEOUT_SECONDS = 60
 
@@ -31,17 +32,12 @@ def _bin_dir() -> Path | None:
     return debian[-1].parent if debian else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class PostgresServer:
     def __init__(self, bin_dir: Path, user: str | None):
         self._bin = bin_dir
         self._user = user  # run the server's programs as this user (None: as ourselves)
-        self.port = _free_port()
+        self.port = free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="nanoserve-pg-"))
         self._data = self._dir / "data"
         if user is not None:

@@ -9,15 +9,15 @@ Two servers and a router take a minute or more to start on two cores: these test
 
 import importlib.util
 import random
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+
+from tests.server.conftest import free_port, wait_for_health
 
 pytestmark = pytest.mark.router
 
@@ -26,40 +26,27 @@ BLOCK_SIZE = 16
 ROUTERS = {"vllm-router": "vllm_router", "sglang-router": "sglang_router"}  # pip name: Python package
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class Router:
     """A router (`vllm-router` or `sglang-router`) in front of `workers` with `policy`; ready once
-    it answers /health."""
+    it answers /health (both wait for their workers' health first)."""
 
     def __init__(self, name: str, workers: list, policy: str, log_path: Path):
         package = ROUTERS[name]
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{name} is not installed (pip install -e '.[test]' on Linux x86-64)")
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", f"{package}.launch_router", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--prometheus-port", str(_free_port()), "--policy", policy,
+                   "--prometheus-port", str(free_port()), "--policy", policy,
                    "--worker-urls", *(worker.base_url for worker in workers)]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{name} did not become ready in {STARTUP_TIMEOUT_SECONDS} s:\n{self.log()}")
+        problem = wait_for_health(self.process, self.base_url, STARTUP_TIMEOUT_SECONDS)
+        if problem is not None:
+            self.stop()
+            raise RuntimeError(f"{name} {problem}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
