@@ -27,7 +27,8 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,12 @@ def _failed(response: dict) -> dict:
     return response | {"status": "failed", "error": STOPPED}
 
 
-class ResponseStore:
+class ResponseStore(ABC):
     """What every backend shares. A backend sets `Error` (its driver's exception), `table`, `now` (SQL
     for the database clock, in seconds since the epoch) and `migrations`, and implements `_connect`,
-    `_schema_version`, `_set_schema_version` and `_transaction`. `?` marks a parameter in the SQL here."""
+    `_schema_version`, `_set_schema_version` and `_transaction`. `?` marks a parameter in the SQL here.
+    A new query (say, finding a stored item by its id) is one method here; a new table or column is one
+    more migration in each backend's list."""
 
     Error: type[Exception]
     table: str
@@ -87,19 +90,20 @@ class ResponseStore:
 
     # What a backend provides.
 
+    @abstractmethod
     def _connect(self) -> Any:
-        raise NotImplementedError
+        """A new connection to the database, for the worker thread."""
 
+    @abstractmethod
     def _schema_version(self) -> int:
-        raise NotImplementedError
+        """How many migrations the database has had (called inside the migration's transaction)."""
 
-    def _set_schema_version(self, version: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _set_schema_version(self, version: int) -> None: ...
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        raise NotImplementedError
-        yield
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[None]:
+        """Committed when the block ends, rolled back if it raises."""
 
     def _execute(self, sql: str, params: tuple = ()) -> Any:
         return self._db.execute(sql.format(table=self.table, now=self.now), params)
