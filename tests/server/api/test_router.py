@@ -129,21 +129,26 @@ def test_a_responses_conversation_alternates_replicas_behind_round_robin(replica
         replicas[1 - served[-1]].client().responses.retrieve(previous)
 
 
-def test_a_cancel_through_the_router_reaches_the_replica_generating_the_response(replicas, router_for):
+def test_a_cancel_reaches_the_replica_generating_the_response(replicas, router_for):
     client = router_for("vllm-router", "round_robin").client()
-    before = _served(replicas, "/v1/responses")
-    stream = client.responses.create(model=replicas[0].model, input=words(seed=9, count=5), max_output_tokens=2000,
-                                     temperature=0, stream=True)
-    events = iter(stream)
-    response_id = next(events).response.id  # response.created
-    generating = _which(replicas, "/v1/responses", before)
-    cancels_before = _served(replicas, "/v1/responses/<response_id>/cancel")
-    cancelled = client.responses.cancel(response_id)
-    answered = _which(replicas, "/v1/responses/<response_id>/cancel", cancels_before)
+
+    def start() -> tuple[str, int, object]:
+        """A long response streaming through the router: its id, the replica generating it, its events."""
+        before = _served(replicas, "/v1/responses")
+        events = iter(client.responses.create(model=replicas[0].model, input=words(seed=9, count=5),
+                                              max_output_tokens=2000, temperature=0, stream=True))
+        return next(events).response.id, _which(replicas, "/v1/responses", before), events
+
+    # Asked of the replica that is not generating it, which asks the other through the store.
+    response_id, generating, events = start()
+    cancelled = replicas[1 - generating].client().responses.cancel(response_id)
     *_, terminal = list(events)
     assert cancelled.status == "cancelled" and terminal.response.status == "cancelled"
     assert terminal.response.usage.output_tokens == cancelled.usage.output_tokens < 2000
-    assert generating != answered  # round robin sent the cancel to the other replica, which asked through the store
+    # Through the router, to whichever replica it picks.
+    response_id, _, events = start()
+    assert client.responses.cancel(response_id).status == "cancelled"
+    assert list(events)[-1].response.status == "cancelled"
 
 
 @pytest.mark.parametrize("name", ROUTERS)
