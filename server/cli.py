@@ -121,9 +121,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--response-store",
         default=None,
-        metavar="PATH",
-        help="SQLite file that keeps stored Responses API objects across restarts "
-        "(default: responses.sqlite3 in $NANOSERVE_CACHE, else ~/.cache/nanoserve)",
+        metavar="PATH|URL",
+        help="where stored Responses API objects are kept: a SQLite file (survives restarts; default: "
+        "responses.sqlite3 in $NANOSERVE_CACHE, else ~/.cache/nanoserve), or a PostgreSQL URL "
+        "(postgresql://user:password@host/db) that replicas behind a router share (pip install 'nanoserve[postgres]')",
     )
     g.add_argument(
         "--response-store-max",

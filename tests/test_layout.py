@@ -18,7 +18,7 @@ LAYERS = ("kernels", "model", "server.engine", "server.api", "server")
 # What each layer may import from outside the project (besides the standard library).
 THIRD_PARTY = {
     "kernels": {"torch", "triton", "numpy"},
-    "server.api": {"quart", "hypercorn", "werkzeug", "pydantic", "prometheus_client", "jinja2"},
+    "server.api": {"quart", "hypercorn", "werkzeug", "pydantic", "prometheus_client", "jinja2", "psycopg"},
 }
 
 

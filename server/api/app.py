@@ -23,11 +23,13 @@ from server.api.errors import APIError, model_not_found, register_error_handlers
 from server.api.metrics import CONTENT_TYPE, ServerMetrics
 from server.api.protocol import parse_request, random_id
 from server.api.protocol_tokenize import DetokenizeRequest, TokenizeRequest
-from server.api.response_store import ResponseStore
+from server.api.response_store import ResponseStore, SQLiteResponseStore
+from server.api.response_store_postgres import PostgresResponseStore, is_postgres_url
 from server.api.sealed_reasoning import ReasoningSeal, load_or_create_key
 from server.api.serving import ServingContext, json_response
 from server.api.serving_chat import create_chat_completion
 from server.api.serving_completions import create_completion
+from server.api.serving_render import render_chat_completion, render_completion
 from server.api.serving_responses import ResponsesAPI
 
 if TYPE_CHECKING:  # the app never imports the engine's torch side at run time
@@ -60,7 +62,7 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
     app = Quart("nanoserve")
     # No overall response deadline: a stream lasts as long as its generation.
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None)
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, model_name)
     ctx = ServingContext(engine, model_name, metrics)
     responses = ResponsesAPI(ctx, store, seal)
     created = int(time.time())
@@ -149,6 +151,28 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
     async def cancel_response(response_id: str) -> Response:
         return await responses.cancel(response_id)
 
+    @app.get("/model_info")
+    @app.get("/get_model_info")  # SGLang's older name, which routers still probe
+    async def get_model_info() -> Response:
+        # SGLang's shape, read by sglang-router and vllm-router.
+        return json_response({
+            "model_path": str(engine.model_dir), "tokenizer_path": str(engine.model_dir), "is_generation": True,
+            "preferred_sampling_params": None, "weight_version": "default", "has_image_understanding": False,
+            "has_audio_understanding": False, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+        })
+
+    @app.post("/v1/chat/completions/render")
+    async def chat_completions_render() -> Response:
+        return await render_chat_completion(ctx, await body())
+
+    @app.post("/v1/completions/render")
+    async def completions_render() -> Response:
+        return await render_completion(ctx, await body())
+
+    @app.post("/v1/responses/render")
+    async def responses_render() -> Response:
+        return await responses.render(await body())
+
     @app.post("/tokenize")
     async def tokenize() -> Response:
         req = parse_request(TokenizeRequest, await body())
@@ -175,6 +199,13 @@ def create_app(engine: "AsyncEngine", model_name: str, store: ResponseStore, api
 def request_id(client_id: str | None) -> str:
     """The client's x-request-id when it is a plain token, else a new one (as OpenAI's `req_…`)."""
     return client_id if client_id and _REQUEST_ID.fullmatch(client_id) else random_id("req_")
+
+
+def open_response_store(target: str | None, max_responses: int) -> ResponseStore:
+    """--response-store: a PostgreSQL URL (replicas share it), else a SQLite file (default: in the cache)."""
+    if target is not None and is_postgres_url(target):
+        return PostgresResponseStore(target, max_responses)
+    return SQLiteResponseStore(target or cache_dir() / "responses.sqlite3", max_responses)
 
 
 def resolve_api_key(flag: str | None) -> str | None:
@@ -228,7 +259,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from server.engine.async_engine import create_engine  # the app itself never imports torch
 
     api_key = resolve_api_key(args.api_key)
-    store = ResponseStore(args.response_store or cache_dir() / "responses.sqlite3", args.response_store_max)
+    store = open_response_store(args.response_store, args.response_store_max)
     seal = ReasoningSeal(load_or_create_key(cache_dir() / REASONING_KEY_FILE))
     name = served_model_name(args)
     _say(f"loading {args.model or 'the demo checkpoint'} (--device {args.device}, --dtype {args.dtype})")

@@ -1,5 +1,9 @@
 """Prometheus metrics for `GET /metrics`: the engine's queue, KV-cache and prefix-cache figures,
-read from `engine.stats()` at scrape time, and the server's own counters and latency histograms."""
+read from `engine.stats()` at scrape time, and the server's own counters and latency histograms.
+
+The queue and KV-cache gauges are also given under vLLM's names (`vllm:num_requests_running`,
+`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, labelled `model_name` and `engine` as vLLM
+labels them), which load-aware routers and the Gateway API Inference Extension's endpoint picker read."""
 
 import time
 from collections.abc import Callable, Iterator
@@ -30,9 +34,22 @@ _ENGINE_COUNTERS = (
 )
 
 
+def _kv_cache_usage(stats: EngineStats) -> float:
+    """As vLLM counts it: the share of blocks held by running sequences (cached free blocks are free)."""
+    return stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+
+
+_VLLM_GAUGES = (
+    ("vllm:num_requests_running", "Number of requests in model execution batches.", lambda s: s.num_running),
+    ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", lambda s: s.num_waiting),
+    ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", _kv_cache_usage),
+)
+
+
 class _EngineGauges(Collector):
-    def __init__(self, engine_stats: Callable[[], EngineStats]):
+    def __init__(self, engine_stats: Callable[[], EngineStats], model_name: str):
         self._engine_stats = engine_stats
+        self._model_name = model_name
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._engine_stats()
@@ -40,10 +57,14 @@ class _EngineGauges(Collector):
             yield GaugeMetricFamily(name, documentation, value=getattr(stats, attribute))
         for name, documentation, attribute in _ENGINE_COUNTERS:
             yield CounterMetricFamily(name, documentation, value=getattr(stats, attribute))
+        for name, documentation, value in _VLLM_GAUGES:
+            gauge = GaugeMetricFamily(name, documentation, labels=["model_name", "engine"])
+            gauge.add_metric([self._model_name, "0"], value(stats))
+            yield gauge
 
 
 class ServerMetrics:
-    def __init__(self, engine_stats: Callable[[], EngineStats]):
+    def __init__(self, engine_stats: Callable[[], EngineStats], model_name: str):
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "nanoserve_http_requests", "HTTP requests answered, by route and status code",
@@ -63,7 +84,7 @@ class ServerMetrics:
             "nanoserve_inter_token_latency_seconds", "Between consecutive generated tokens of one request",
             buckets=INTER_TOKEN_BUCKETS, registry=self.registry,
         )
-        self.registry.register(_EngineGauges(engine_stats))
+        self.registry.register(_EngineGauges(engine_stats, model_name))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

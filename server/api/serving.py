@@ -113,7 +113,7 @@ class ServingContext:
         return streams
 
 
-def json_response(payload: dict, status: int = 200) -> Response:
+def json_response(payload: dict | list, status: int = 200) -> Response:
     return Response(sse.to_json(payload), status=status, mimetype="application/json")
 
 

@@ -29,9 +29,7 @@ from server.api.serving import ServingContext, data_stream, json_response, sse_r
 async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
     request = parse_request(ChatCompletionRequest, body)
     ctx.check_model(request.model)
-    messages = [message.template_message() for message in request.messages]
-    prompt_ids = await ctx.chat_prompt_ids(messages, request.enable_thinking, param="messages",
-                                           tools=request.template_tools())
+    prompt_ids = await chat_prompt(ctx, request)
     params = request.chat_sampling_params()
     if params.structured_output is not None:
         await ctx.compile_structured_output(params.structured_output, "response_format",
@@ -47,6 +45,13 @@ async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
     finally:
         await streams.close()
     return json_response(reply.completion())
+
+
+async def chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> list[int]:
+    """The request's messages through the chat template, with the tools it offers."""
+    messages = [message.template_message() for message in request.messages]
+    return await ctx.chat_prompt_ids(messages, request.enable_thinking, param="messages",
+                                     tools=request.template_tools())
 
 
 class _ChatReply:

@@ -22,24 +22,17 @@ from server.api.protocol_completions import (
     completion_choice,
     joined_columns,
 )
-from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput
+from server.engine.request import ChoiceDelta, GenerationRequest, RequestOutput, SamplingParams
 from server.api.serving import ServingContext, data_stream, json_response, sse_response
 
 
 async def create_completion(ctx: ServingContext, body: bytes) -> Response:
     request = parse_request(CompletionRequest, body)
     ctx.check_model(request.model)
-    prompt_ids, echoes = [], []
-    for prompt in request.prompts:
-        if isinstance(prompt, str):
-            ids = await ctx.encode(prompt, param="prompt")
-        else:
-            ids = prompt
-            ctx.check_token_ids(ids, param="prompt")
-        prompt_ids.append(ids)
-        echoes.append((prompt if isinstance(prompt, str) else await ctx.decode(prompt)) if request.echo else "")
-    params = replace(request.sampling_params(request.max_tokens, request.logprobs),
-                     prompt_logprobs=request.prompt_logprobs)
+    prompt_ids = await completion_prompts(ctx, request)
+    echoes = [(prompt if isinstance(prompt, str) else await ctx.decode(prompt)) if request.echo else ""
+              for prompt in request.prompts]
+    params = completion_params(request)
     completion_id = random_id("cmpl-")
     generation_requests = [GenerationRequest(f"{completion_id}-{i}", ids, params) for i, ids in enumerate(prompt_ids)]
     streams = await ctx.open_streams(generation_requests, "prompt")
@@ -52,6 +45,23 @@ async def create_completion(ctx: ServingContext, body: bytes) -> Response:
     finally:
         await streams.close()
     return json_response(reply.completion())
+
+
+async def completion_prompts(ctx: ServingContext, request: CompletionRequest) -> list[list[int]]:
+    """Each prompt's token ids: text as the tokenizer reads it, token ids checked."""
+    prompt_ids = []
+    for prompt in request.prompts:
+        if isinstance(prompt, str):
+            prompt_ids.append(await ctx.encode(prompt, param="prompt"))
+        else:
+            ctx.check_token_ids(prompt, param="prompt")
+            prompt_ids.append(prompt)
+    return prompt_ids
+
+
+def completion_params(request: CompletionRequest) -> SamplingParams:
+    return replace(request.sampling_params(request.max_tokens, request.logprobs),
+                   prompt_logprobs=request.prompt_logprobs)
 
 
 class _CompletionReply:

@@ -4,7 +4,8 @@ responses behind `GET|DELETE /v1/responses/{id}`, `GET …/input_items` and `POS
 A response is stored as `in_progress` once the engine has admitted it and replaced by its final
 form before the terminal event is sent, so a client that reads it back after the stream always
 sees the finished object. Responses being generated are also tracked here, by id, so that
-`cancel` can abort the engine request and answer with the cancelled response.
+`cancel` can abort the engine request and answer with the cancelled response; one that another
+replica sharing the store is generating is cancelled through the store (response_store.py).
 """
 
 import asyncio
@@ -36,9 +37,10 @@ from server.api.protocol_responses_items import (
 )
 from server.api.protocol_tools import grammar_params, template_tool_call
 from server.api.reasoning import THINK_END, THINK_START
-from server.api.response_store import ResponseStore, StoredResponse
+from server.api.response_store import UNFINISHED, ResponseStore, StoredResponse
 from server.api.sealed_reasoning import ReasoningSeal
 from server.api.serving import ServingContext, json_response, sse_response
+from server.api.serving_render import generate_request
 from server.engine.request import GenerationRequest
 
 
@@ -74,7 +76,7 @@ class ResponsesAPI:
         previous = await self._store.get(request.previous_response_id)
         if previous is None:
             raise _not_found(request.previous_response_id, param="previous_response_id")
-        if previous.response["status"] in ("queued", "in_progress"):
+        if previous.response["status"] in UNFINISHED:
             raise invalid_request(f"Response '{request.previous_response_id}' is still in progress.",
                                   param="previous_response_id")
         return previous.conversation
@@ -167,7 +169,8 @@ class ResponsesAPI:
         flight = self._in_flight[response_id] = _InFlight(response_id)
         try:
             if request.store is not False:
-                await self._store.add(builder.response, listed_input_items(items), conversation)
+                await self._store.add(builder.response, listed_input_items(items), conversation,
+                                      abort=lambda: self._ctx.engine.abort(response_id))
         except BaseException:
             await self._finished(flight, builder, conversation, store=False)
             await streams.close()
@@ -180,6 +183,23 @@ class ResponsesAPI:
             async for _ in events:
                 pass
         return json_response(builder.response)
+
+    async def _prompt_ids(self, request: ResponsesRequest, conversation: list[dict]) -> list[int]:
+        instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
+        return await self._ctx.chat_prompt_ids(instructions + conversation, None, param="input",
+                                               tools=request.template_tools())
+
+    async def render(self, body: bytes) -> Response:
+        """`POST /v1/responses/render` (serving_render.py): stateless, as vLLM's is, so a request that
+        continues a stored response is refused; routers send those on without rendering them."""
+        request = parse_request(ResponsesRequest, body)
+        self._ctx.check_model(request.model)
+        if request.previous_response_id is not None:
+            raise invalid_request("Rendering is stateless: give the conversation in 'input' instead of "
+                                  "'previous_response_id'.", param="previous_response_id")
+        prompt_ids = await self._prompt_ids(request, chat_messages(request.items()))
+        return json_response(generate_request(self._ctx, random_id("resp_"), prompt_ids, request.sampling_params(),
+                                              request.stream, None))
 
     async def _generate(self, streams: EngineStreams, builder: ResponseBuilder, reply: ChatChoice, flight: _InFlight,
                         conversation: list[dict], store: bool) -> AsyncIterator[str]:
@@ -291,6 +311,11 @@ class ResponsesAPI:
             return json_response(flight.response)
         stored = await self._stored(response_id)
         status = stored.response["status"]
+        if status in UNFINISHED:  # another replica sharing the store is generating it
+            stored = await self._store.cancel(response_id)
+            if stored is None:
+                raise _not_found(response_id)
+            return json_response(stored.response)
         if status != "cancelled":
             raise invalid_request(f"Only a response in progress can be cancelled; this one is {status}.",
                                   param="response_id")

@@ -16,16 +16,31 @@ import pytest
 STARTUP_TIMEOUT_SECONDS = 120
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def wait_for_health(process: subprocess.Popen, base_url: str, timeout: float) -> str | None:
+    """None once `base_url`/health answers 200, else what went wrong first (it exited, or timed out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited with {process.returncode}"
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return None
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return f"did not become healthy in {timeout} s"
+
+
 class LiveServer:
     def __init__(self, model_dir: Path, log_path: Path, *flags: str):
         self.model = model_dir.name  # the default --served-model-name
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--device", "cpu",
@@ -35,18 +50,10 @@ class LiveServer:
         self._wait_until_healthy()
 
     def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not become healthy in {STARTUP_TIMEOUT_SECONDS} s:\n{self.log()}")
+        problem = wait_for_health(self.process, self.base_url, STARTUP_TIMEOUT_SECONDS)
+        if problem is not None:
+            self.stop()
+            raise RuntimeError(f"the server {problem}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

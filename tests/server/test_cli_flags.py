@@ -19,6 +19,8 @@ def _run(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.
     (["serve", "--max-body-bytes", "0"], "--max-body-bytes must be at least 4096"),
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
     (["serve", "--response-store-max", "-1"], "--response-store-max must be at least 1"),
+    (["serve", "--response-store", "postgresql://nanoserve:pw@127.0.0.1:1/db"],
+     "--response-store: cannot open the response store postgresql://nanoserve:***@127.0.0.1:1/db: "),
     (["serve", "--num-kv-blocks", "1"], "--num-kv-blocks 1 holds 16 tokens"),
     (["serve", "--api-key", ""], "--api-key is empty"),
     (["serve", "--api-key", "two words"], "--api-key must be printable ASCII without spaces"),

@@ -10,7 +10,7 @@ import pytest
 
 from model.tokenizer import Tokenizer
 from server.api.app import create_app
-from server.api.response_store import ResponseStore
+from server.api.response_store import SQLiteResponseStore
 from server.api.sealed_reasoning import ReasoningSeal
 from tests.server.api.test_http_scripted import MODEL, THINKING_REPLY, ScriptedEngine, _data
 
@@ -45,7 +45,7 @@ def app(tokenizer, tmp_path):
     async def started(max_model_len: int = 4096):
         engine = ScriptedEngine(tokenizer, ["Hi."])
         engine.max_model_len = max_model_len
-        store = ResponseStore(tmp_path / "responses.sqlite3", 100)
+        store = SQLiteResponseStore(tmp_path / "responses.sqlite3", 100)
         quart_app = create_app(engine, MODEL, store, None, 1 << 20, ReasoningSeal(bytes(range(32))))
         try:
             async with quart_app.test_app() as test_app:

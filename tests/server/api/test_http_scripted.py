@@ -18,7 +18,7 @@ from server.engine.request import (
     RequestOutput,
     StructuredOutput,
 )
-from server.api.response_store import ResponseStore
+from server.api.response_store import SQLiteResponseStore
 from server.api.sealed_reasoning import ReasoningSeal
 
 MODEL = "scripted"
@@ -87,7 +87,7 @@ def call(tokenizer, tmp_path):
     """POST a JSON body to an app over `engine`; (status, headers, body text)."""
 
     async def call(engine_kwargs: dict, path: str, body: dict, then: tuple[str, str] | None = None):
-        store = ResponseStore(tmp_path / "responses.sqlite3", 100)
+        store = SQLiteResponseStore(tmp_path / "responses.sqlite3", 100)
         app = create_app(ScriptedEngine(tokenizer, **engine_kwargs), MODEL, store, None, 1 << 20,
                          ReasoningSeal(bytes(range(32))))
         try:
