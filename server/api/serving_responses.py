@@ -184,11 +184,6 @@ class ResponsesAPI:
                 pass
         return json_response(builder.response)
 
-    async def _prompt_ids(self, request: ResponsesRequest, conversation: list[dict]) -> list[int]:
-        instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
-        return await self._ctx.chat_prompt_ids(instructions + conversation, None, param="input",
-                                               tools=request.template_tools())
-
     async def render(self, body: bytes) -> Response:
         """`POST /v1/responses/render` (serving_render.py): stateless, as vLLM's is, so a request that
         continues a stored response is refused; routers send those on without rendering them."""
