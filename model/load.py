@@ -6,6 +6,7 @@ import torch
 
 from model.config import DTYPES, load_config
 from model.demo import demo_checkpoint
+from model.parallel import Collectives, shard_of
 from model.qwen3 import Qwen3Model
 from model.weights import load_checkpoint
 
@@ -35,9 +36,15 @@ def model_dir_or_demo(model: str | Path | None) -> Path:
     return Path(model) if model else demo_checkpoint()
 
 
-def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Qwen3Model:
+def load_model(
+    model_dir: str | Path, device: str = "auto", dtype: str = "auto", rank: int = 0, world_size: int = 1,
+    collectives: Collectives | None = None, progress: bool | None = None,
+) -> Qwen3Model:
+    """The model of `model_dir`, or under tensor parallelism rank `rank`'s shard of it (its slices
+    of the weights only), whose forward pass reaches the other ranks through `collectives`."""
     config = load_config(model_dir)
     torch_device = resolve_device(device)
-    model = Qwen3Model(config, resolve_dtype(dtype, config.dtype, torch_device), torch_device)
-    load_checkpoint(model, model_dir)
+    model = Qwen3Model(config, resolve_dtype(dtype, config.dtype, torch_device), torch_device,
+                       shard_of(config, rank, world_size), collectives)
+    load_checkpoint(model, model_dir, progress)
     return model

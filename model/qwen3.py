@@ -11,6 +11,10 @@ CUDA and torch references on CPU.
 
 Weights are stored fused where that saves launches: `qkv_proj` is q, k and v stacked by rows,
 `gate_up_proj` is gate and up stacked (the loader fills the row ranges from the HF tensors).
+
+Under tensor parallelism (`model.parallel`) the model holds one rank's `Shard` of every weight and
+its KV cache holds that rank's KV heads; the forward pass is the same code with an all-reduce after
+o_proj, after down_proj and after the embedding lookup, and the LM head's logits gathered.
 """
 
 import torch
@@ -29,6 +33,7 @@ from kernels.backend import use_triton
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
 from model.cpu_plan import HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
+from model.parallel import Collectives, Shard, shard_of
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), each [blocks, block_size, Hk, D]
 
@@ -38,31 +43,40 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 class Qwen3Layer(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: Qwen3Config, shard: Shard, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         c = config
+        q_size, kv_size, inter = shard.num_heads * c.head_dim, shard.num_kv_heads * c.head_dim, shard.intermediate_size
         self.input_norm = _param(c.hidden_size, dtype=dtype, device=device)
-        self.qkv_proj = _param(c.q_size + 2 * c.kv_size, c.hidden_size, dtype=dtype, device=device)
+        self.qkv_proj = _param(q_size + 2 * kv_size, c.hidden_size, dtype=dtype, device=device)
         self.q_norm = _param(c.head_dim, dtype=dtype, device=device)
         self.k_norm = _param(c.head_dim, dtype=dtype, device=device)
-        self.o_proj = _param(c.hidden_size, c.q_size, dtype=dtype, device=device)
+        self.o_proj = _param(c.hidden_size, q_size, dtype=dtype, device=device)
         self.post_attention_norm = _param(c.hidden_size, dtype=dtype, device=device)
-        self.gate_up_proj = _param(2 * c.intermediate_size, c.hidden_size, dtype=dtype, device=device)
-        self.down_proj = _param(c.hidden_size, c.intermediate_size, dtype=dtype, device=device)
+        self.gate_up_proj = _param(2 * inter, c.hidden_size, dtype=dtype, device=device)
+        self.down_proj = _param(c.hidden_size, inter, dtype=dtype, device=device)
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, config: Qwen3Config, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 shard: Shard | None = None, collectives: Collectives | None = None):
+        """`shard`: this rank's part under tensor parallelism (default: all of it), whose
+        `collectives` reach the other ranks."""
         super().__init__()
         c = config
         self.config = config
+        self.shard = shard or shard_of(config)
+        if self.shard.size > 1 and collectives is None:
+            raise ValueError("a model sharded over several ranks needs their collectives")
+        self.collectives = collectives
         self.dtype = dtype
         self.device = torch.device(device)
-        self.embed_tokens = _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(Qwen3Layer(c, dtype, device) for _ in range(c.num_layers))
+        vocab_rows = self.shard.vocab_rows
+        self.embed_tokens = _param(vocab_rows, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Qwen3Layer(c, self.shard, dtype, device) for _ in range(c.num_layers))
         self.norm = _param(c.hidden_size, dtype=dtype, device=device)
         self.lm_head = self.embed_tokens if c.tie_word_embeddings else _param(
-            c.vocab_size, c.hidden_size, dtype=dtype, device=device
+            vocab_rows, c.hidden_size, dtype=dtype, device=device
         )
         self.cos_sin_cache = build_cos_sin_cache(c.max_position_embeddings, c.head_dim, c.rope_theta, self.device)
         self.scale = c.head_dim**-0.5
@@ -73,7 +87,7 @@ class Qwen3Model(nn.Module):
         weights and head shapes, and use the winners from now on. Run it on a thread that ends or
         on the thread that runs the model (see `server.engine.async_engine.create_engine`)."""
         c = self.config
-        plan = measure_cpu_plan(self._planned_weights(), self.dtype, c.num_heads, c.num_kv_heads, c.head_dim,
+        plan = measure_cpu_plan(self._planned_weights(), self.dtype, self.shard.num_heads, self.shard.num_kv_heads, c.head_dim,
                                 max_batch, max_context)
         self._hold_weights(plan)
         self.cpu_plan = plan
@@ -117,7 +131,7 @@ class Qwen3Model(nn.Module):
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.config
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        shape = (num_blocks, block_size, self.shard.num_kv_heads, c.head_dim)
         return [
             (torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device))
             for _ in range(c.num_layers)
@@ -128,7 +142,7 @@ class Qwen3Model(nn.Module):
         """Stores the batch's K/V in `kv_cache` and returns fp32 logits [N, vocab] for `logits_indices`."""
         eps = self.config.rms_norm_eps
         decode_attention = self._decode_attention(batch, kv_cache[0][0])
-        hidden = F.embedding(batch.token_ids, self.embed_tokens)
+        hidden = self._embed(batch.token_ids)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
             if residual is None:
@@ -136,13 +150,37 @@ class Qwen3Model(nn.Module):
                 x = rms_norm(hidden, layer.input_norm, eps)
             else:
                 x, residual = fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self._attention(layer, x, batch, k_cache, v_cache, decode_attention)
+            hidden = self._all_reduce(self._attention(layer, x, batch, k_cache, v_cache, decode_attention))
             x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
-            hidden = self._mlp(layer, x)
+            hidden = self._all_reduce(self._mlp(layer, x))
         # Only the rows that need logits go through the final norm and the LM head.
         rows = batch.logits_indices
         x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, eps)
-        return self._linear(x, self.lm_head).float()
+        return self._logits(x)
+
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.size == 1:
+            return F.embedding(token_ids, self.embed_tokens)
+        # This rank's vocabulary rows only: other ids look up row 0 and are zeroed, and the sum
+        # over the ranks gives every id its row.
+        local = token_ids - self.shard.vocab_start
+        outside = (local < 0) | (local >= self.shard.vocab_rows)
+        hidden = F.embedding(local.masked_fill(outside, 0), self.embed_tokens)
+        return self._all_reduce(hidden.masked_fill_(outside[:, None], 0.0))
+
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of a row-parallel result (each rank's is partial); in place."""
+        if self.shard.size > 1:
+            self.collectives.all_reduce(partial)
+        return partial
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the full vocabulary: this rank's rows, gathered from every rank."""
+        logits = self._linear(x, self.lm_head)
+        if self.shard.size > 1:  # [ranks, N, rows] -> [N, ranks * rows], cut to the vocabulary
+            gathered = self.collectives.all_gather(logits.contiguous())
+            logits = gathered.permute(1, 0, 2).reshape(x.shape[0], -1)[:, : self.config.vocab_size]
+        return logits.float()
 
     def _attention(
         self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -154,7 +192,7 @@ class Qwen3Model(nn.Module):
         q, k, v = attention_frontend(self._linear(x, layer.qkv_proj), layer.q_norm, layer.k_norm, c.rms_norm_eps,
                                      batch.positions, self.cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
         out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention)
-        return self._linear(out.reshape(x.shape[0], c.q_size), layer.o_proj)
+        return self._linear(out.reshape(x.shape[0], self.shard.num_heads * c.head_dim), layer.o_proj)
 
     def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = self._linear(x, layer.gate_up_proj).chunk(2, dim=-1)

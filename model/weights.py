@@ -3,10 +3,13 @@
 Each HF tensor name maps to a row range of one of our parameters (q/k/v land in `qkv_proj`,
 gate/up in `gate_up_proj`). Tensors are read one at a time and copied into place, which casts
 to the model's dtype and moves to its device without a second full copy of the checkpoint.
+A model sharded for tensor parallelism (`model.parallel`) reads only its rank's rows or columns
+of each tensor: safetensors slices are read from the file, not cut from the whole tensor.
 """
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,29 +27,60 @@ class WeightsError(ValueError):
     """The checkpoint's tensors do not fit the model its config.json describes."""
 
 
-def weight_targets(model: Qwen3Model) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the view of our parameter that it fills."""
-    c = model.config
-    q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
-    targets = {"model.embed_tokens.weight": model.embed_tokens.data, "model.norm.weight": model.norm.data}
+@dataclass(frozen=True)
+class Target:
+    """Where one HF tensor goes: `view`, filled from the rows and columns `index` picks of the
+    checkpoint's tensor, whose full shape is `shape`."""
+
+    view: torch.Tensor
+    shape: tuple[int, ...]
+    index: tuple[slice, ...] = ()  # () : the whole tensor
+
+
+def _rows(start: int, stop: int) -> tuple[slice, ...]:
+    return (slice(start, stop),)
+
+
+def _columns(start: int, stop: int) -> tuple[slice, ...]:
+    return (slice(None), slice(start, stop))
+
+
+def weight_targets(model: Qwen3Model) -> dict[str, Target]:
+    """HF tensor name -> the view of our parameter that it fills, and this rank's slice of it."""
+    c, s = model.config, model.shard
+    d, hidden = c.head_dim, c.hidden_size
+    q, kv, inter = s.num_heads * d, s.num_kv_heads * d, s.intermediate_size
+    q_rows = _rows(s.rank * q, (s.rank + 1) * q)
+    kv_rows = _rows(s.kv_head_start * d, s.kv_head_start * d + kv)
+    inter_rows = _rows(s.rank * inter, (s.rank + 1) * inter)
+    vocab_rows = _rows(s.vocab_start, s.vocab_end)
+    held = s.vocab_end - s.vocab_start  # the rows past it (padding of the last rank) stay zero
+    vocab = (c.vocab_size, hidden)
+    targets = {"model.embed_tokens.weight": Target(model.embed_tokens.data[:held], vocab, vocab_rows),
+               "model.norm.weight": Target(model.norm.data, (hidden,))}
     if not c.tie_word_embeddings:
-        targets["lm_head.weight"] = model.lm_head.data
+        targets["lm_head.weight"] = Target(model.lm_head.data[:held], vocab, vocab_rows)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         qkv, gate_up = layer.qkv_proj.data, layer.gate_up_proj.data
         targets |= {
-            p + "input_layernorm.weight": layer.input_norm.data,
-            p + "self_attn.q_proj.weight": qkv[:q],
-            p + "self_attn.k_proj.weight": qkv[q : q + kv],
-            p + "self_attn.v_proj.weight": qkv[q + kv :],
-            p + "self_attn.q_norm.weight": layer.q_norm.data,
-            p + "self_attn.k_norm.weight": layer.k_norm.data,
-            p + "self_attn.o_proj.weight": layer.o_proj.data,
-            p + "post_attention_layernorm.weight": layer.post_attention_norm.data,
-            p + "mlp.gate_proj.weight": gate_up[:inter],
-            p + "mlp.up_proj.weight": gate_up[inter:],
-            p + "mlp.down_proj.weight": layer.down_proj.data,
+            p + "input_layernorm.weight": Target(layer.input_norm.data, (hidden,)),
+            p + "self_attn.q_proj.weight": Target(qkv[:q], (c.q_size, hidden), q_rows),
+            p + "self_attn.k_proj.weight": Target(qkv[q : q + kv], (c.kv_size, hidden), kv_rows),
+            p + "self_attn.v_proj.weight": Target(qkv[q + kv :], (c.kv_size, hidden), kv_rows),
+            p + "self_attn.q_norm.weight": Target(layer.q_norm.data, (d,)),
+            p + "self_attn.k_norm.weight": Target(layer.k_norm.data, (d,)),
+            p + "self_attn.o_proj.weight": Target(layer.o_proj.data, (hidden, c.q_size),
+                                                _columns(s.rank * q, (s.rank + 1) * q)),
+            p + "post_attention_layernorm.weight": Target(layer.post_attention_norm.data, (hidden,)),
+            p + "mlp.gate_proj.weight": Target(gate_up[:inter], (c.intermediate_size, hidden), inter_rows),
+            p + "mlp.up_proj.weight": Target(gate_up[inter:], (c.intermediate_size, hidden), inter_rows),
+            p + "mlp.down_proj.weight": Target(layer.down_proj.data, (hidden, c.intermediate_size),
+                                               _columns(s.rank * inter, (s.rank + 1) * inter)),
         }
+    if s.size > 1:
+        model.embed_tokens.data[held:].zero_()
+        model.lm_head.data[held:].zero_()
     return targets
 
 
@@ -84,16 +118,17 @@ class _Assigner:
         self.pending = set(self.targets)
 
     def assign(self, name: str, shape: tuple[int, ...], read) -> None:
+        """`read(index)`: the tensor's rows and columns that `index` picks (all of it for ())."""
         if _ignored(name, self.model):
             return
         target = self.targets.get(name)
         if target is None:
             raise WeightsError(f"unexpected tensor {name} {list(shape)}: not part of a Qwen3 model with this config")
-        if tuple(shape) != tuple(target.shape):
+        if tuple(shape) != target.shape:
             raise WeightsError(
                 f"tensor {name} has shape {list(shape)} in the checkpoint but the config expects {list(target.shape)}"
             )
-        target.copy_(read())
+        target.view.copy_(read(target.index))
         self.pending.discard(name)
 
     def finish(self) -> None:
@@ -117,7 +152,7 @@ def load_checkpoint(model: Qwen3Model, model_dir: str | Path, progress: bool | N
                     for name in f.keys():
                         view = f.get_slice(name)
                         shape = tuple(view.get_shape())
-                        assigner.assign(name, shape, lambda: f.get_tensor(name))
+                        assigner.assign(name, shape, lambda index: view[index] if index else f.get_tensor(name))
                         bar.update(_nbytes(shape, view.get_dtype()))
             except SafetensorError as err:
                 raise WeightsError(f"{path} is truncated or corrupt (safetensors: {err})") from None
@@ -129,7 +164,7 @@ def load_state_dict(model: Qwen3Model, tensors: Mapping[str, torch.Tensor]) -> N
     assigner = _Assigner(model)
     with torch.no_grad():
         for name, tensor in tensors.items():
-            assigner.assign(name, tuple(tensor.shape), lambda: tensor)
+            assigner.assign(name, tuple(tensor.shape), lambda index: tensor[index])
     assigner.finish()
 
 

@@ -15,7 +15,7 @@ DESCRIPTION = "A small, readable LLM inference server: generate one completion, 
 MIN_BODY_BYTES = 4096
 # Engine and server sizes that must be at least 1 when given.
 POSITIVE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
-                  "max_queue", "max_tokens", "response_store_max")
+                  "max_queue", "max_tokens", "response_store_max", "tensor_parallel_size")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -74,6 +74,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="compute every prompt in full instead of reusing the KV blocks of prefixes computed before "
         "(default: prefix caching on)",
+    )
+    g.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        help="shard the model over N ranks, one process each (N GPUs on CUDA; gloo between processes on CPU); "
+        "N must divide the attention heads and the MLP size (default 1)",
     )
     g.add_argument(
         "--max-queue", type=int, default=1024,

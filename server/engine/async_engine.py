@@ -250,9 +250,19 @@ def create_engine(args: argparse.Namespace) -> AsyncEngine:
     # halving CPU decode speed.
     load_config(model_dir)  # first the cheap checks, so a wrong directory or a broken tokenizer fails at once
     tokenizer = Tokenizer(model_dir)
+    workers = None
     with ThreadPoolExecutor(max_workers=1) as loader:
-        model, config = loader.submit(_load, model_dir, args.device, args.dtype, config).result()
-    return AsyncEngine(model, tokenizer, model_dir, config)
+        if config.tensor_parallel_size > 1:  # the other ranks' processes load their shards meanwhile
+            from server.engine.distributed import TensorParallelWorkers
+
+            workers = TensorParallelWorkers(model_dir, args.device, args.dtype, args.kernels, config)
+            model, config = loader.submit(workers.load_rank0).result()
+        else:
+            model, config = loader.submit(_load, model_dir, args.device, args.dtype, config).result()
+    engine = AsyncEngine(model, tokenizer, model_dir, config)
+    if workers is not None:
+        workers.serving(engine._die)
+    return engine
 
 
 def _load(model_dir: Path, device: str, dtype: str, config: EngineConfig) -> tuple[Qwen3Model, EngineConfig]:

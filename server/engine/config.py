@@ -35,12 +35,14 @@ class EngineConfig:
     # the host runs the model itself, so there is nothing to overlap with (each finished sequence
     # would only cost one dropped row). True on CPU runs the same bookkeeping, for tests.
     async_scheduling: bool | None = None
+    # Ranks that each hold a shard of the model, one process each (`server.engine.distributed`).
+    tensor_parallel_size: int = 1
 
 
 def kv_block_bytes(model: Qwen3Model, block_size: int) -> int:
-    """Bytes of one KV-cache block: K and V of `block_size` tokens in every layer."""
+    """Bytes of one KV-cache block on this rank: K and V of `block_size` tokens in every layer."""
     c = model.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+    return 2 * c.num_layers * block_size * model.shard.num_kv_heads * c.head_dim * model.dtype.itemsize
 
 
 def cpu_kv_blocks(model: Qwen3Model, block_size: int, max_model_len: int, max_num_seqs: int) -> tuple[int, str]:
@@ -60,7 +62,8 @@ def cpu_kv_blocks(model: Qwen3Model, block_size: int, max_model_len: int, max_nu
 
 def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
     """`config` with every default filled in for this model and device, or ValueError."""
-    for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+    for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_queue",
+                 "tensor_parallel_size"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

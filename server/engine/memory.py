@@ -43,7 +43,7 @@ def kv_blocks_for_free_memory(
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     budget = free - activations - (1 - GPU_MEMORY_UTILIZATION) * total
-    block_bytes = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+    block_bytes = 2 * c.num_layers * block_size * model.shard.num_kv_heads * c.head_dim * model.dtype.itemsize
     if budget < block_bytes:
         raise RuntimeError(
             f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free, the largest step needs "

@@ -22,6 +22,7 @@ from model.batch import ForwardBatch
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
 from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
+from server.engine.distributed import StepSender
 from server.engine.request import TokenLogprob
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledBatch
@@ -76,6 +77,8 @@ class ModelRunner:
         self._turn = 0  # which host buffers the step being prepared writes
         # On CUDA, per turn: recorded after that turn's copies (waiting on one never recorded returns at once).
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
+        # Under tensor parallelism the other ranks run every step too, on inputs sent from here.
+        self._tensor_parallel = StepSender(max_num_seqs) if model.shard.size > 1 else None
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
 
     def _capture_graphs(self, config: EngineConfig, table_width: int) -> tuple[DecodeGraphRunner | None, str]:
@@ -125,6 +128,11 @@ class ModelRunner:
         if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
             self.sampler.prepare(seqs)
         self.token_bitmask.start_fill([seq.grammar for seq in seqs])  # grammar masks: while the model runs
+        if self._tensor_parallel is not None:
+            if bucket:
+                self._tensor_parallel.send_graph(bucket, self._graphs.inputs)
+            else:
+                self._tensor_parallel.send(forward_batch)
         logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
         if scoring is not None:
             self._score_prompts(logits[len(sampling_rows):], scoring)
