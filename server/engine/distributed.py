@@ -30,6 +30,7 @@ import atexit
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -319,7 +320,7 @@ class TensorParallelWorkers:
         """End every worker: closing the pipes ends them at once; those that do not, by signal."""
         self._stopping = True
         for pipe in self._pipes:
-            pipe.close()
+            _hang_up(pipe)
         for process in self._processes:
             process.join(timeout=5)
             if process.is_alive():
@@ -362,6 +363,16 @@ class TensorParallelWorkers:
             time.sleep(FAILURE_GRACE_S)
         self.stop()
         os._exit(1 if on_failure is not None else 2)
+
+
+def _hang_up(pipe: connection.Connection) -> None:
+    """Close our end so that the worker reads EOF now: a plain close would not while the watcher
+    thread still polls the socket (the poll holds it open), so shut the socket down first."""
+    if pipe.closed:
+        return
+    with socket.socket(fileno=os.dup(pipe.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+    pipe.close()
 
 
 def _exit_status(code: int | None) -> str:

@@ -1,0 +1,219 @@
+"""`--tensor-parallel-size 2` on CPU (gloo between two processes), as users see it: the same greedy
+tokens as one process, on checkpoints with 2 KV heads (split) and 1 (replicated), untied and tied;
+a worker that dies or raises stops the server with a message naming its rank; SIGTERM leaves no
+process behind; a startup error is one line."""
+
+import asyncio
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model.demo import write_checkpoint
+from model.load import load_model
+from model.tokenizer import Tokenizer
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
+from server.engine.request import GenerationRequest, SamplingParams
+from tests.server.conftest import LiveServer
+
+SMALL_CONTEXT = ("--max-model-len", "512")  # small KV caches: fast to start
+MAX_TOKENS = 12
+EXIT_WITHIN_S = 10  # a worker fault ends the server within this
+WORDS = "harbour station river lantern copper orchard violet signal meadow anchor ledger pylon".split()
+
+# Loaded into the workers (PYTHONPATH) by the raising-worker test: rank 1's forward pass raises
+# once FAULT_FILE exists. It patches the model once the worker has imported it.
+FAULT_HOOK = '''
+import os, sys, threading, time
+
+def _patch():
+    while "model.qwen3" not in sys.modules or not hasattr(sys.modules["model.qwen3"], "Qwen3Model"):
+        time.sleep(0.05)
+    model = sys.modules["model.qwen3"].Qwen3Model
+    forward = model.forward
+
+    def faulty(self, *args, **kwargs):
+        if self.shard.rank == 1 and os.path.exists(os.environ["FAULT_FILE"]):
+            raise RuntimeError("injected fault")
+        return forward(self, *args, **kwargs)
+
+    model.forward = faulty
+
+if os.environ.get("FAULT_FILE"):
+    threading.Thread(target=_patch, daemon=True).start()
+'''
+
+
+@pytest.fixture(scope="module")
+def one_kv_head_tied(chat_checkpoint, tmp_path_factory) -> Path:
+    """1 KV head for 4 query heads (replicated on both ranks), tied embeddings; the chat
+    checkpoint's tokenizer."""
+    shape = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 1, "head_dim": 64, "tie_word_embeddings": True, "dtype": "float32"}
+    directory = write_checkpoint(tmp_path_factory.mktemp("kv1-tied"), shape, seed=11, with_tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(chat_checkpoint) / name, directory / name)
+    return directory
+
+
+def _prompts(count: int) -> list[str]:
+    rng = random.Random(5)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(3, 40))) for _ in range(count)]
+
+
+def _one_process_texts(model_dir: Path, prompts: list[str]) -> list[str]:
+    """Greedy replies of TP=1 in this process, all requests at once as the server batches them."""
+    tokenizer = Tokenizer(model_dir)
+    engine = AsyncEngine(load_model(model_dir, "cpu"), tokenizer, model_dir, EngineConfig(max_model_len=512))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    async def one(index: int, prompt: str) -> str:
+        text = ""
+        async for output in engine.generate(GenerationRequest(f"r{index}", tokenizer.encode(prompt), params)):
+            text += output.choices[0].text
+        return text
+
+    async def every() -> list[str]:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    try:
+        return asyncio.run(every())
+    finally:
+        engine.shutdown()
+
+
+def _worker_pid(log: str) -> int:
+    return int(re.search(r"tensor parallel: rank 1 is process (\d+)", log).group(1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.fixture(scope="module")
+def tp_server(chat_checkpoint, tmp_path_factory):
+    server = LiveServer(Path(chat_checkpoint), tmp_path_factory.mktemp("tp-log") / "server.log",
+                        "--tensor-parallel-size", "2", *SMALL_CONTEXT)
+    yield server
+    server.stop()
+
+
+def test_eight_concurrent_requests_streamed_and_not_get_the_one_process_tokens(tp_server, chat_checkpoint):
+    """2 KV heads split over 2 ranks, untied LM head: 8 requests at once, half streamed."""
+    prompts = _prompts(8)
+    client = tp_server.async_client()
+
+    async def ask(index: int, prompt: str) -> str:
+        args = dict(model=tp_server.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                    extra_body={"ignore_eos": True})
+        if index % 2:
+            return "".join([chunk.choices[0].text async for chunk in await client.completions.create(stream=True, **args)])
+        return (await client.completions.create(**args)).choices[0].text
+
+    async def every() -> list[str]:
+        return await asyncio.gather(*(ask(i, p) for i, p in enumerate(prompts)))
+
+    served = asyncio.run(every())
+    assert served == _one_process_texts(Path(chat_checkpoint), prompts)
+    assert all(served)
+
+
+def test_sigterm_leaves_no_process(tp_server):
+    worker = _worker_pid(tp_server.log())
+    assert _alive(worker)
+    assert tp_server.stop(signal.SIGTERM) == 0
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), tp_server.log()
+
+
+def test_replicated_kv_head_and_tied_embeddings_with_recorded_decode_steps(one_kv_head_tied):
+    """`generate` at TP=2, decode through the graph runner's CPU form on both ranks."""
+    prompt = _prompts(1)[0]
+    command = [sys.executable, "-m", "server.cli", "generate", "--model", str(one_kv_head_tied), "--device", "cpu",
+               "-tp", "2", "--no-enforce-eager", *SMALL_CONTEXT, "--max-tokens", str(MAX_TOKENS), "--ignore-eos",
+               prompt]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == _one_process_texts(one_kv_head_tied, [prompt])[0] + "\n"
+
+
+def _wait_exit(server: LiveServer) -> int:
+    try:
+        return server.process.wait(timeout=EXIT_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server still runs {EXIT_WITHIN_S} s after its worker's fault:\n{server.log()}")
+
+
+def test_a_killed_worker_stops_the_server_naming_its_rank(one_kv_head_tied, tmp_path):
+    server = LiveServer(one_kv_head_tied, tmp_path / "server.log", "-tp", "2", *SMALL_CONTEXT)
+    try:
+        worker = _worker_pid(server.log())
+        os.kill(worker, signal.SIGKILL)
+        assert _wait_exit(server) == 1
+        assert "nanoserve: error: tensor-parallel rank 1 exited (killed by SIGKILL); the server stops" in server.log()
+    finally:
+        server.stop()
+
+
+def test_a_raising_worker_stops_the_server_naming_its_rank(one_kv_head_tied, tmp_path, monkeypatch):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(FAULT_HOOK)
+    fault = tmp_path / "fault"
+    monkeypatch.setenv("PYTHONPATH", f"{hooks}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("FAULT_FILE", str(fault))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the virtualenv's sitecustomize is shadowed
+    server = LiveServer(one_kv_head_tied, tmp_path / "server.log", "-tp", "2", *SMALL_CONTEXT)
+    try:
+        client = server.client()
+        assert client.completions.create(model=server.model, prompt="copper orchard", max_tokens=2).choices[0].text
+        fault.touch()
+        with pytest.raises(Exception):
+            client.completions.create(model=server.model, prompt="violet signal", max_tokens=2)
+        assert _wait_exit(server) == 1
+        log = server.log()
+        assert "nanoserve: error: tensor-parallel rank 1 failed: RuntimeError: injected fault; the server stops" in log
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.base_url}/health", timeout=2)
+    finally:
+        server.stop()
+
+
+def _generate_errors(model_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "server.cli", "generate", "--model", str(model_dir), "--device", "cpu",
+               *flags, "hi"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_a_size_that_does_not_divide_the_model_is_one_line(one_kv_head_tied):
+    result = _generate_errors(one_kv_head_tied, "-tp", "3")
+    assert result.returncode == 2
+    assert result.stderr == "nanoserve: error: --tensor-parallel-size 3 does not divide the model's 4 attention heads\n"
+
+
+def test_a_startup_error_on_the_ranks_is_one_line(one_kv_head_tied, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(one_kv_head_tied, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = _generate_errors(broken, "-tp", "2")
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and errors[0].startswith("nanoserve: error: "), result.stderr
+    assert "truncated or corrupt" in errors[0]
+    assert "Traceback" not in result.stderr
