@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import tp
+
 QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py",
                # its CUDA case only: the CPU cases are the default run's
                "tests/server/engine/test_async_scheduling.py::test_on_cuda_async_scheduling_with_graphs_gives_exactly_the_synchronous_output",
@@ -45,7 +47,7 @@ QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py",
 SERVE_LEVELS = {1: 8, 16: 64, 64: 192}  # clients: requests
 SERVE_OUTPUT_TOKENS = 128
 QUICK_BUDGET_S = 540  # --quick ends within this (and a table), whatever a step does; typically ~5 min
-REPORTS = ("tests", "kernels", "generate-8b", "generate-0.6b", "serve")  # the steps' JSON files, by name
+REPORTS = ("tests", "kernels", "generate-8b", "generate-0.6b", "serve", "tp")  # the steps' JSON files, by name
 
 
 # ---- the targets and the table (no GPU needed: tested on CPU) ----
@@ -164,6 +166,9 @@ TARGETS = [
     Target("serve 0.6B, 16 clients, ITL p50 ms", "serve", _serve(16, "itl"), "<=", 4, "<= 4 ms"),
     Target("serve 0.6B, 64 clients, tok/s", "serve", _serve(64, "tok/s"), ">=", 10000, ">= 10000"),
 ]
+# Rows that need a machine with several GPUs (issue 22), after the others.
+MULTI_GPU_TARGETS = [Target("Qwen3-8B batch 1, TP=2 / TP=1 step", "tp", tp.step_ratio, "<=", tp.TARGET_RATIO,
+                            f"<= {tp.TARGET_RATIO}x (2 GPUs)")]
 
 
 def evaluate(targets: list[Target], reports: dict[str, dict | None]) -> list[Row]:
@@ -287,6 +292,12 @@ class Steps:
                    "--repeats", "50" if self.quick else "200", "--out", str(self.out / "launch_overhead.json")]
         self.run("bench.launch_overhead", command, 90, "launch_overhead.log")
 
+    def tensor_parallel(self) -> None:
+        if torch_device_count() < 2:
+            print("\n==== bench.tp: skipped, it needs 2 GPUs ====", flush=True)
+            return
+        self.run("bench.tp (TP=2 vs TP=1)", tp.command(self.out / "tp.json", self.quick), 300, "tp.log")
+
     def serve(self) -> None:
         from bench.generate import SHAPES
         from model.demo import write_checkpoint
@@ -324,6 +335,12 @@ class Steps:
                 except subprocess.TimeoutExpired:
                     server.kill()
             shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def torch_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _free_port() -> int:
@@ -373,11 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         steps.serve()
         steps.kernels()
         steps.launch_overhead()
+        steps.tensor_parallel()
         print(f"\nall steps: {time.monotonic() - started:.0f} s")
         device = torch.cuda.get_device_name()
     else:
         device = "(from the JSON in " + str(out) + ")"
-    rows = evaluate(TARGETS, read_reports(out))
+    multi_gpu = (out / "tp.json").is_file() or (not args.table_only and torch_device_count() >= 2)
+    rows = evaluate(TARGETS + (MULTI_GPU_TARGETS if multi_gpu else []), read_reports(out))
     print(f"\n==== issue 9 targets on {device}{' (--quick)' if args.quick else ''} ====")
     print(format_table(rows))
     if (launches := out / "launch_overhead.json").is_file():

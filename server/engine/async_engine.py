@@ -249,13 +249,14 @@ def create_engine(args: argparse.Namespace) -> AsyncEngine:
     # for every such thread, and once teams outnumber the cores all of them sleep between ops,
     # halving CPU decode speed.
     load_config(model_dir)  # first the cheap checks, so a wrong directory or a broken tokenizer fails at once
-    tokenizer = Tokenizer(model_dir)
     workers = None
-    with ThreadPoolExecutor(max_workers=1) as loader:
-        if config.tensor_parallel_size > 1:  # the other ranks' processes load their shards meanwhile
-            from server.engine.distributed import TensorParallelWorkers
+    if config.tensor_parallel_size > 1:  # the other ranks' processes start loading their shards now
+        from server.engine.distributed import TensorParallelWorkers
 
-            workers = TensorParallelWorkers(model_dir, args.device, args.dtype, args.kernels, config)
+        workers = TensorParallelWorkers(model_dir, args.device, args.dtype, args.kernels, config)
+    tokenizer = Tokenizer(model_dir)
+    with ThreadPoolExecutor(max_workers=1) as loader:
+        if workers is not None:
             model, config = loader.submit(workers.load_rank0).result()
         else:
             model, config = loader.submit(_load, model_dir, args.device, args.dtype, config).result()

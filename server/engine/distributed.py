@@ -64,6 +64,7 @@ STOP, EAGER, GRAPH = 0, 1, 2
 HEADER_FIELDS = 6
 
 _header_group: dist.ProcessGroup | None = None  # this process's gloo group for step headers
+_stop_server = None  # rank 0: ends the server, given why (`TensorParallelWorkers._fail`)
 
 
 def _init_process_groups(rank: int, size: int, store: dist.Store, device: torch.device) -> None:
@@ -73,7 +74,8 @@ def _init_process_groups(rank: int, size: int, store: dist.Store, device: torch.
     _header_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
-def _collectives(size: int) -> Collectives:
+def collectives(size: int) -> Collectives:
+    """The model's collectives over the default process group of `size` ranks."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name of torch >= 2.13
 
     def all_reduce(tensor: torch.Tensor) -> None:
@@ -91,7 +93,7 @@ def load_rank(model_dir: Path, device: str, dtype: str, config: EngineConfig, ra
     """This rank's shard and the engine sizes that every rank agrees on (the KV cache is as large
     as the rank with the least memory holds). Every rank calls it at the same point."""
     size = config.tensor_parallel_size
-    model = load_model(model_dir, device, dtype, rank, size, _collectives(size), progress=None if rank == 0 else False)
+    model = load_model(model_dir, device, dtype, rank, size, collectives(size), progress=None if rank == 0 else False)
     resolved = resolve_config(config, model)
     blocks = torch.tensor([resolved.num_kv_blocks], dtype=torch.int64, device=model.device)
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
@@ -130,6 +132,12 @@ class StepSender:
         dist.broadcast(self._header, 0, group=_header_group)
         dist.broadcast(_pack(inputs.token_ids[:bucket], inputs.positions[:bucket], inputs.slot_mapping[:bucket],
                              inputs.block_tables[: bucket * inputs.table_width], inputs.context_lens[:bucket]), 0)
+
+    def abandon(self, err: Exception) -> None:
+        """Rank 0 failed inside a step whose collectives the workers are in: the ranks cannot be
+        brought back in step, so the server stops, as when a worker fails."""
+        if _stop_server is not None:
+            _stop_server(f"tensor-parallel rank 0 failed inside a step: {_one_line(err)}")
 
     def _send_header(self, kind: int, tokens: int, seqs: int, width: int, logits_rows: int, bucket: int) -> None:
         self._header_np[:HEADER_FIELDS] = (kind, tokens, seqs, width, logits_rows, bucket)
@@ -300,6 +308,8 @@ class TensorParallelWorkers:
         self._stopping = False
         self._on_failure = None  # once serving: makes the engine dead
         atexit.register(self.stop)
+        global _stop_server
+        _stop_server = self._fail
         threading.Thread(target=self._watch, name="nanoserve-tp-watch", daemon=True).start()
 
     def load_rank0(self) -> tuple[Qwen3Model, EngineConfig]:

@@ -133,7 +133,12 @@ class ModelRunner:
                 self._tensor_parallel.send_graph(bucket, self._graphs.inputs)
             else:
                 self._tensor_parallel.send(forward_batch)
-        logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
+        try:
+            logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
+        except Exception as err:
+            if self._tensor_parallel is not None:  # the other ranks wait inside this step's collectives
+                self._tensor_parallel.abandon(err)
+            raise
         if scoring is not None:
             self._score_prompts(logits[len(sampling_rows):], scoring)
             logits = logits[: len(sampling_rows)]

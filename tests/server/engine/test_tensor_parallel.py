@@ -4,6 +4,7 @@ a worker that dies or raises stops the server with a message naming its rank; SI
 process behind; a startup error is one line."""
 
 import asyncio
+import multiprocessing
 import os
 import random
 import re
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from model.demo import write_checkpoint
@@ -141,17 +143,6 @@ def test_sigterm_leaves_no_process(tp_server):
     assert not _alive(worker), tp_server.log()
 
 
-def test_replicated_kv_head_and_tied_embeddings_with_recorded_decode_steps(one_kv_head_tied):
-    """`generate` at TP=2, decode through the graph runner's CPU form on both ranks."""
-    prompt = _prompts(1)[0]
-    command = [sys.executable, "-m", "server.cli", "generate", "--model", str(one_kv_head_tied), "--device", "cpu",
-               "-tp", "2", "--no-enforce-eager", *SMALL_CONTEXT, "--max-tokens", str(MAX_TOKENS), "--ignore-eos",
-               prompt]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == _one_process_texts(one_kv_head_tied, [prompt])[0] + "\n"
-
-
 def _wait_exit(server: LiveServer) -> int:
     try:
         return server.process.wait(timeout=EXIT_WITHIN_S)
@@ -170,28 +161,50 @@ def test_a_killed_worker_stops_the_server_naming_its_rank(one_kv_head_tied, tmp_
         server.stop()
 
 
-def test_a_raising_worker_stops_the_server_naming_its_rank(one_kv_head_tied, tmp_path, monkeypatch):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
+@pytest.fixture(scope="module")
+def faulty_server(one_kv_head_tied, tmp_path_factory):
+    """TP=2 over the 1-KV-head tied checkpoint, decoding through the graph runner's CPU form on
+    both ranks (--no-enforce-eager); rank 1 raises once `server.fault` exists."""
+    hooks = tmp_path_factory.mktemp("hooks")
     (hooks / "sitecustomize.py").write_text(FAULT_HOOK)
-    fault = tmp_path / "fault"
-    monkeypatch.setenv("PYTHONPATH", f"{hooks}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    monkeypatch.setenv("FAULT_FILE", str(fault))
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the virtualenv's sitecustomize is shadowed
-    server = LiveServer(one_kv_head_tied, tmp_path / "server.log", "-tp", "2", *SMALL_CONTEXT)
+    env = {"PYTHONPATH": f"{hooks}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "FAULT_FILE": str(hooks / "fault"),
+           "OMP_WAIT_POLICY": "PASSIVE"}  # the last as the virtualenv's sitecustomize, which this one shadows
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
-        client = server.client()
-        assert client.completions.create(model=server.model, prompt="copper orchard", max_tokens=2).choices[0].text
-        fault.touch()
-        with pytest.raises(Exception):
-            client.completions.create(model=server.model, prompt="violet signal", max_tokens=2)
-        assert _wait_exit(server) == 1
-        log = server.log()
-        assert "nanoserve: error: tensor-parallel rank 1 failed: RuntimeError: injected fault; the server stops" in log
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{server.base_url}/health", timeout=2)
+        server = LiveServer(one_kv_head_tied, tmp_path_factory.mktemp("faulty-log") / "server.log", "-tp", "2",
+                            "--no-enforce-eager", *SMALL_CONTEXT)
     finally:
-        server.stop()
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    server.fault = hooks / "fault"
+    yield server
+    server.stop()
+
+
+def test_replicated_kv_head_tied_embeddings_and_recorded_decode_steps_get_the_one_process_tokens(
+    faulty_server, one_kv_head_tied,
+):
+    """1 KV head replicated on both ranks, the tied LM head vocab-parallel, decode replayed."""
+    prompts = _prompts(3)
+    client = faulty_server.client()
+    args = dict(model=faulty_server.model, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    served = [client.completions.create(prompt=prompts[0], **args).choices[0].text,
+              "".join(chunk.choices[0].text for chunk in client.completions.create(prompt=prompts[1], stream=True,
+                                                                                  **args)),
+              client.completions.create(prompt=prompts[2], **args).choices[0].text]
+    assert served == _one_process_texts(one_kv_head_tied, prompts)
+
+
+def test_a_raising_worker_stops_the_server_naming_its_rank(faulty_server):
+    faulty_server.fault.touch()
+    with pytest.raises(openai.APIError):
+        faulty_server.client().completions.create(model=faulty_server.model, prompt="violet signal", max_tokens=2)
+    assert _wait_exit(faulty_server) == 1
+    log = faulty_server.log()
+    assert "nanoserve: error: tensor-parallel rank 1 failed: RuntimeError: injected fault; the server stops" in log
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{faulty_server.base_url}/health", timeout=2)
 
 
 def _generate_errors(model_dir: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -200,12 +213,16 @@ def _generate_errors(model_dir: Path, *flags: str) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def test_a_size_that_does_not_divide_the_model_is_one_line(one_kv_head_tied):
-    result = _generate_errors(one_kv_head_tied, "-tp", "3")
-    assert result.returncode == 2
-    assert result.stderr == "nanoserve: error: --tensor-parallel-size 3 does not divide the model's 4 attention heads\n"
+def test_a_size_that_does_not_divide_the_model_is_refused_before_any_rank_starts(one_kv_head_tied):
+    from server.engine.distributed import TensorParallelWorkers
+
+    config = EngineConfig(tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="^--tensor-parallel-size 3 does not divide the model's 4 attention heads$"):
+        TensorParallelWorkers(one_kv_head_tied, "cpu", "auto", "auto", config)
+    assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_a_startup_error_on_the_ranks_is_one_line(one_kv_head_tied, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(one_kv_head_tied, broken)
