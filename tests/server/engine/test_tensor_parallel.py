@@ -18,9 +18,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from model.demo import write_checkpoint
 from model.load import load_model
+from model.parallel import Collectives
 from model.tokenizer import Tokenizer
 from server.engine.async_engine import AsyncEngine
 from server.engine.config import EngineConfig
@@ -234,3 +236,39 @@ def test_a_startup_error_on_the_ranks_is_one_line(one_kv_head_tied, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("nanoserve: error: "), result.stderr
     assert "truncated or corrupt" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_each_rank_loads_its_slices_of_the_checkpoint(one_kv_head_tied, chat_checkpoint):
+    """Rank r's weights are its rows or columns of the full model's, and nothing else; the last
+    vocabulary shard's padding rows (none at 2 ranks) stay zero."""
+    unused = Collectives(all_reduce=lambda t: None, all_gather=lambda t: t[None])
+    for model_dir, kv_rows in ((Path(chat_checkpoint), lambda r: slice(64 * r, 64 * (r + 1))),
+                               (one_kv_head_tied, lambda r: slice(0, 64))):
+        full = load_model(model_dir, "cpu")
+        c = full.config
+        q, kv, inter, vocab = c.q_size // 2, c.kv_size, c.intermediate_size // 2, c.vocab_size // 2
+        for rank in (0, 1):
+            shard = load_model(model_dir, "cpu", rank=rank, world_size=2, collectives=unused)
+            layer, whole = shard.layers[1], full.layers[1]
+            q_rows, kv_r = slice(q * rank, q * (rank + 1)), kv_rows(rank)
+            assert torch.equal(layer.qkv_proj[:q], whole.qkv_proj[:c.q_size][q_rows])
+            k_rows = layer.qkv_proj[q:].shape[0] // 2  # this rank's KV heads: 1 of 2, or the 1 replicated
+            assert torch.equal(layer.qkv_proj[q : q + k_rows], whole.qkv_proj[c.q_size : c.q_size + kv][kv_r])
+            assert torch.equal(layer.qkv_proj[q + k_rows :], whole.qkv_proj[c.q_size + kv :][kv_r])
+            assert torch.equal(layer.o_proj, whole.o_proj[:, q_rows])
+            assert torch.equal(layer.gate_up_proj[:inter], whole.gate_up_proj[: c.intermediate_size][inter * rank : inter * (rank + 1)])
+            assert torch.equal(layer.down_proj, whole.down_proj[:, inter * rank : inter * (rank + 1)])
+            assert torch.equal(shard.embed_tokens, full.embed_tokens[vocab * rank : vocab * (rank + 1)])
+            assert torch.equal(shard.lm_head, full.lm_head[vocab * rank : vocab * (rank + 1)])
+            assert torch.equal(layer.q_norm, whole.q_norm) and torch.equal(shard.norm, full.norm)
+
+
+def test_bench_gpu_reads_the_tensor_parallel_row():
+    from bench.gpu import MULTI_GPU_TARGETS, evaluate
+    from bench.tp import step_ratio
+
+    report = {"shape": "qwen3-8b", "tp1_ms": 4.0, "tp2_ms": 2.5}
+    assert step_ratio(report) == (0.625, "0.62x (2.50 vs 4.00 ms, qwen3-8b batch 1)")
+    assert [row.result for row in evaluate(MULTI_GPU_TARGETS, {"tp": report})] == ["pass"]
+    assert [row.result for row in evaluate(MULTI_GPU_TARGETS, {"tp": report | {"tp2_ms": 2.7}})] == ["FAIL"]
+    assert [row.result for row in evaluate(MULTI_GPU_TARGETS, {"tp": None})] == ["not measured"]
