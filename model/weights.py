@@ -9,7 +9,7 @@ of each tensor: safetensors slices are read from the file, not cut from the whol
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -78,9 +78,10 @@ def weight_targets(model: Qwen3Model) -> dict[str, Target]:
             p + "mlp.down_proj.weight": Target(layer.down_proj.data, (hidden, c.intermediate_size),
                                                _columns(s.rank * inter, (s.rank + 1) * inter)),
         }
-    if s.size > 1:
-        model.embed_tokens.data[held:].zero_()
-        model.lm_head.data[held:].zero_()
+    if s.size == 1:  # the whole model: whole tensors, read as they are
+        return {name: replace(target, index=()) for name, target in targets.items()}
+    model.embed_tokens.data[held:].zero_()
+    model.lm_head.data[held:].zero_()
     return targets
 
 
