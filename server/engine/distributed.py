@@ -343,25 +343,25 @@ class TensorParallelWorkers:
             return first
 
     def _watch(self) -> None:
+        """Wait for the first worker to report an exception or to exit, and fail with it. A worker
+        sends its exception before it exits, so a pipe at its end with nothing in it means the
+        process ended without one (killed, or died in native code)."""
         rank_of = {}
         for rank, (process, pipe) in enumerate(zip(self._processes, self._pipes), start=1):
             rank_of[process.sentinel] = rank_of[pipe] = rank
-        waiting = list(rank_of)
         try:
-            while waiting:
-                for ready in connection.wait(waiting):
-                    rank = rank_of[ready]
-                    pipe, process = self._pipes[rank - 1], self._processes[rank - 1]
-                    if ready is pipe or pipe.poll():  # an exception, sent just before the exit
-                        try:
-                            return self._fail(f"tensor-parallel rank {rank} failed: {pipe.recv()}")
-                        except (EOFError, OSError):
-                            waiting.remove(pipe)
-                            continue
-                    process.join()
-                    return self._fail(f"tensor-parallel rank {rank} exited {_exit_status(process.exitcode)}")
-        except (OSError, ValueError):  # the pipes were closed under us: stopping
+            rank = rank_of[connection.wait(list(rank_of))[0]]
+            pipe, process = self._pipes[rank - 1], self._processes[rank - 1]
+            try:
+                message = pipe.recv() if pipe.poll() else None
+            except EOFError:
+                message = None
+        except (OSError, ValueError):  # our ends were closed under us: stopping
             return
+        if message is not None:
+            return self._fail(f"tensor-parallel rank {rank} failed: {message}")
+        process.join(timeout=5)
+        self._fail(f"tensor-parallel rank {rank} exited {_exit_status(process.exitcode)}")
 
     def _fail(self, reason: str) -> None:
         if self._stopping or not self._claim_failure():
