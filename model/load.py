@@ -1,13 +1,18 @@
 """From a checkpoint directory (or none: the demo) to a ready `Qwen3Model` and its tokenizer."""
 
+import logging
 from pathlib import Path
 
 import torch
 
-from model.config import DTYPES, load_config
+from kernels import get_backend
+from kernels.plugins import HeadLayout, check_plugins
+from model.config import DTYPES, Qwen3Config, load_config
 from model.demo import demo_checkpoint
 from model.qwen3 import Qwen3Model
 from model.weights import load_checkpoint
+
+logger = logging.getLogger("nanoserve.model")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,9 +40,26 @@ def model_dir_or_demo(model: str | Path | None) -> Path:
     return Path(model) if model else demo_checkpoint()
 
 
-def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Qwen3Model:
+def load_model(
+    model_dir: str | Path, device: str = "auto", dtype: str = "auto", block_size: int = 16, check_kernels: bool = True
+) -> Qwen3Model:
+    """The checkpoint on `device` in `dtype`; kernel plug-ins are checked first (`block_size`: the
+    KV cache's, which their check uses; `nanoserve check` runs a plug-in whatever its check says)."""
     config = load_config(model_dir)
     torch_device = resolve_device(device)
-    model = Qwen3Model(config, resolve_dtype(dtype, config.dtype, torch_device), torch_device)
+    torch_dtype = resolve_dtype(dtype, config.dtype, torch_device)
+    if check_kernels:
+        check_kernel_plugins(config, torch_device, torch_dtype, block_size)
+    model = Qwen3Model(config, torch_dtype, torch_device)
     load_checkpoint(model, model_dir)
     return model
+
+
+def check_kernel_plugins(config: Qwen3Config, device: torch.device, dtype: torch.dtype, block_size: int) -> None:
+    """Every plug-in of the kernel spec against its op's torch reference, at the dtype, device and
+    head layout this model gives it (`kernels.plugins.PluginCheckFailed` names the first that
+    differs); the startup line then names each plug-in and how close it came."""
+    layout = HeadLayout(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, block_size)
+    checks = check_plugins(device, dtype, layout)
+    if checks:
+        logger.info("kernels %s: %s", get_backend(), "; ".join(check.describe() for check in checks))

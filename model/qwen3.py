@@ -13,6 +13,8 @@ Weights are stored fused where that saves launches: `qkv_proj` is q, k and v sta
 `gate_up_proj` is gate and up stacked (the loader fills the row ranges from the HF tensors).
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +27,7 @@ from kernels import (
     paged_prefill_attention,
     rms_norm,
 )
-from kernels.backend import use_triton
+from kernels.backend import PLUGINS, use_triton
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
 from model.cpu_plan import HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
@@ -67,6 +69,9 @@ class Qwen3Model(nn.Module):
         self.cos_sin_cache = build_cos_sin_cache(c.max_position_embeddings, c.head_dim, c.rope_theta, self.device)
         self.scale = c.head_dim**-0.5
         self.cpu_plan: CpuPlan | None = None  # None: F.linear and the reference decode attention
+        # Called with (layer index, the layer's output [T, hidden]) after every decoder layer; a
+        # tensor it returns replaces that output. `nanoserve check` reads hidden states through it.
+        self.layer_hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
 
     def plan_cpu_ops(self, max_batch: int, max_context: int) -> CpuPlan:
         """Time the CPU candidates of the ops that have several (see `model.cpu_plan`) on this model's
@@ -111,7 +116,7 @@ class Qwen3Model(nn.Module):
 
     def _decode_attention(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
         """The step's decode attention: the kernels' op, or on CPU what the plan measured fastest."""
-        if self.cpu_plan is None or use_triton(k_cache, "decode_attention"):
+        if self.cpu_plan is None or use_triton(k_cache, "decode_attention") or "decode_attention" in PLUGINS:
             return paged_decode_attention
         return self.cpu_plan.attention_for(max(batch.num_decodes, 1), batch.block_tables.shape[1] * k_cache.shape[1])
 
@@ -130,7 +135,7 @@ class Qwen3Model(nn.Module):
         decode_attention = self._decode_attention(batch, kv_cache[0][0])
         hidden = F.embedding(batch.token_ids, self.embed_tokens)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
             if residual is None:
                 residual = hidden
                 x = rms_norm(hidden, layer.input_norm, eps)
@@ -139,10 +144,18 @@ class Qwen3Model(nn.Module):
             hidden = self._attention(layer, x, batch, k_cache, v_cache, decode_attention)
             x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
             hidden = self._mlp(layer, x)
+            if self.layer_hook is not None:
+                hidden, residual = self._call_layer_hook(index, hidden, residual)
         # Only the rows that need logits go through the final norm and the LM head.
         rows = batch.logits_indices
         x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, eps)
         return self._linear(x, self.lm_head).float()
+
+    def _call_layer_hook(self, index: int, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The layer's output is hidden + residual, added in the dtype as the next fused add (and
+        # HF) adds them; a replacement goes on as the residual, beside zeros, so it passes unchanged.
+        replaced = self.layer_hook(index, hidden + residual)
+        return (hidden, residual) if replaced is None else (torch.zeros_like(replaced), replaced)
 
     def _attention(
         self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
