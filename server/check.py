@@ -57,13 +57,16 @@ class Thresholds:
     full_greedy_match: bool  # every continuation token reproduced
 
 
-# fp32: summation order alone (measured ~1e-6 relative on the test checkpoints), with room.
-# bf16/fp16: a few units of the dtype's rounding (bf16 2^-8, fp16 2^-11 relative) that a layer
-# compounds; healthy bf16 runs of the test checkpoints measured below a third of these.
+# fp32: summation order alone; healthy runs measured ~3e-7 (layers) and ~1e-7 (logits) relative,
+# KL ~1e-12, on the demo and test checkpoints. bf16: a healthy run of the demo checkpoint measured
+# layers 1.1e-2 relative, worst cosine 0.99998, logits 4.3e-3, KL up to 3.6e-4, top-1 98.4%
+# (bf16 rounds to 2^-8 relative; HF and nanoserve round at different points); the thresholds
+# allow about 5x that. fp16 rounds 8x finer than bf16: its thresholds are bf16's scaled by that
+# (KL by its square), not measured.
 THRESHOLDS = {
     torch.float32: Thresholds(1e-4, 0.99999, 1e-4, 1e-6, 1.0, True),
-    torch.float16: Thresholds(1e-2, 0.9999, 1e-2, 1e-3, 0.95, False),
-    torch.bfloat16: Thresholds(6e-2, 0.999, 6e-2, 2e-2, 0.9, False),
+    torch.float16: Thresholds(6e-3, 0.9999, 3e-3, 2e-4, 0.95, False),
+    torch.bfloat16: Thresholds(5e-2, 0.999, 2.5e-2, 1e-2, 0.9, False),
 }
 # Suspects in the order a layer runs them: name, the ops set to torch for it (None: HF's MLP module).
 SUSPECTS: list[tuple[str, tuple[str, ...] | None]] = [
