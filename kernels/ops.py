@@ -3,6 +3,7 @@ else the built-in (Triton kernel or torch reference, as `use_triton` decides).
 
 A plug-in is called with exactly the arguments the built-in gets, so nothing else changes: the
 same call sites, the same CUDA-graph captures (a capture records whatever the plug-in launches).
+Without plug-ins each op costs one truth test of an empty dict before the built-in.
 Two ops reach further than their own function:
 - `rms_norm` also serves `fused_add_rms_norm`: the residual add runs in torch (in the input
   dtype, as HF adds), then the plug-in normalises the sum.
@@ -14,13 +15,14 @@ Two ops reach further than their own function:
 
 import torch
 
-from kernels import attention_frontend as builtin_frontend
-from kernels import decode_attention as builtin_decode
-from kernels import prefill_attention as builtin_prefill
-from kernels import rms_norm as builtin_norm
-from kernels import rope as builtin_rope
-from kernels import store_kv as builtin_store
-from kernels import token_bitmask as builtin_bitmask
+from kernels.attention_frontend import attention_frontend as builtin_attention_frontend
+from kernels.decode_attention import paged_decode_attention as builtin_decode_attention
+from kernels.prefill_attention import paged_prefill_attention as builtin_prefill_attention
+from kernels.rms_norm import fused_add_rms_norm as builtin_fused_add_rms_norm
+from kernels.rms_norm import rms_norm as builtin_rms_norm
+from kernels.rope import apply_rope as builtin_apply_rope
+from kernels.store_kv import store_kv as builtin_store_kv
+from kernels.token_bitmask import apply_token_bitmask_ as builtin_apply_token_bitmask_
 from kernels.backend import PLUGINS, overridden
 
 UNFUSE_FRONTEND = ("rms_norm", "rope", "store_kv")  # ops whose plug-in runs the front-end unfused
@@ -28,35 +30,38 @@ UNFUSE_FRONTEND = ("rms_norm", "rope", "store_kv")  # ops whose plug-in runs the
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` ([..., H]); returns a new tensor."""
-    plugin = PLUGINS.get("rms_norm")
-    return builtin_norm.rms_norm(x, weight, eps) if plugin is None else plugin(x, weight, eps)
+    if PLUGINS and "rms_norm" in PLUGINS:
+        return PLUGINS["rms_norm"](x, weight, eps)
+    return builtin_rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual)."""
-    plugin = PLUGINS.get("rms_norm")
-    if plugin is None:
-        return builtin_norm.fused_add_rms_norm(x, residual, weight, eps)
-    residual_out = x + residual
-    return plugin(residual_out, weight, eps), residual_out
+    if PLUGINS and "rms_norm" in PLUGINS:
+        residual_out = x + residual
+        return PLUGINS["rms_norm"](residual_out, weight, eps), residual_out
+    return builtin_fused_add_rms_norm(x, residual, weight, eps)
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [T, Hq, D] and k [T, Hk, D] at `positions` [T]; returns (q, k) (the built-in rotates in place)."""
-    plugin = PLUGINS.get("rope")
-    return (builtin_rope.apply_rope if plugin is None else plugin)(q, k, positions, cos_sin_cache)
+    if PLUGINS and "rope" in PLUGINS:
+        return PLUGINS["rope"](q, k, positions, cos_sin_cache)
+    return builtin_apply_rope(q, k, positions, cos_sin_cache)
 
 
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """k, v [T, Hk, D] go to the cache slots in `slot_mapping` [T] (int64; -1 skips the token)."""
-    plugin = PLUGINS.get("store_kv")
-    (builtin_store.store_kv if plugin is None else plugin)(k, v, k_cache, v_cache, slot_mapping)
+    if PLUGINS and "store_kv" in PLUGINS:
+        PLUGINS["store_kv"](k, v, k_cache, v_cache, slot_mapping)
+        return
+    builtin_store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def attention_frontend(
@@ -73,7 +78,7 @@ def attention_frontend(
             return plugin(*args)
         if not overridden("attention_frontend") and any(op in PLUGINS for op in UNFUSE_FRONTEND):
             return _unfused_frontend(*args)
-    return builtin_frontend.attention_frontend(*args)
+    return builtin_attention_frontend(*args)
 
 
 def _unfused_frontend(
@@ -97,9 +102,9 @@ def paged_decode_attention(
     context_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """Returns out [B, Hq, D]: softmax(q·K * scale)·V over each sequence's cached tokens."""
-    plugin = PLUGINS.get("decode_attention")
-    return (builtin_decode.paged_decode_attention if plugin is None else plugin)(
-        q, k_cache, v_cache, block_tables, context_lens, scale)
+    if PLUGINS and "decode_attention" in PLUGINS:
+        return PLUGINS["decode_attention"](q, k_cache, v_cache, block_tables, context_lens, scale)
+    return builtin_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def paged_prefill_attention(
@@ -108,13 +113,16 @@ def paged_prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """Returns out [T, Hq, D]: causal attention of each sequence's new tokens over its whole context."""
-    plugin = PLUGINS.get("prefill_attention")
-    return (builtin_prefill.paged_prefill_attention if plugin is None else plugin)(
-        q, k, v, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len, scale)
+    args = (q, k, v, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len, scale)
+    if PLUGINS and "prefill_attention" in PLUGINS:
+        return PLUGINS["prefill_attention"](*args)
+    return builtin_prefill_attention(*args)
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
     """logits [B, V] fp32 (in place); bitmask [R, ceil(V / 32)] int32; rows [R] int64: the logits row
     each mask row applies to."""
-    plugin = PLUGINS.get("token_bitmask")
-    (builtin_bitmask.apply_token_bitmask_ if plugin is None else plugin)(logits, bitmask, rows)
+    if PLUGINS and "token_bitmask" in PLUGINS:
+        PLUGINS["token_bitmask"](logits, bitmask, rows)
+        return
+    builtin_apply_token_bitmask_(logits, bitmask, rows)
