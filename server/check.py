@@ -107,7 +107,8 @@ class Report:
     device: str
     dtype: str
     kernels: str
-    plugin_check: list[str]  # the load-time check's lines (a failure is reported, and the run goes on)
+    plugin_check: list[str]  # the load-time check's lines (a failure is reported, and the run goes on),
+    # and on CPU the op choices timed at load
     thresholds: dict
     prompts: int
     positions: int
@@ -176,6 +177,8 @@ def run_check(model_dir: str | Path, device: str, dtype: str, prompts: list[str 
     transformers.utils.logging.disable_progress_bar()
 
     config = load_config(model_dir)
+    tokenizer = Tokenizer(model_dir)
+    encoded = [tokenizer.encode_chat(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config.dtype, torch_device)
     try:  # a plug-in that fails its load-time check is still run: this is where to see what it does
@@ -184,9 +187,9 @@ def run_check(model_dir: str | Path, device: str, dtype: str, prompts: list[str 
     except PluginCheckFailed as err:
         plugin_check = [f"load-time check FAILED: {err}"]
     ours = load_model(model_dir, torch_device.type, str(torch_dtype).removeprefix("torch."), check_kernels=False)
+    if torch_device.type == "cpu":  # the CPU op choices the engine makes too (model.cpu_plan)
+        plugin_check.append(ours.plan_cpu_ops(1, max(len(ids) for ids in encoded) + max_tokens).describe())
     hf = transformers.Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(torch_device).eval()
-    tokenizer = Tokenizer(model_dir)
-    encoded = [tokenizer.encode_chat(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
     cases = [Prompt(ids, _hf_greedy(hf, ids, max_tokens)) for ids in encoded]
     reference, mine = _run_hf(hf, cases), _run_ours(ours, cases)
     thresholds = THRESHOLDS[torch_dtype]
@@ -282,23 +285,28 @@ def _layer_stats(mine: Run, reference: Run) -> list[LayerStats]:
 
 def _logit_stats(mine: torch.Tensor, reference: torch.Tensor, cases: list[Prompt]) -> LogitStats:
     diff = (mine - reference).abs()
-    # In fp64: fp32's own rounding in log_softmax alone gives KLs of 1e-7 between equal models.
-    log_p, log_q = reference.double().log_softmax(-1), mine.double().log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    top5_ours, top5_ref = mine.topk(5, dim=-1).indices, reference.topk(5, dim=-1).indices
-    overlap = (top5_ours[:, :, None] == top5_ref[:, None, :]).any(-1).float().mean()
     # The prompt tokens' logprobs: row t predicts token t + 1 of the prompt.
-    rows, targets, start = [], [], 0
+    targets = torch.full((mine.shape[0],), -1, dtype=torch.long)
+    start = 0
     for case in cases:
-        rows += range(start, start + len(case.ids) - 1)
-        targets += case.ids[1:]
+        targets[start : start + len(case.ids) - 1] = torch.tensor(case.ids[1:], dtype=torch.long)
         start += len(case.ids) + len(case.continuation) - 1
-    rows_t, targets_t = torch.tensor(rows, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
-    prompt_lp = (log_q[rows_t, targets_t] - log_p[rows_t, targets_t]).abs()
+    kl, top5, logprob_diff = [], [], []
+    for rows in torch.arange(mine.shape[0]).split(64):  # fp64 [rows, vocab] at a time: a real vocabulary is large
+        # In fp64: fp32's own rounding in log_softmax alone gives KLs of 1e-7 between equal models.
+        log_p, log_q = reference[rows].double().log_softmax(-1), mine[rows].double().log_softmax(-1)
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1).cpu())
+        ours5, ref5 = mine[rows].topk(5, dim=-1).indices, reference[rows].topk(5, dim=-1).indices
+        top5.append((ours5[:, :, None] == ref5[:, None, :]).any(-1).float().mean(-1).cpu())
+        wanted = targets[rows] >= 0
+        picked = targets[rows][wanted].to(mine.device)
+        index = torch.arange(len(rows), device=mine.device)[wanted.to(mine.device)]
+        logprob_diff.append((log_q[index, picked] - log_p[index, picked]).abs().cpu())
+    kl_all, lp = torch.cat(kl), torch.cat(logprob_diff)
     return LogitStats(
-        max_abs=float(diff.max()), rel_max=float(diff.max() / reference.abs().max()), mean_kl=float(kl.mean()),
-        max_kl=float(kl.max()), top1=float((mine.argmax(-1) == reference.argmax(-1)).float().mean()),
-        top5_overlap=float(overlap), prompt_logprob_max_abs=float(prompt_lp.max()) if rows else 0.0,
+        max_abs=float(diff.max()), rel_max=float(diff.max() / reference.abs().max()), mean_kl=float(kl_all.mean()),
+        max_kl=float(kl_all.max()), top1=float((mine.argmax(-1) == reference.argmax(-1)).float().mean()),
+        top5_overlap=float(torch.cat(top5).mean()), prompt_logprob_max_abs=float(lp.max()) if lp.numel() else 0.0,
     )
 
 
