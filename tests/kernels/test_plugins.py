@@ -88,3 +88,15 @@ def test_every_call_of_the_op_goes_to_the_plugin(monkeypatch):
         kernels.attention_frontend(qkv, weight[:16], weight[16:32], 1e-6, torch.tensor([0, 3, 5]), cos_sin,
                                    *caches, torch.tensor([0, 1, 6]))
     assert seen == [2, 2, 3, 3]
+
+
+def test_the_environment_names_plugins_too():
+    """`NANOSERVE_KERNELS` is read when `kernels` is imported; a plug-in module may import kernels itself."""
+    import os
+    import subprocess
+    import sys
+
+    script = "import kernels, kernels.backend as b; print(kernels.get_backend(), sorted(b.PLUGINS))"
+    env = os.environ | {"NANOSERVE_KERNELS": "torch,decode_attention=tests.plugins.wrong:scaled_decode_attention"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout == "torch,decode_attention=tests.plugins.wrong:scaled_decode_attention ['decode_attention']\n"
