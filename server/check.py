@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from kernels import get_backend, set_backend
-from kernels.backend import parse_backend
+from kernels.backend import parse_backend, plugin_targets
 from kernels.plugins import PluginCheckFailed
 from model.batch import SequenceStep, make_batch
 from model.config import load_config
@@ -208,8 +208,6 @@ def run_check(model_dir: str | Path, device: str, dtype: str, prompts: list[str 
 
 
 def _plugin_ops() -> list[str]:
-    from kernels.backend import plugin_targets
-
     return [f"{op}={target}" for op, target in sorted(plugin_targets().items())]
 
 
