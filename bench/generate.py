@@ -38,10 +38,11 @@ import torch
 
 from bench.report import run_and_report
 from bench.timing import median_seconds, memory_bandwidth, on_own_thread
+from kernels import set_backend
 from model.batch import SequenceStep, make_batch
 from model.config import parse_config
 from model.demo import DEMO_CONFIG, demo_checkpoint, hf_config
-from model.load import load_model, resolve_device
+from model.load import check_kernel_plugins, load_model, resolve_device
 from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
 from model.weights import load_state_dict
@@ -72,7 +73,9 @@ def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     torch.manual_seed(0)
     with torch.device(device):
         hf = Qwen3ForCausalLM._from_config(Qwen3Config(**hf_kwargs), dtype=dtype).eval()
-    ours = Qwen3Model(parse_config(raw), dtype, device)
+    config = parse_config(raw)
+    check_kernel_plugins(config, device, dtype, 16)
+    ours = Qwen3Model(config, dtype, device)
     load_state_dict(ours, hf.state_dict())
     return hf, ours, demo_checkpoint()  # random shapes share the demo's (real Qwen3) tokenizer
 
@@ -287,8 +290,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode comparisons run one after another, each HF then nanoserve; figures are the medians "
                    "over rounds, so that a machine whose speed drifts favours neither side (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
+    p.add_argument("--kernels", default="auto", metavar="SPEC",
+                   help="kernel spec as `nanoserve --kernels` takes it, plug-ins included (default %(default)s)")
     p.add_argument("--out", default="bench/out/generate.json", help="JSON output (default %(default)s)")
     args = p.parse_args(argv)
+    try:
+        set_backend(args.kernels)
+    except (ValueError, RuntimeError) as err:
+        p.error(f"--kernels: {err}")
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
     except ValueError:

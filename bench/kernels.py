@@ -26,6 +26,13 @@ warps; decode attention's split count) replayed from CUDA graphs, checks each ag
 heuristic's output, and prints which wins: the measurement that picks the heuristics written
 beside the launchers. Without CUDA it says so and exits with status 2 (`python -m kernels.report`
 needs no GPU).
+
+`--kernels op=module:function[,...]` benches kernel plug-ins (see README, "Bring your own
+kernel"): first a correctness column, the plug-in and the built-in Triton kernel each against the
+torch reference on the load-time check's inputs (`kernels.plugins`); then, on a GPU, every case of
+each plug-in's op gets a `plug-in` row beside the built-in's (and `plug-in graph` where the
+built-in is timed from a CUDA graph). On CPU only the correctness column is printed, the built-in
+through the Triton interpreter (set TRITON_INTERPRET=1, or NANOSERVE_KERNELS=triton).
 """
 
 import argparse
@@ -40,7 +47,9 @@ import torch.nn.functional as F
 
 import kernels
 from bench.timing import memory_bandwidth
-from kernels._triton import Launch
+from kernels._triton import Launch, interpreting
+from kernels.backend import PLUGINS, import_plugin, parse_backend
+from kernels.plugins import PluginCheckFailed, check_plugin
 from kernels.attention_frontend import attention_frontend_launch, attention_frontend_reference
 from kernels.decode_attention import choose_num_splits, paged_decode_attention_launches, paged_decode_attention_reference
 from kernels.prefill_attention import paged_prefill_attention_reference
@@ -406,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     parser.add_argument("--sweep", action="store_true",
                         help="time each launcher's candidate configurations instead, and print the fastest")
+    parser.add_argument("--kernels", default=None, metavar="OP=MODULE:FUNCTION[,...]",
+                        help="bench these plug-ins beside the built-in kernels (on CPU: their correctness only)")
     args = parser.parse_args(argv)
+    if args.kernels:
+        return bench_plugins(args.kernels, DTYPES[args.dtype], args.out or "bench/out/kernels-plugins.json",
+                             not args.no_compile)
     if not torch.cuda.is_available():
         print("bench.kernels needs a CUDA GPU: none is visible to torch. (On CPU the kernels run "
               "through the Triton interpreter, which says nothing about speed; `python -m kernels.report` "
@@ -440,6 +454,94 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(dict(device=device, dtype=args.dtype, copy_gbps=copy_gbps, rows=rows), indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+# --kernels: plug-ins beside the built-in kernels.
+
+# Case names (`Case.kernel`) by the op that runs them.
+OP_CASES = {"rms_norm": ("rms_norm", "fused_add_rms_norm", "rms_norm (q heads)"), "rope": ("apply_rope",),
+            "store_kv": ("store_kv",), "attention_frontend": ("attention_frontend",),
+            "decode_attention": ("paged_decode_attention",), "prefill_attention": ("paged_prefill_attention",)}
+BUILTINS = {"rms_norm": "kernels.rms_norm:rms_norm", "rope": "kernels.rope:apply_rope",
+            "store_kv": "kernels.store_kv:store_kv", "attention_frontend": "kernels.attention_frontend:attention_frontend",
+            "decode_attention": "kernels.decode_attention:paged_decode_attention",
+            "prefill_attention": "kernels.prefill_attention:paged_prefill_attention",
+            "token_bitmask": "kernels.token_bitmask:apply_token_bitmask_"}
+
+
+def correctness_rows(plugins: dict[str, tuple[str, Callable]], device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Per plug-in op: the plug-in and the built-in Triton kernel against the torch reference."""
+    from kernels.plugins import HeadLayout
+
+    layout = HeadLayout(HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
+    rows = []
+    for op, (target, function) in sorted(plugins.items()):
+        candidates = [("plug-in", target, function)]
+        if device.type == "cuda" or interpreting():
+            candidates.append(("triton", BUILTINS[op], import_plugin(op, BUILTINS[op])))
+        for impl, name, fn in candidates:
+            row = dict(kernel=op, impl=impl, target=name)
+            try:
+                row["max_abs_diff"] = check_plugin(op, name, fn, device, dtype, layout).max_abs_diff
+            except PluginCheckFailed as err:
+                row["error"] = str(err)
+            rows.append(row)
+    return rows
+
+
+def format_correctness_row(row: dict) -> str:
+    head = f"{row['kernel']:<20} {row['impl']:<8} {row['target']:<48}"
+    if "error" in row:
+        return f"{head} WRONG: {row['error']}"
+    return f"{head} ok, max |Δ| {row['max_abs_diff']:.2e} vs the torch reference"
+
+
+def _with_plugin(op: str, function: Callable, call: Callable[[], object]) -> Callable[[], object]:
+    """`call` (a case's call of the public op) with `function` plugged in for `op` while it runs."""
+    def run():
+        PLUGINS[op] = function
+        try:
+            return call()
+        finally:
+            del PLUGINS[op]
+    return run
+
+
+def bench_plugins(spec: str, dtype: torch.dtype, out: str, compile_reference: bool) -> int:
+    _, overrides = parse_backend(spec)
+    targets = {op: target for op, target in overrides.items() if ":" in target}
+    if not targets:
+        print(f"bench.kernels: --kernels {spec!r} names no plug-in (OP=MODULE:FUNCTION)", file=sys.stderr)
+        return 2
+    plugins = {op: (target, import_plugin(op, target)) for op, target in targets.items()}
+    device = torch.device(DEVICE if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" or interpreting():
+        kernels.set_backend("triton")  # the built-ins' rows: their Triton kernels (on CPU, interpreted)
+    rows = correctness_rows(plugins, device, dtype)
+    print(f"{device.type}, {str(dtype).removeprefix('torch.')}: each implementation against the torch reference")
+    for row in rows:
+        print(format_correctness_row(row))
+    if device.type == "cuda":
+        copy_gbps = memory_bandwidth(device) / 1e9
+        print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.0f} GB/s; medians of triton.testing.do_bench")
+        for case in _cases(dtype):
+            op = next((op for op, names in OP_CASES.items() if not isinstance(case, str) and case.kernel in names), None)
+            if op not in plugins:
+                continue
+            plugged = _with_plugin(op, plugins[op][1], case.triton)
+            graph = {"plug-in graph": graphed(plugged)} if case.graph else {}
+            case.others = {"plug-in": plugged, **graph, **case.others}
+            for row in measure(case, copy_gbps, compile_reference):
+                print(format_row(row), flush=True)
+                rows.append(row)
+            del case
+            torch.cuda.empty_cache()
+    else:
+        print("(no CUDA: correctness only; speed needs a GPU)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(device=device.type, dtype=str(dtype), kernels=spec, rows=rows), indent=1) + "\n")
+    print(f"wrote {out}")
+    return 1 if any("error" in row for row in rows if row.get("impl") == "plug-in") else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Per step: launches and host microseconds over all recorded calls. On CUDA also: 
 launch of a kernel that does nothing (the floor of any launch), one tiny torch op, the whole eager
 decode step's host time (kernels this small finish before the host launches the next one, so wall
 time is host time) and the same step replayed from a CUDA graph, each until the GPU is done.
-JSON to `--out`.
+JSON to `--out`. `--kernels SPEC` runs the op column and the whole step with that spec, so a
+plug-in that wraps a built-in shows what plugging costs beside the built-in's own row.
 """
 
 import argparse
@@ -29,6 +30,7 @@ import torch
 
 from bench.report import run_and_report
 from bench.timing import on_own_thread, synchronize
+from kernels import set_backend
 from kernels._triton import HAVE_TRITON, Launch, jit, tl
 from kernels.attention_frontend import attention_frontend_launch
 from kernels.decode_attention import _sm_count, choose_num_splits, paged_decode_attention_launches
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "layers": args.layers,
+        "kernels": args.kernels,
         "context": CONTEXT,
         "ops": ops,
         "launches_per_step": sum(row["launches"] for row in ops.values()),
@@ -208,10 +211,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     p.add_argument("--layers", type=int, default=36, help="decoder layers (default %(default)s: Qwen3-8B)")
     p.add_argument("--repeats", type=int, default=200, help="timed runs per figure; medians (default %(default)s)")
+    p.add_argument("--kernels", default="auto", metavar="SPEC",
+                   help="kernel spec, plug-ins included: the op/call column and the whole step then run them "
+                   "(the build column is the built-in launchers'; default %(default)s)")
     p.add_argument("--out", default="bench/out/launch_overhead.json", help="JSON output (default %(default)s)")
     args = p.parse_args(argv)
     if args.layers < 1 or args.repeats < 1:
         p.error("--layers and --repeats must be positive")
+    try:
+        set_backend(args.kernels)
+    except (ValueError, RuntimeError) as err:
+        p.error(f"--kernels: {err}")
     return args
 
 

@@ -20,12 +20,19 @@ transformers' batch-1 `generate()` decode rate on those weights on this machine 
 server idles) and reports each level's throughput as a multiple of it.
 
     python -m bench.serve --url http://127.0.0.1:8000 --concurrency 1,8 --hf-baseline /path/to/ckpt
+
+With `--kernels SPEC` it starts `nanoserve serve --kernels SPEC` of this checkout itself (on a free
+port, with `--serve-args`), runs against it and stops it: the spec of `bench.kernels --kernels`,
+plug-ins included, measured end to end.
+
+    python -m bench.serve --kernels triton,decode_attention=mykernels.flash:decode --serve-args '--model DIR'
 """
 
 import argparse
 import asyncio
 import json
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -284,6 +291,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="constrain every chat reply: any JSON object, or the JSON schema in this file")
     p.add_argument("--hf-baseline", default=None, metavar="DIR",
                    help="also measure transformers' batch-1 decode rate on this checkpoint and report ratios")
+    p.add_argument("--kernels", default=None, metavar="SPEC",
+                   help="instead of --url, start `nanoserve serve --kernels SPEC` (plug-ins included) for the run")
+    p.add_argument("--serve-args", default="", metavar="'ARGS'",
+                   help="with --kernels: more flags for that server, e.g. '--model DIR --max-num-seqs 64'")
     args = p.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -312,6 +323,20 @@ def response_format(p: argparse.ArgumentParser, value: str | None, endpoint: str
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.kernels is None:
+        return run_against(args)
+    from bench.launch import launched_server
+
+    try:
+        with launched_server(args.kernels, shlex.split(args.serve_args)) as args.url:
+            return run_against(args)
+    except RuntimeError as err:
+        print(f"bench/serve.py: {err}", file=sys.stderr)
+        return 2
+
+
+def run_against(args: argparse.Namespace) -> int:
+    """The load test against the server at `args.url`."""
     try:
         model = args.model or discover_model(args)
     except httpx.HTTPError as err:

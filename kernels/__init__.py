@@ -1,16 +1,21 @@
-"""nanoserve's ops: Triton kernels on CUDA, torch references on CPU (see `kernels.backend`).
+"""nanoserve's ops: Triton kernels on CUDA, torch references on CPU, or plug-ins (see `kernels.backend`).
 
 This package imports only torch and triton; it knows nothing of models or requests.
 """
 
 from kernels.backend import get_backend, set_backend  # first: it picks the interpreter before any kernel is defined
-from kernels.attention_frontend import attention_frontend
-from kernels.decode_attention import paged_decode_attention
-from kernels.prefill_attention import paged_prefill_attention
-from kernels.rms_norm import fused_add_rms_norm, rms_norm
-from kernels.rope import apply_rope, build_cos_sin_cache
-from kernels.store_kv import store_kv
-from kernels.token_bitmask import apply_token_bitmask_
+from kernels.backend import load_environment_plugins
+from kernels.ops import (  # each the built-in op, or the plug-in that the kernel spec names for it
+    apply_rope,
+    apply_token_bitmask_,
+    attention_frontend,
+    fused_add_rms_norm,
+    paged_decode_attention,
+    paged_prefill_attention,
+    rms_norm,
+    store_kv,
+)
+from kernels.rope import build_cos_sin_cache
 
 __all__ = [
     "apply_token_bitmask_",
@@ -25,3 +30,5 @@ __all__ = [
     "set_backend",
     "store_kv",
 ]
+
+load_environment_plugins()  # last: a plug-in module may import kernels

@@ -17,6 +17,8 @@ its KV cache holds that rank's KV heads; the forward pass is the same code with 
 o_proj, after down_proj and after the embedding lookup, and the LM head's logits gathered.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,7 @@ from kernels import (
     paged_prefill_attention,
     rms_norm,
 )
-from kernels.backend import use_triton
+from kernels.backend import PLUGINS, use_triton
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
 from model.cpu_plan import HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
@@ -81,6 +83,9 @@ class Qwen3Model(nn.Module):
         self.cos_sin_cache = build_cos_sin_cache(c.max_position_embeddings, c.head_dim, c.rope_theta, self.device)
         self.scale = c.head_dim**-0.5
         self.cpu_plan: CpuPlan | None = None  # None: F.linear and the reference decode attention
+        # Called with (layer index, the layer's output [T, hidden]) after every decoder layer; a
+        # tensor it returns replaces that output. `nanoserve check` reads hidden states through it.
+        self.layer_hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
 
     def plan_cpu_ops(self, max_batch: int, max_context: int) -> CpuPlan:
         """Time the CPU candidates of the ops that have several (see `model.cpu_plan`) on this model's
@@ -125,7 +130,7 @@ class Qwen3Model(nn.Module):
 
     def _decode_attention(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
         """The step's decode attention: the kernels' op, or on CPU what the plan measured fastest."""
-        if self.cpu_plan is None or use_triton(k_cache, "decode_attention"):
+        if self.cpu_plan is None or use_triton(k_cache, "decode_attention") or "decode_attention" in PLUGINS:
             return paged_decode_attention
         return self.cpu_plan.attention_for(max(batch.num_decodes, 1), batch.block_tables.shape[1] * k_cache.shape[1])
 
@@ -144,7 +149,7 @@ class Qwen3Model(nn.Module):
         decode_attention = self._decode_attention(batch, kv_cache[0][0])
         hidden = self._embed(batch.token_ids)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
             if residual is None:
                 residual = hidden
                 x = rms_norm(hidden, layer.input_norm, eps)
@@ -153,6 +158,8 @@ class Qwen3Model(nn.Module):
             hidden = self._all_reduce(self._attention(layer, x, batch, k_cache, v_cache, decode_attention))
             x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
             hidden = self._all_reduce(self._mlp(layer, x))
+            if self.layer_hook is not None:
+                hidden, residual = self._call_layer_hook(index, hidden, residual)
         # Only the rows that need logits go through the final norm and the LM head.
         rows = batch.logits_indices
         x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, eps)
@@ -181,6 +188,12 @@ class Qwen3Model(nn.Module):
             gathered = self.collectives.all_gather(logits.contiguous())
             logits = gathered.permute(1, 0, 2).reshape(x.shape[0], -1)[:, : self.config.vocab_size]
         return logits.float()
+
+    def _call_layer_hook(self, index: int, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The layer's output is hidden + residual, added in the dtype as the next fused add (and
+        # HF) adds them; a replacement goes on as the residual, beside zeros, so it passes unchanged.
+        replaced = self.layer_hook(index, hidden + residual)
+        return (hidden, residual) if replaced is None else (torch.zeros_like(replaced), replaced)
 
     def _attention(
         self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,4 +1,5 @@
-"""`nanoserve` command line: `generate` (one prompt, printed) and `serve` (the OpenAI server).
+"""`nanoserve` command line: `generate` (one prompt, printed), `serve` (the OpenAI server) and
+`check` (nanoserve against transformers, layer by layer: `server.check`).
 
 Flags are checked before the model loads, each bad one reported in one line that names it.
 """
@@ -31,10 +32,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kernels",
         default="auto",
-        metavar="auto|triton|torch[,OP=BACKEND...]",
+        metavar="auto|triton|torch[,OP=BACKEND|OP=MODULE:FUNCTION...]",
         help="auto: Triton on CUDA, torch ops on CPU; triton on CPU runs the Triton interpreter (slow); "
         "per-op overrides, e.g. triton,decode_attention=torch (ops: attention_frontend, decode_attention, "
-        "prefill_attention, rms_norm, rope, store_kv, token_bitmask)",
+        "prefill_attention, rms_norm, rope, store_kv, token_bitmask); a plug-in of your own: "
+        "OP=MODULE:FUNCTION or OP=FILE.py:FUNCTION, checked against the op's torch reference at load",
     )
 
 
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(serve)
     _add_engine_flags(serve)
     _add_server_flags(serve)
+    from server.check import add_check_parser
+
+    add_check_parser(sub, _add_model_flags)
     return parser
 
 
@@ -198,6 +203,8 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--model {args.model} is a file: give the checkpoint's directory")
     if args.command == "generate":
         _check_sampling_flags(args)
+    elif args.command == "check":
+        return
     else:
         _check_server_flags(args)
     _check_kv_cache_size(args)
@@ -265,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             from server.generate import generate_main
 
             return generate_main(args)
+        if args.command == "check":
+            from server.check import check_main
+
+            return check_main(args)
         from server.api.app import serve_main
 
         return serve_main(args)

@@ -267,7 +267,7 @@ def create_engine(args: argparse.Namespace) -> AsyncEngine:
 
 
 def _load(model_dir: Path, device: str, dtype: str, config: EngineConfig) -> tuple[Qwen3Model, EngineConfig]:
-    model = load_model(model_dir, device, dtype)
+    model = load_model(model_dir, device, dtype, block_size=config.block_size)
     config = resolve_config(config, model)
     if model.device.type == "cpu":
         logger.info(model.plan_cpu_ops(config.max_num_seqs, config.max_model_len).describe())

@@ -93,7 +93,8 @@ def load_rank(model_dir: Path, device: str, dtype: str, config: EngineConfig, ra
     """This rank's shard and the engine sizes that every rank agrees on (the KV cache is as large
     as the rank with the least memory holds). Every rank calls it at the same point."""
     size = config.tensor_parallel_size
-    model = load_model(model_dir, device, dtype, rank, size, collectives(size), progress=None if rank == 0 else False)
+    model = load_model(model_dir, device, dtype, block_size=config.block_size, rank=rank, world_size=size,
+                       collectives=collectives(size), progress=None if rank == 0 else False)
     resolved = resolve_config(config, model)
     blocks = torch.tensor([resolved.num_kv_blocks], dtype=torch.int64, device=model.device)
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
