@@ -1,5 +1,7 @@
 """Shared fixtures. Kernel tests on a machine without CUDA run Triton through its interpreter,
-which must be enabled before any kernel module is imported, hence at the top of this file."""
+which must be enabled before any kernel module is imported, hence at the top of this file.
+Every forward step of every test (and of the servers they start) checks that its batch stays
+inside its KV cache (`model.batch.check_batch`), read when `model.batch` is imported."""
 
 import os
 
@@ -7,6 +9,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NANOSERVE_CHECK_BATCHES", "1")
 
 import pytest  # noqa: E402
 
