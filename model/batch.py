@@ -14,6 +14,19 @@ import torch
 CHECK_BATCHES = os.environ.get("NANOSERVE_CHECK_BATCHES") == "1"
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`values` (numbers or nested lists) as a tensor on `device`, without stopping the host.
+
+    A copy from pageable memory is staged by the driver while the host waits; from pinned memory
+    it is a DMA the host only queues. The pinned block comes from torch's caching host allocator,
+    which records an event behind the copy and reuses the block only once that event has passed.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64: new tokens of all sequences, sequence after sequence
@@ -105,7 +118,7 @@ def make_batch(
     query_lens = [len(step.new_token_ids) for step in steps]
 
     def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return to_device(values, dtype, device)
 
     return ForwardBatch(
         token_ids=tensor(token_ids),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.batch import ForwardBatch
+from model.batch import ForwardBatch, to_device
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
 from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
@@ -118,7 +118,7 @@ class ModelRunner:
             forward_batch = self._prepare(batch, sampling_rows)
             scoring = _prompt_scoring(batch) if batch.num_decodes < len(batch.seqs) else None
             if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
-                rows = torch.tensor(scoring.rows, dtype=torch.int64).to(forward_batch.logits_indices.device)
+                rows = to_device(scoring.rows, torch.int64, forward_batch.logits_indices.device)
                 forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
         self._end_turn()
         self._read_unresolved(batch.seqs[: batch.num_decodes], previous)
@@ -157,10 +157,10 @@ class ModelRunner:
         if not pairs:
             return
         token_ids, sampled = self._token_ids.device, previous.sampled.token_ids
-        if all(row == source for row, source in pairs):  # the steady state: the same batch, in order
+        if all(row == source == i for i, (row, source) in enumerate(pairs)):  # the steady state: rows 0..k-1, in order
             token_ids[: len(pairs)].copy_(sampled[: len(pairs)])
             return
-        rows, sources = (torch.tensor(column, dtype=torch.int64).to(token_ids.device) for column in zip(*pairs))
+        rows, sources = (to_device(column, torch.int64, token_ids.device) for column in zip(*pairs))
         token_ids.index_copy_(0, rows, sampled.index_select(0, sources))
 
     @torch.inference_mode()
@@ -169,7 +169,7 @@ class ModelRunner:
         tokens the sampler may pick (as sampled tokens' logprobs are), onto its sequence."""
         logits[:, self.sampler.num_token_ids :] = float("-inf")
         log_total = logits.logsumexp(-1, keepdim=True)
-        targets = torch.tensor(scoring.targets, dtype=torch.int64).to(logits.device)
+        targets = to_device(scoring.targets, torch.int64, logits.device)
         target_logprobs = logits.gather(-1, targets[:, None]).sub_(log_total).squeeze(-1)
         top_logits, top_ids = logits.topk(max(seq.params.prompt_logprobs for seq in scoring.seqs), -1)
         target_logprobs, top_ids, top_logprobs = _to_host(target_logprobs, top_ids, top_logits.sub_(log_total))
