@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.batch import ForwardBatch, to_device
+from kernels.backend import use_triton
+from model.batch import ForwardBatch, SequenceStep, make_batch, to_device
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
 from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
@@ -76,7 +77,30 @@ class ModelRunner:
         self._turn = 0  # which host buffers the step being prepared writes
         # On CUDA, per turn: recorded after that turn's copies (waiting on one never recorded returns at once).
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
+        self._warm_up(config.max_num_seqs, config.max_model_len)  # before capture: nothing compiles inside one
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
+
+    def _warm_up(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Where the attention kernels are Triton's: one eager step of every kind the engine can
+        run, so each kernel variant the serving path reaches compiles now, before the server says
+        it is ready, not seconds into a request. The kernels leave the arguments that vary between
+        steps unspecialised (see `kernels._triton.jit`), so these steps reach them all: decode with
+        many splits (batch 1, a full-width table) and with one (a full batch of one-block tables), a
+        mixed step (prompt chunk tables and lengths as views past the decode rows), a prefill. They
+        read block 0 and store nothing."""
+        probe = self.kv_cache[0][0]
+        if not (use_triton(probe, "decode_attention") or use_triton(probe, "prefill_attention")):
+            return
+        bs = self.block_size
+        full_width = [0] * -(-max_model_len // bs)
+        steps = [[SequenceStep([0], max_model_len - 1, full_width)],
+                 [SequenceStep([0], 0, [0])] * max_num_seqs,
+                 [SequenceStep([0], 2, [0]), SequenceStep([0, 0], 1, [0, 0])],
+                 [SequenceStep([0] * min(bs, 3), 0, [0])]]
+        for seqs in steps:
+            batch = make_batch(seqs, bs, self.model.device)
+            batch.slot_mapping.fill_(-1)
+            self.model.forward(batch, self.kv_cache)
 
     def _capture_graphs(self, config: EngineConfig, table_width: int) -> tuple[DecodeGraphRunner | None, str]:
         """The decode graphs (after the KV cache: they hold its address) and how decode runs.
