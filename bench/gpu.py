@@ -51,6 +51,8 @@ QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py",
                "tests/kernels/test_decode_attention.py"]
 SERVE_LEVELS = {1: 8, 16: 64, 64: 192}  # clients: requests
 SERVE_OUTPUT_TOKENS = 128
+# Poisson arrivals at this share of the 16-client closed loop's request rate, with room for 64 in flight.
+POISSON_SHARE, POISSON_CLIENTS, POISSON_OF = 0.8, 64, 16
 QUICK_BUDGET_S = 540  # --quick ends within this (and a table), whatever a step does
 REPORTS = ("engine-smoke", "tests", "kernels", "generate-8b", "generate-0.6b", "serve")  # the steps' JSON files, by name
 
@@ -125,15 +127,32 @@ def _times_hf(batch: int) -> Callable[[dict], tuple[float, str] | None]:
     return measure
 
 
+def _closed_loop(report: dict, clients: int) -> dict | None:
+    return next((lv for lv in report.get("levels", []) if lv["concurrency"] == clients and not lv.get("request_rate")),
+                None)
+
+
 def _serve(clients: int, figure: str) -> Callable[[dict], tuple[float, str] | None]:
     def measure(report: dict) -> tuple[float, str] | None:
-        level = next((lv for lv in report.get("levels", []) if lv["concurrency"] == clients), None)
+        level = _closed_loop(report, clients)
         if level is None or level["errors"] or level["itl_s"]["p50"] is None:
             return None
         tok_s, itl_ms = level["output_tokens_per_s"], level["itl_s"]["p50"] * 1e3
         shown = f"{tok_s:.0f} tok/s, ITL p50 {itl_ms:.2f} ms"
         return (tok_s if figure == "tok/s" else itl_ms), shown
     return measure
+
+
+def _poisson_itl_ratio(report: dict) -> tuple[float, str] | None:
+    """ITL p50 under Poisson arrivals over the closed loop's (the arrivals make prompts land in
+    decode steps, which the closed loop's equal lengths hide)."""
+    closed = _closed_loop(report, POISSON_OF)
+    poisson = next((lv for lv in report.get("levels", []) if lv.get("request_rate")), None)
+    if closed is None or poisson is None or poisson["errors"] or not poisson["itl_s"]["p50"] or not closed["itl_s"]["p50"]:
+        return None
+    ratio = poisson["itl_s"]["p50"] / closed["itl_s"]["p50"]
+    return ratio, (f"{ratio:.2f}x ({poisson['itl_s']['p50'] * 1e3:.2f} ms at {poisson['request_rate']:.1f} req/s "
+                   f"vs {closed['itl_s']['p50'] * 1e3:.2f} ms)")
 
 
 def _tests_pass(report: dict) -> tuple[float, str] | None:
@@ -194,6 +213,8 @@ TARGETS = [
     Target("serve 0.6B, 16 clients, tok/s", "serve", _serve(16, "tok/s"), ">=", 4000, ">= 4000"),
     Target("serve 0.6B, 16 clients, ITL p50 ms", "serve", _serve(16, "itl"), "<=", 4, "<= 4 ms"),
     Target("serve 0.6B, 64 clients, tok/s", "serve", _serve(64, "tok/s"), ">=", 10000, ">= 10000"),
+    Target("serve 0.6B, Poisson at 80% of 16 clients' rate: ITL p50 / closed loop's", "serve", _poisson_itl_ratio,
+           "<=", 1.5, "<= 1.5x"),
 ]
 
 
@@ -436,6 +457,17 @@ class Steps:
                                       "--out", str(path), "--plot", str(self.out / f"serve-{clients}.png"))
                 if self.run(f"bench.serve, {clients} clients", command, self.limits["serve level"], f"serve-{clients}.log"):
                     paths.append(path)
+            if (closed := self.out / f"serve-{POISSON_OF}.json").is_file():
+                rate = POISSON_SHARE * _closed_loop(json.loads(closed.read_text()), POISSON_OF)["requests_per_s"]
+                path = self.out / "serve-poisson.json"
+                command = self.python("-m", "bench.serve", "--url", url, "--endpoint", "completions",
+                                      "--concurrency", str(POISSON_CLIENTS), "--request-rate", f"{rate:.3f}",
+                                      "--requests", str(SERVE_LEVELS[POISSON_OF] * (1 if self.quick else 4)),
+                                      "--output-tokens", str(SERVE_OUTPUT_TOKENS), "--prompt-words", "64",
+                                      "--out", str(path), "--plot", str(self.out / "serve-poisson.png"))
+                if self.run(f"bench.serve, Poisson arrivals at {rate:.1f} req/s", command, self.limits["serve level"],
+                            "serve-poisson.log"):
+                    paths.append(path)
             (self.out / "serve.json").write_text(json.dumps(merge_serve_levels(paths), indent=1) + "\n")
         finally:
             self.held_back = 0.0
@@ -502,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             print("bench.gpu needs a CUDA GPU: none is visible to torch.", file=sys.stderr)
             return 2
         out.mkdir(parents=True, exist_ok=True)
-        for name in (*REPORTS, "launch_overhead", "preflight", *(f"serve-{clients}" for clients in SERVE_LEVELS)):
+        for name in (*REPORTS, "launch_overhead", "preflight", "serve-poisson",
+                     *(f"serve-{clients}" for clients in SERVE_LEVELS)):
             (out / f"{name}.json").unlink(missing_ok=True)  # a step failing now shows no earlier figures
         started = time.monotonic()
         run_plan(out, args.quick, args.skip_tests)

@@ -40,11 +40,16 @@ def generate_report(graphs_ms: float, batch64_ratio: float) -> dict:
     }
 
 
-def serve_report(tok_s: dict[int, float], itl_ms: float) -> dict:
+def serve_report(tok_s: dict[int, float], itl_ms: float, poisson_itl_ms: float | None = None) -> dict:
+    """bench.serve's closed-loop levels, and a Poisson level (64 in flight, at a request rate) at
+    `poisson_itl_ms` (default: 1.4x the closed loop's)."""
     levels = []
     for clients, rate in tok_s.items():
-        levels.append({"concurrency": clients, "errors": 0, "output_tokens_per_s": rate,
+        levels.append({"concurrency": clients, "request_rate": None, "errors": 0, "output_tokens_per_s": rate,
                        "itl_s": percentiles([itl_ms / 1e3] * 5), "ttft_s": percentiles([0.01])})
+    poisson_ms = 1.4 * itl_ms if poisson_itl_ms is None else poisson_itl_ms
+    levels.append({"concurrency": 64, "request_rate": 20.0, "errors": 0, "output_tokens_per_s": 999.0,
+                   "itl_s": percentiles([poisson_ms / 1e3] * 5), "ttft_s": percentiles([0.01])})
     return {"levels": levels}
 
 
@@ -83,7 +88,7 @@ def results(reports: dict) -> dict[str, str]:
 
 def test_every_target_passes_when_every_figure_meets_it():
     rows = evaluate(TARGETS, all_passing())
-    assert len(rows) == len(TARGETS) == 18
+    assert len(rows) == len(TARGETS) == 19
     assert {row.result for row in rows} == {"pass"}
     measured = {row.name: row.measured for row in rows}
     assert measured["Qwen3-8B batch 1, ms/step (graphs)"] == "4.40 ms (HF 30.00, eager 25.00; floor 3.60)"
@@ -91,6 +96,8 @@ def test_every_target_passes_when_every_figure_meets_it():
     assert measured["decode attention B=1 L=512, us (graph replay)"] == "11.0 us (90.0%)"
     assert measured["startup 0.6B with graphs (profile + capture), s"] == "20.0 s (profile 5.0, capture 15.0)"
     assert measured["serve 0.6B, 16 clients, ITL p50 ms"] == "4500 tok/s, ITL p50 3.50 ms"
+    assert measured["serve 0.6B, Poisson at 80% of 16 clients' rate: ITL p50 / closed loop's"] == (
+        "1.40x (4.90 ms at 20.0 req/s vs 3.50 ms)")
     assert measured["CUDA tests pass"] == "3 passed, 0 failed, 0 skipped (quick)"
 
 
@@ -106,9 +113,11 @@ def test_every_target_passes_when_every_figure_meets_it():
     ("generate-0.6b", generate_report(1.3, 3.2), {"Qwen3-0.6B batch 1, ms/step (graphs)"}),
     ("serve", serve_report({16: 3999.0, 64: 10001.0}, 4.01), {"serve 0.6B, 16 clients, tok/s",
                                                               "serve 0.6B, 16 clients, ITL p50 ms"}),
+    ("serve", serve_report({16: 4500.0, 64: 11000.0}, 3.5, poisson_itl_ms=5.3),
+     {"serve 0.6B, Poisson at 80% of 16 clients' rate: ITL p50 / closed loop's"}),
     ("tests", suite_report(2, "passed"), {"CUDA tests pass"}),
     ("tests", suite_report(0, "failed"), {"CUDA tests pass", "greedy tokens: graphs == --enforce-eager (CUDA)"}),
-], ids=["norms", "all-but-decode-B8", "decode-latency", "smoke", "startup", "8b", "0.6b", "serve", "tests", "graphs-differ"])
+], ids=["norms", "all-but-decode-B8", "decode-latency", "smoke", "startup", "8b", "0.6b", "serve", "poisson", "tests", "graphs-differ"])
 def test_a_figure_past_its_bound_fails_its_targets_only(report, replacement, failing):
     got = results(all_passing() | {report: replacement})
     assert {name for name, result in got.items() if result == "FAIL"} == failing
@@ -129,12 +138,12 @@ def test_missing_reports_and_rows_read_not_measured():
     got = results(reports)
     assert {name for name, result in got.items() if result == "not measured"} == {
         "serve 0.6B, 16 clients, tok/s", "serve 0.6B, 16 clients, ITL p50 ms", "serve 0.6B, 64 clients, tok/s",
-        "Qwen3-0.6B batch 1, ms/step (graphs)", "greedy tokens: graphs == --enforce-eager (CUDA)",
+        "serve 0.6B, Poisson at 80% of 16 clients' rate: ITL p50 / closed loop's", "Qwen3-0.6B batch 1, ms/step (graphs)", "greedy tokens: graphs == --enforce-eager (CUDA)",
         "decode attention B=8 L=2k, %",
     }
     table = format_table(evaluate(TARGETS, reports))
     assert table.splitlines()[0].split() == ["target", "wanted", "measured", "result"]
-    assert "decode attention B=8 L=2k, %" in table and table.count("not measured") == 6
+    assert "decode attention B=8 L=2k, %" in table and table.count("not measured") == 7
 
 
 def test_junit_xml_and_serve_levels_become_reports(tmp_path):
@@ -153,7 +162,7 @@ def test_junit_xml_and_serve_levels_become_reports(tmp_path):
     for clients in (1, 16):
         (tmp_path / f"serve-{clients}.json").write_text(json.dumps(serve_report({clients: 10.0 * clients}, 2.0)))
     merged = merge_serve_levels([tmp_path / "serve-1.json", tmp_path / "serve-16.json", tmp_path / "serve-64.json"])
-    assert [level["concurrency"] for level in merged["levels"]] == [1, 16]
+    assert [level["concurrency"] for level in merged["levels"] if not level["request_rate"]] == [1, 16]
 
 
 def test_table_only_rebuilds_the_table_from_json_files(tmp_path):
@@ -163,7 +172,7 @@ def test_table_only_rebuilds_the_table_from_json_files(tmp_path):
     run = [sys.executable, "-m", "bench.gpu", "--table-only", "--out-dir", str(tmp_path)]
     result = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count(" pass\n") == 18
+    assert result.stdout.count(" pass\n") == 19
     (tmp_path / "serve.json").unlink()
     result = subprocess.run(run, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stdout.count("not measured") == 3
+    assert result.returncode == 1 and result.stdout.count("not measured") == 4
