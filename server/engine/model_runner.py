@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels._triton import interpreting
 from kernels.backend import use_triton
 from model.batch import ForwardBatch, SequenceStep, make_batch, to_device
 from model.qwen3 import KVCache, Qwen3Model
@@ -87,9 +88,9 @@ class ModelRunner:
         steps unspecialised (see `kernels._triton.jit`), so these steps reach them all: decode with
         many splits (batch 1, a full-width table) and with one (a full batch of one-block tables), a
         mixed step (prompt chunk tables and lengths as views past the decode rows), a prefill. They
-        read block 0 and store nothing."""
+        read block 0 and store nothing. The interpreter compiles nothing, so it skips them."""
         probe = self.kv_cache[0][0]
-        if not (use_triton(probe, "decode_attention") or use_triton(probe, "prefill_attention")):
+        if interpreting() or not (use_triton(probe, "decode_attention") or use_triton(probe, "prefill_attention")):
             return
         bs = self.block_size
         full_width = [0] * -(-max_model_len // bs)

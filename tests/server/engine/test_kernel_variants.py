@@ -16,6 +16,7 @@ from kernels import decode_attention
 from kernels._triton import Launch, variant_key
 from model.qwen3 import Qwen3Model
 from server.engine.config import EngineConfig, resolve_config
+from server.engine import model_runner
 from server.engine.core import EngineCore
 from server.engine.request import GenerationRequest, SamplingParams
 from tests.kernels.common import kernel_backend
@@ -33,6 +34,7 @@ def test_a_mixed_workload_launches_only_variants_the_warm_up_compiled(demo, monk
     phase, launched = ["warm-up"], []
     monkeypatch.setattr(Launch, "__call__", lambda self: launched.append((phase[0], variant_key(self))))
     monkeypatch.setattr(decode_attention, "_sm_count", lambda device: H100_SMS)  # splits as planned on a GPU
+    monkeypatch.setattr(model_runner, "interpreting", lambda: False)  # warm up as compiled Triton does
     forward = Qwen3Model.forward
     monkeypatch.setattr(Qwen3Model, "forward", lambda self, batch, cache: torch.zeros(
         forward(self, batch, cache).shape))
