@@ -1,6 +1,6 @@
 """Each Triton kernel vs its torch reference (eager, and torch.compile'd) at Qwen3-8B shapes, on a GPU.
 
-    python -m bench.kernels [--out bench/out/kernels.json] [--dtype bfloat16] [--no-compile]
+    python -m bench.kernels [--out bench/out/kernels.json] [--dtype bfloat16] [--no-compile] [--only 'KERNEL SHAPE' ...]
     python -m bench.kernels --sweep [--out bench/out/kernels-sweep.json]
 
 Qwen3-8B: hidden 4096, 32 query heads over 8 kv heads, head_dim 128. RMSNorm (plain, fused
