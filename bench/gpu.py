@@ -6,21 +6,28 @@ was measured, pass or FAIL.
 Each step runs as a subprocess under a time limit, so a crash or a hang costs its own rows (they
 read "not measured") and not the run; each writes JSON to `--out-dir`, and the table is built
 from those files alone (`python -m bench.gpu --table-only` rebuilds it from an earlier run's).
-In this order, the most telling first:
+A step past its limit gets SIGINT (pytest then writes its JUnit XML), then SIGKILL 20 s later.
+Compiled Triton kernels are cached under `--out-dir` (TRITON_CACHE_DIR), so a rerun starts warm.
+In this order, the most telling first (`run_plan`):
 
-1. the test suite on CUDA (kernel, model and engine tests then run compiled Triton kernels and
-   real CUDA graphs); `--quick` runs QUICK_TESTS only;
-2. `bench.generate` on the Qwen3-8B and Qwen3-0.6B shapes (random bf16 weights), nanoserve with
+1. a pre-flight (`bench.gpu_smoke preflight`): every runtime and test dependency imports; the
+   torch, Triton and CUDA versions, SM count and free memory; nothing else runs if it fails;
+2. an engine smoke (`bench.gpu_smoke engine`): the Qwen3-0.6B shape with the GPU-default flags
+   (memory profile, graph capture, a prefill, 16 decodes, a mixed step, graph vs eager logits);
+3. the CUDA tests, one pytest and one JUnit XML per test file (`--quick`: QUICK_TESTS);
+4. `bench.kernels` (`--quick`: only the cases the targets read, no torch.compile; its JSON is
+   rewritten after every case);
+5. `bench.generate` on the Qwen3-8B and Qwen3-0.6B shapes (random bf16 weights), nanoserve with
    CUDA graphs and with `--enforce-eager` side by side, against HF eager `generate()`;
-3. `bench.serve` against `nanoserve serve` on a random Qwen3-0.6B-shaped checkpoint (default
+6. `bench.serve` against `nanoserve serve` on a random Qwen3-0.6B-shaped checkpoint (default
    engine flags), 1, 16 and 64 clients streaming 128-token replies;
-4. `bench.kernels` (`--no-compile` with `--quick`): each kernel's share of the copy bandwidth;
-5. `bench.launch_overhead`, whose figures (no target) print in one line under the table.
+7. `bench.launch_overhead`, whose figures (no target) print in one line under the table.
 
-`--quick` keeps repeats small and compiles nothing with torch.compile: about five minutes on an
-H100/H200, model builds and graph capture included, and never more than QUICK_BUDGET_S (a step
-that would run past it is stopped). Exit status 0 when every target passes, 1 when one fails or
-was not measured; without CUDA it says so and exits 2.
+`--quick` keeps repeats small and compiles nothing with torch.compile, and ends within
+QUICK_BUDGET_S: every step's limit, the checkpoint write, the server's start and shutdown and
+the grace of a stopped step all come out of that budget, and a step that the budget no longer
+holds is skipped. Exit status 0 when every target passes, 1 when one fails or was not measured;
+without CUDA it says so and exits 2.
 """
 
 import argparse
@@ -46,8 +53,10 @@ QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py",
                "tests/kernels/test_decode_attention.py"]
 SERVE_LEVELS = {1: 8, 16: 64, 64: 192}  # clients: requests
 SERVE_OUTPUT_TOKENS = 128
-QUICK_BUDGET_S = 540  # --quick ends within this (and a table), whatever a step does; typically ~5 min
-REPORTS = ("tests", "kernels", "generate-8b", "generate-0.6b", "serve", "tp")  # the steps' JSON files, by name
+# Poisson arrivals at this share of the 16-client closed loop's request rate, with room for 64 in flight.
+POISSON_SHARE, POISSON_CLIENTS, POISSON_OF = 0.8, 64, 16
+QUICK_BUDGET_S = 540  # --quick ends within this (and a table), whatever a step does
+REPORTS = ("engine-smoke", "tests", "kernels", "generate-8b", "generate-0.6b", "serve", "tp")  # the steps' JSON files, by name
 
 
 # ---- the targets and the table (no GPU needed: tested on CPU) ----
@@ -71,10 +80,15 @@ class Row:
     result: str  # "pass", "FAIL" or "not measured"
 
 
-def _kernel_row(kernel: str, shape: str) -> Callable[[dict], dict | None]:
+KERNEL_TARGET_CASES: list[str] = []  # "kernel shape" of every bench.kernels case a target reads: --quick runs these
+
+
+def _kernel_row(kernel: str, shape: str, impl: str = "triton") -> Callable[[dict], dict | None]:
+    KERNEL_TARGET_CASES.append(f"{kernel} {shape}")
+
     def find(report: dict) -> dict | None:
         return next((r for r in report.get("rows", []) if r["kernel"] == kernel and r["shape"] == shape
-                     and r["impl"] == "triton" and "ms" in r), None)
+                     and r["impl"] == impl and "ms" in r), None)
     return find
 
 
@@ -87,8 +101,8 @@ def _pct_of_copy(kernel: str, shape: str) -> Callable[[dict], tuple[float, str] 
     return measure
 
 
-def _kernel_us(kernel: str, shape: str) -> Callable[[dict], tuple[float, str] | None]:
-    find = _kernel_row(kernel, shape)
+def _kernel_us(kernel: str, shape: str, impl: str) -> Callable[[dict], tuple[float, str] | None]:
+    find = _kernel_row(kernel, shape, impl)
 
     def measure(report: dict) -> tuple[float, str] | None:
         row = find(report)
@@ -115,15 +129,32 @@ def _times_hf(batch: int) -> Callable[[dict], tuple[float, str] | None]:
     return measure
 
 
+def _closed_loop(report: dict, clients: int) -> dict | None:
+    return next((lv for lv in report.get("levels", []) if lv["concurrency"] == clients and not lv.get("request_rate")),
+                None)
+
+
 def _serve(clients: int, figure: str) -> Callable[[dict], tuple[float, str] | None]:
     def measure(report: dict) -> tuple[float, str] | None:
-        level = next((lv for lv in report.get("levels", []) if lv["concurrency"] == clients), None)
+        level = _closed_loop(report, clients)
         if level is None or level["errors"] or level["itl_s"]["p50"] is None:
             return None
         tok_s, itl_ms = level["output_tokens_per_s"], level["itl_s"]["p50"] * 1e3
         shown = f"{tok_s:.0f} tok/s, ITL p50 {itl_ms:.2f} ms"
         return (tok_s if figure == "tok/s" else itl_ms), shown
     return measure
+
+
+def _poisson_itl_ratio(report: dict) -> tuple[float, str] | None:
+    """ITL p50 under Poisson arrivals over the closed loop's (the arrivals make prompts land in
+    decode steps, which the closed loop's equal lengths hide)."""
+    closed = _closed_loop(report, POISSON_OF)
+    poisson = next((lv for lv in report.get("levels", []) if lv.get("request_rate")), None)
+    if closed is None or poisson is None or poisson["errors"] or not poisson["itl_s"]["p50"] or not closed["itl_s"]["p50"]:
+        return None
+    ratio = poisson["itl_s"]["p50"] / closed["itl_s"]["p50"]
+    return ratio, (f"{ratio:.2f}x ({poisson['itl_s']['p50'] * 1e3:.2f} ms at {poisson['request_rate']:.1f} req/s "
+                   f"vs {closed['itl_s']['p50'] * 1e3:.2f} ms)")
 
 
 def _tests_pass(report: dict) -> tuple[float, str] | None:
@@ -143,7 +174,25 @@ def _graphs_equal_eager(report: dict) -> tuple[float, str] | None:
     return failed, "identical" if not failed else f"{failed} of {len(ran)} cases differ"
 
 
+def _smoke(report: dict) -> tuple[float, str] | None:
+    if "ok" not in report:
+        return None
+    if not report["ok"]:
+        return 1, report.get("error", f"tokens {report.get('tokens')}")[:80]
+    return 0, f"ok ({report['decode_mode'][:40]}; graph-eager logits within {report['graph_vs_eager_max_abs_diff']:.3f})"
+
+
+def _startup_s(report: dict) -> tuple[float, str] | None:
+    seconds = report.get("seconds", {})
+    if "capture_s" not in seconds:
+        return None
+    total = seconds["profile_s"] + seconds["capture_s"]
+    return total, f"{total:.1f} s (profile {seconds['profile_s']:.1f}, capture {seconds['capture_s']:.1f})"
+
+
 TARGETS = [
+    Target("engine smoke: 0.6B shape, GPU defaults", "engine-smoke", _smoke, "<=", 0, "runs"),
+    Target("startup 0.6B with graphs (profile + capture), s", "engine-smoke", _startup_s, "<=", 30, "<= 30 s"),
     Target("CUDA tests pass", "tests", _tests_pass, "<=", 0, "0 failed"),
     Target("greedy tokens: graphs == --enforce-eager (CUDA)", "tests", _graphs_equal_eager, "<=", 0, "identical"),
     Target("rms_norm 4096x4096, % of copy bandwidth", "kernels", _pct_of_copy("rms_norm", "4096x4096"), ">=", 85, ">= 85%"),
@@ -153,8 +202,9 @@ TARGETS = [
            ">= 70%"),
     Target("apply_rope 4096x(32+8)x128, %", "kernels", _pct_of_copy("apply_rope", "4096x(32+8)x128"), ">=", 80, ">= 80%"),
     Target("store_kv 4096x8x128, %", "kernels", _pct_of_copy("store_kv", "4096x8x128"), ">=", 80, ">= 80%"),
-    Target("decode attention B=1 L=512, us", "kernels", _kernel_us("paged_decode_attention", "B=1 L=512"), "<=", 12,
-           "<= 12 us"),
+    # The engine replays decode from CUDA graphs: the replayed row, not the eager call's host time.
+    Target("decode attention B=1 L=512, us (graph replay)", "kernels",
+           _kernel_us("paged_decode_attention", "B=1 L=512", "triton graph"), "<=", 12, "<= 12 us"),
     Target("decode attention B=1 L=32k, %", "kernels", _pct_of_copy("paged_decode_attention", "B=1 L=32768"), ">=", 75,
            ">= 75%"),
     Target("decode attention B=8 L=2k, %", "kernels", _pct_of_copy("paged_decode_attention", "B=8 L=2048"), ">=", 50,
@@ -165,6 +215,8 @@ TARGETS = [
     Target("serve 0.6B, 16 clients, tok/s", "serve", _serve(16, "tok/s"), ">=", 4000, ">= 4000"),
     Target("serve 0.6B, 16 clients, ITL p50 ms", "serve", _serve(16, "itl"), "<=", 4, "<= 4 ms"),
     Target("serve 0.6B, 64 clients, tok/s", "serve", _serve(64, "tok/s"), ">=", 10000, ">= 10000"),
+    Target("serve 0.6B, Poisson at 80% of 16 clients' rate: ITL p50 / closed loop's", "serve", _poisson_itl_ratio,
+           "<=", 1.5, "<= 1.5x"),
 ]
 # Rows that need a machine with several GPUs (issue 22), after the others.
 MULTI_GPU_TARGETS = [Target("Qwen3-8B batch 1, TP=2 / TP=1 step", "tp", tp.step_ratio, "<=", tp.TARGET_RATIO,
@@ -214,8 +266,22 @@ def read_reports(out_dir: Path) -> dict[str, dict | None]:
     return reports
 
 
-def junit_report(path: Path, which: str) -> dict:
-    """pytest's JUnit XML as counts and per-test outcomes."""
+def junit_report(runs: Path | list[tuple[str, Path, str]], which: str) -> dict:
+    """pytest's JUnit XML as counts and per-test outcomes: one file, or (test file, its XML, how
+    its step ended) per test file run; a file whose run left no XML counts as one error."""
+    if isinstance(runs, Path):
+        runs = [("", runs, "ok")]
+    cases = {}
+    for spec, path, outcome in runs:
+        if path.is_file():
+            cases |= _junit_cases(path)
+        if outcome != "ok":  # stopped or skipped: what it did not run must not read as passed
+            cases[f"{spec}::(run {outcome})"] = "error"
+    counts = {word: sum(outcome == word for outcome in cases.values()) for word in ("passed", "failed", "skipped")}
+    return {"which": which, **counts, "errors": sum(outcome == "error" for outcome in cases.values()), "cases": cases}
+
+
+def _junit_cases(path: Path) -> dict[str, str]:
     cases = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
@@ -224,8 +290,7 @@ def junit_report(path: Path, which: str) -> dict:
             if case.find(child) is not None:
                 outcome = word
         cases[name] = outcome
-    counts = {word: sum(outcome == word for outcome in cases.values()) for word in ("passed", "failed", "skipped")}
-    return {"which": which, **counts, "errors": sum(outcome == "error" for outcome in cases.values()), "cases": cases}
+    return cases
 
 
 def merge_serve_levels(paths: list[Path]) -> dict:
@@ -235,106 +300,218 @@ def merge_serve_levels(paths: list[Path]) -> dict:
 # ---- the steps (CUDA) ----
 
 
-class Steps:
-    """Runs the steps as subprocesses, each under its own limit and all within `budget_s`, so that
-    a hang costs its own figures and the table still comes out in time."""
+INTERRUPT_GRACE_S = 20  # after SIGINT (pytest writes its JUnit XML then, a server shuts down), before SIGKILL
+MIN_STEP_S = 5  # a step that would get less is skipped: it could do nothing useful
+# Each step's limit; with --quick their sum is about QUICK_BUDGET_S, and the run's deadline caps them all.
+QUICK_LIMITS = {"preflight": 20, "engine smoke": 60, "tests": 150, "kernels": 60, "generate-8b": 90,
+                "generate-0.6b": 45, "checkpoint": 30, "server start": 60, "serve level": 30, "launch overhead": 20,
+                "tp": 60}
+FULL_LIMITS = {"preflight": 60, "engine smoke": 300, "tests": 2400, "kernels": 1800, "generate-8b": 1200,
+               "generate-0.6b": 600, "checkpoint": 300, "server start": 240, "serve level": 300, "launch overhead": 90,
+               "tp": 300}
+WRITE_CHECKPOINT = ("import sys; from bench.generate import SHAPES; from model.demo import write_checkpoint; "
+                    "write_checkpoint(sys.argv[1], SHAPES['qwen3-0.6b'] | {'dtype': 'bfloat16'}, seed=0)")
 
-    def __init__(self, out_dir: Path, quick: bool, budget_s: float):
+
+class Steps:
+    """Runs the steps as subprocesses, each under its own limit and all before one deadline, so that
+    a hang costs its own figures and the table still comes out in time. Everything counts against
+    the deadline: checkpoint writes, a server's start and shutdown, and the grace a stopped step gets.
+    `scale` shrinks every limit, the budget and the grace alike (the plan's CPU test)."""
+
+    def __init__(self, out_dir: Path, quick: bool, budget_s: float, scale: float = 1.0):
         self.out = out_dir
         self.quick = quick
-        self.ends = time.monotonic() + budget_s
+        self.scale = scale
+        self.limits = {name: limit * scale for name, limit in (QUICK_LIMITS if quick else FULL_LIMITS).items()}
+        self.grace = INTERRUPT_GRACE_S * scale
+        self.held_back = 0.0  # seconds kept for stopping what outlives a step (the server of the serve step)
+        self.ends = time.monotonic() + budget_s * scale
+        # Compiled kernels land in the out dir: a rerun on the same machine starts warm.
+        self.env = os.environ | {"TRITON_CACHE_DIR": str((out_dir / "triton-cache").resolve())}
+        self.outcomes: dict[str, str] = {}  # step -> "ok", "failed (rc)", "timeout" or "skipped"
 
-    def run(self, name: str, command: list[str], timeout: float, log: str) -> bool:
+    def python(self, *args: str) -> list[str]:
+        """The command that runs this Python with `args` (the plan's CPU test fakes it)."""
+        return [sys.executable, *args]
+
+    def left(self) -> float:
+        return self.ends - time.monotonic() - self.held_back
+
+    def start(self, command: list[str], log: str) -> subprocess.Popen:
+        with open(self.out / log, "w") as out:
+            # A session of its own: stopping it stops its children (a test's live server) too.
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env,
+                                    preexec_fn=_default_sigint)
+
+    def stop(self, process: subprocess.Popen) -> None:
+        """SIGINT (pytest writes its XML, a server drains), then SIGKILL once the grace is over."""
+        if process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, self.grace), (signal.SIGKILL, None)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def run(self, name: str, command: list[str], limit: float, log: str) -> bool:
         """One step, its output to `log` in the out dir and its tail to the terminal; False if it
-        failed or ran out of time."""
-        timeout = max(10.0, min(timeout, self.ends - time.monotonic()))
+        failed, ran out of time or was skipped because the budget is spent."""
+        timeout = min(limit, self.left() - self.grace)  # a stopped step's grace comes out of the budget too
+        if timeout < MIN_STEP_S * self.scale:
+            print(f"\n==== {name}: skipped, {max(self.left(), 0):.0f} s of the budget left ====", flush=True)
+            self.outcomes[name] = "skipped"
+            return False
         print(f"\n==== {name} (at most {timeout:.0f} s) ====", flush=True)
         started = time.monotonic()
-        with open(self.out / log, "w") as out:
-            # A session of its own: on a timeout its children (a test's live server) end with it.
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                rc = process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                rc = "timeout"
-        print((self.out / log).read_text()[-2500:])
-        print(f"==== {name}: {'ok' if rc == 0 else f'failed ({rc})'} in {time.monotonic() - started:.0f} s ====",
-              flush=True)
+        process = self.start(command, log)
+        try:
+            rc = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(process)
+            rc = "timeout"
+        print((self.out / log).read_text(errors="replace")[-2500:])
+        self.outcomes[name] = "ok" if rc == 0 else "timeout" if rc == "timeout" else f"failed ({rc})"
+        print(f"==== {name}: {self.outcomes[name]} in {time.monotonic() - started:.0f} s ====", flush=True)
         return rc == 0
 
+    def preflight(self) -> bool:
+        return self.run("pre-flight", self.python("-m", "bench.gpu_smoke", "preflight", "--out",
+                                                  str(self.out / "preflight.json")), self.limits["preflight"], "preflight.log")
+
+    def engine_smoke(self) -> None:
+        self.run("engine smoke (0.6B shape, GPU defaults)",
+                 self.python("-m", "bench.gpu_smoke", "engine", "--out", str(self.out / "engine-smoke.json")),
+                 self.limits["engine smoke"], "engine-smoke.log")
+
     def tests(self) -> None:
-        xml = self.out / "tests.xml"
+        """One pytest per test file, each with its own JUnit XML: a file stopped mid-way keeps
+        what it ran (SIGINT makes pytest write its XML), and costs only its own rows."""
+        files = QUICK_TESTS if self.quick else sorted(str(p) for p in Path("tests").rglob("test_*.py"))
+        share_ends = time.monotonic() + self.limits["tests"]
+        junit = self.out / "junit"
+        junit.mkdir(exist_ok=True)
+        results = []
+        for spec in files:
+            xml = junit / (spec.replace("/", ".").replace("::", "-") + ".xml")
+            xml.unlink(missing_ok=True)
+            command = self.python("-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", spec)
+            name = f"CUDA tests: {spec}"
+            self.run(name, command, share_ends - time.monotonic(), f"tests-{xml.stem}.log")
+            results.append((spec, xml, self.outcomes[name]))
         which = "quick: " + ", ".join(QUICK_TESTS) if self.quick else "the whole suite"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                   *(QUICK_TESTS if self.quick else ["tests"])]
-        self.run("CUDA tests", command, 150 if self.quick else 1800, "tests.log")
-        if xml.is_file():
-            (self.out / "tests.json").write_text(json.dumps(junit_report(xml, which), indent=1) + "\n")
+        (self.out / "tests.json").write_text(json.dumps(junit_report(results, which), indent=1) + "\n")
 
     def generate(self, shape: str, batches: str) -> None:
         name = "generate-8b" if shape == "qwen3-8b" else "generate-0.6b"
-        command = [sys.executable, "-m", "bench.generate", "--shape", shape, "--device", "cuda", "--dtype", "bfloat16",
-                   "--batches", batches, "--prompt-len", "128", "--decode-tokens", "32" if self.quick else "64",
-                   "--repeats", "2" if self.quick else "5",
-                   "--modes", "graphs,eager" if self.quick and shape == "qwen3-8b" else "graphs,sync,eager",
-                   "--out", str(self.out / f"{name}.json")]
-        self.run(f"bench.generate {shape}", command, 180 if self.quick else 1200, f"{name}.log")
+        command = self.python("-m", "bench.generate", "--shape", shape, "--device", "cuda", "--dtype", "bfloat16",
+                              "--batches", batches, "--prompt-len", "128", "--decode-tokens", "32" if self.quick else "64",
+                              "--repeats", "2" if self.quick else "5",
+                              "--modes", "graphs,eager" if self.quick and shape == "qwen3-8b" else "graphs,sync,eager",
+                              "--out", str(self.out / f"{name}.json"))
+        self.run(f"bench.generate {shape}", command, self.limits[name], f"{name}.log")
 
     def kernels(self) -> None:
-        command = [sys.executable, "-m", "bench.kernels", "--out", str(self.out / "kernels.json"),
-                   *(["--no-compile"] if self.quick else [])]
-        self.run("bench.kernels", command, 150 if self.quick else 1800, "kernels.log")
+        """With --quick only the cases the targets read (and no torch.compile); the JSON is
+        rewritten after each case, so a stopped run keeps the cases it finished."""
+        only = [arg for case in KERNEL_TARGET_CASES for arg in ("--only", case)] if self.quick else []
+        command = self.python("-m", "bench.kernels", "--out", str(self.out / "kernels.json"),
+                              *(["--no-compile", *only] if self.quick else []))
+        self.run("bench.kernels", command, self.limits["kernels"], "kernels.log")
 
     def launch_overhead(self) -> None:
-        command = [sys.executable, "-m", "bench.launch_overhead", "--device", "cuda",
-                   "--repeats", "50" if self.quick else "200", "--out", str(self.out / "launch_overhead.json")]
-        self.run("bench.launch_overhead", command, 90, "launch_overhead.log")
+        command = self.python("-m", "bench.launch_overhead", "--device", "cuda",
+                              "--repeats", "50" if self.quick else "200", "--out", str(self.out / "launch_overhead.json"))
+        self.run("bench.launch_overhead", command, self.limits["launch overhead"], "launch_overhead.log")
 
     def tensor_parallel(self) -> None:
         if torch_device_count() < 2:
             print("\n==== bench.tp: skipped, it needs 2 GPUs ====", flush=True)
             return
-        self.run("bench.tp (TP=2 vs TP=1)", tp.command(self.out / "tp.json", self.quick), 300, "tp.log")
+        self.run("bench.tp (TP=2 vs TP=1)", self.python(*tp.command(self.out / "tp.json", self.quick)[1:]), self.limits["tp"],
+                 "tp.log")
 
     def serve(self) -> None:
-        from bench.generate import SHAPES
-        from model.demo import write_checkpoint
-
-        print("\n==== bench.serve: writing a random Qwen3-0.6B-shaped checkpoint ====", flush=True)
+        """`nanoserve serve` (default flags) on a random 0.6B-shaped checkpoint, then bench.serve
+        at each level of clients; the server's shutdown is held back from the budget while it runs."""
         checkpoint = Path(tempfile.mkdtemp(prefix="nanoserve-0.6b-"))
+        try:
+            if self.run("bench.serve: a random Qwen3-0.6B-shaped checkpoint", self.python("-c", WRITE_CHECKPOINT, str(checkpoint)),
+                        self.limits["checkpoint"], "serve-checkpoint.log"):
+                self._serve_levels(checkpoint)
+        finally:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def _serve_levels(self, checkpoint: Path) -> None:
+        if self.left() - self.grace < MIN_STEP_S * self.scale:
+            self.outcomes["nanoserve serve"] = "skipped"
+            return
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        log = self.out / "serve-server.log"
-        server = None
+        server = self.start(self.python("-m", "server.cli", "serve", "--model", str(checkpoint), "--port", str(port)),
+                            "serve-server.log")
+        self.held_back = self.grace
         try:
-            write_checkpoint(checkpoint, SHAPES["qwen3-0.6b"] | {"dtype": "bfloat16"}, seed=0)
-            with open(log, "w") as server_log:
-                server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint),
-                                           "--port", str(port)], stdout=server_log, stderr=subprocess.STDOUT)
-            if not _wait_healthy(url, server, max(10.0, min(240.0, self.ends - time.monotonic()))):
-                print(f"the server did not come up:\n{log.read_text()[-3000:]}")
+            if not _wait_healthy(url, server, min(self.limits["server start"], self.left())):
+                self.outcomes["nanoserve serve"] = "did not come up"
+                print(f"the server did not come up:\n{(self.out / 'serve-server.log').read_text(errors='replace')[-3000:]}")
                 return
-            print(log.read_text()[-1500:])
+            self.outcomes["nanoserve serve"] = "ok"
             paths = []
             for clients, requests in SERVE_LEVELS.items():
                 path = self.out / f"serve-{clients}.json"
-                command = [sys.executable, "-m", "bench.serve", "--url", url, "--endpoint", "completions",
-                           "--concurrency", str(clients), "--requests", str(requests if self.quick else 4 * requests),
-                           "--output-tokens", str(SERVE_OUTPUT_TOKENS), "--prompt-words", "64",
-                           "--out", str(path), "--plot", str(self.out / f"serve-{clients}.png")]
-                if self.run(f"bench.serve, {clients} clients", command, 120, f"serve-{clients}.log"):
+                command = self.python("-m", "bench.serve", "--url", url, "--endpoint", "completions",
+                                      "--concurrency", str(clients), "--requests", str(requests if self.quick else 4 * requests),
+                                      "--output-tokens", str(SERVE_OUTPUT_TOKENS), "--prompt-words", "64",
+                                      "--out", str(path), "--plot", str(self.out / f"serve-{clients}.png"))
+                if self.run(f"bench.serve, {clients} clients", command, self.limits["serve level"], f"serve-{clients}.log"):
+                    paths.append(path)
+            if (closed := self.out / f"serve-{POISSON_OF}.json").is_file():
+                rate = POISSON_SHARE * _closed_loop(json.loads(closed.read_text()), POISSON_OF)["requests_per_s"]
+                path = self.out / "serve-poisson.json"
+                command = self.python("-m", "bench.serve", "--url", url, "--endpoint", "completions",
+                                      "--concurrency", str(POISSON_CLIENTS), "--request-rate", f"{rate:.3f}",
+                                      "--requests", str(SERVE_LEVELS[POISSON_OF] * (1 if self.quick else 4)),
+                                      "--output-tokens", str(SERVE_OUTPUT_TOKENS), "--prompt-words", "64",
+                                      "--out", str(path), "--plot", str(self.out / "serve-poisson.png"))
+                if self.run(f"bench.serve, Poisson arrivals at {rate:.1f} req/s", command, self.limits["serve level"],
+                            "serve-poisson.log"):
                     paths.append(path)
             (self.out / "serve.json").write_text(json.dumps(merge_serve_levels(paths), indent=1) + "\n")
         finally:
-            if server is not None and server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-                try:
-                    server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            self.held_back = 0.0
+            self.stop(server)
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default. A shell starts background jobs with SIGINT
+    ignored, children inherit that, and a pytest that ignores SIGINT never writes its XML."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_plan(out: Path, quick: bool, skip_tests: bool, scale: float = 1.0, steps_class: type = Steps) -> Steps:
+    """Every step in order, most telling first, within QUICK_BUDGET_S with --quick: is the
+    machine ready, does the serving path run at all, are the CUDA tests green (graph replay
+    right), the kernel targets, the graph figures, serving; then the launch costs."""
+    steps = steps_class(out, quick, QUICK_BUDGET_S if quick else float("inf"), scale)
+    if not steps.preflight():
+        print("pre-flight failed (see preflight.log): nothing else can run on this machine", flush=True)
+        return steps
+    steps.engine_smoke()
+    if not skip_tests:
+        steps.tests()
+    steps.kernels()
+    steps.generate("qwen3-8b", "1,64")
+    steps.generate("qwen3-0.6b", "1")
+    steps.serve()
+    steps.launch_overhead()
+    steps.tensor_parallel()  # only on a machine with 2 GPUs
+    return steps
 
 
 def torch_device_count() -> int:
@@ -378,19 +555,11 @@ def main(argv: list[str] | None = None) -> int:
             print("bench.gpu needs a CUDA GPU: none is visible to torch.", file=sys.stderr)
             return 2
         out.mkdir(parents=True, exist_ok=True)
-        for name in (*REPORTS, "launch_overhead", *(f"serve-{clients}" for clients in SERVE_LEVELS)):
+        for name in (*REPORTS, "launch_overhead", "preflight", "serve-poisson",
+                     *(f"serve-{clients}" for clients in SERVE_LEVELS)):
             (out / f"{name}.json").unlink(missing_ok=True)  # a step failing now shows no earlier figures
         started = time.monotonic()
-        # Most telling first: is replay right, the graph figures, serving; then the kernels.
-        steps = Steps(out, args.quick, QUICK_BUDGET_S if args.quick else float("inf"))
-        if not args.skip_tests:
-            steps.tests()
-        steps.generate("qwen3-8b", "1,64")
-        steps.generate("qwen3-0.6b", "1")
-        steps.serve()
-        steps.kernels()
-        steps.launch_overhead()
-        steps.tensor_parallel()
+        run_plan(out, args.quick, args.skip_tests)
         print(f"\nall steps: {time.monotonic() - started:.0f} s")
         device = torch.cuda.get_device_name()
     else:

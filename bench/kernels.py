@@ -1,6 +1,6 @@
 """Each Triton kernel vs its torch reference (eager, and torch.compile'd) at Qwen3-8B shapes, on a GPU.
 
-    python -m bench.kernels [--out bench/out/kernels.json] [--dtype bfloat16] [--no-compile]
+    python -m bench.kernels [--out bench/out/kernels.json] [--dtype bfloat16] [--no-compile] [--only 'KERNEL SHAPE' ...]
     python -m bench.kernels --sweep [--out bench/out/kernels-sweep.json]
 
 Qwen3-8B: hidden 4096, 32 query heads over 8 kv heads, head_dim 128. RMSNorm (plain, fused
@@ -256,16 +256,23 @@ def format_row(row: dict) -> str:
     return f"{head} {row['ms'] * 1e3:>10.1f} us {row['gbps']:>8.0f} GB/s {row['pct_copy']:>5.1f}% of copy{speedup}"
 
 
-def _cases(dtype: torch.dtype) -> Iterator[Case | str]:
-    """The cases in order, or for a decode case whose cache does not fit, a line saying so."""
-    yield from row_cases(dtype)
+def _cases(dtype: torch.dtype, only: set[str] | None = None) -> Iterator[Case | str]:
+    """The cases in order, or for a decode case whose cache does not fit, a line saying so; with
+    `only`, just the cases named there as "kernel shape" (the attention caches are built only then)."""
+    def wanted(kernel: str, shape: str) -> bool:
+        return only is None or f"{kernel} {shape}" in only
+
+    yield from (case for case in row_cases(dtype) if wanted(case.kernel, case.shape))
     for batch in BATCHES:
         for context in CONTEXTS:
+            if not wanted("paged_decode_attention", f"B={batch} L={context}"):
+                continue
             case = decode_case(dtype, batch, context)
             yield case or f"{'paged_decode_attention':<24} B={batch} L={context}: skipped, the cache does not fit"
             del case
     for length in PROMPTS:
-        yield prefill_case(dtype, length)
+        if wanted("paged_prefill_attention", f"L={length}"):
+            yield prefill_case(dtype, length)
 
 
 # --sweep: the launch configurations each launcher could take, timed against each other.
@@ -413,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON output (default bench/out/kernels.json, with --sweep bench/out/kernels-sweep.json)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="default %(default)s")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
+    parser.add_argument("--only", action="append", default=None, metavar="'KERNEL SHAPE'",
+                        help="run only this case (repeatable), e.g. 'paged_decode_attention B=1 L=512'")
     parser.add_argument("--sweep", action="store_true",
                         help="time each launcher's candidate configurations instead, and print the fastest")
     parser.add_argument("--kernels", default=None, metavar="OP=MODULE:FUNCTION[,...]",
@@ -432,26 +441,32 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {copy_gbps:.0f} GB/s; {args.dtype}; medians of triton.testing.do_bench")
     rows = []
+    out = Path(args.out or ("bench/out/kernels-sweep.json" if args.sweep else "bench/out/kernels.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every case: a run stopped mid-way keeps the figures it has
+        out.write_text(json.dumps(dict(device=device, dtype=args.dtype, copy_gbps=copy_gbps, rows=rows), indent=1) + "\n")
+
     if args.sweep:
         for sweep in sweeps(dtype):
             for row in run_sweep(sweep, copy_gbps):
                 print(format_sweep_row(row), flush=True)
                 rows.append(row)
+            write()
             del sweep
             torch.cuda.empty_cache()
     else:
-        for case in _cases(dtype):
+        for case in _cases(dtype, set(args.only) if args.only else None):
             if isinstance(case, str):
                 print(case, flush=True)
                 continue
             for row in measure(case, copy_gbps, not args.no_compile):
                 print(format_row(row), flush=True)
                 rows.append(row)
+            write()
             del case  # the decode caches are large: free each before the next is built
             torch.cuda.empty_cache()
-    out = Path(args.out or ("bench/out/kernels-sweep.json" if args.sweep else "bench/out/kernels.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(device=device, dtype=args.dtype, copy_gbps=copy_gbps, rows=rows), indent=1) + "\n")
+    write()
     print(f"wrote {out}")
     return 0
 

@@ -4,7 +4,8 @@
 
 For each concurrency level, N clients stream requests (`/v1/chat/completions` or
 `/v1/completions`) either back to back (`--arrival fixed`) or as a Poisson process at `--rate`
-requests/s with at most N in flight (`--arrival poisson`). Every request asks for exactly
+requests/s with at most N in flight (`--arrival poisson`; `--request-rate R`, vLLM's flag, is
+`--arrival poisson --rate R`). Every request asks for exactly
 `--output-tokens` tokens (`ignore_eos`), so the work per request is fixed. With `--response-format`
 (chat only) every reply is constrained by a grammar instead: `json_object`, or the JSON schema in a
 file; the grammar ends a reply when its JSON is complete, so `ignore_eos` is not sent, and
@@ -176,7 +177,8 @@ async def run_level(args: argparse.Namespace, model: str, concurrency: int) -> d
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
 
-    return {"concurrency": concurrency} | summarize(results, duration)
+    rate = args.rate if args.arrival == "poisson" else None
+    return {"concurrency": concurrency, "request_rate": rate} | summarize(results, duration)
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
@@ -280,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arrival", choices=["fixed", "poisson"], default="fixed",
                    help="fixed: back to back; poisson: --rate requests/s (default %(default)s)")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s (default %(default)s)")
+    p.add_argument("--request-rate", type=float, default=None, metavar="R",
+                   help="Poisson arrivals at R requests/s (as vLLM names it): --arrival poisson --rate R")
     p.add_argument("--prompt-words", type=int, default=64, help="words per prompt (default %(default)s)")
     p.add_argument("--output-tokens", type=int, default=64, help="tokens per response (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="default %(default)s")
@@ -296,6 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-args", default="", metavar="'ARGS'",
                    help="with --kernels: more flags for that server, e.g. '--model DIR --max-num-seqs 64'")
     args = p.parse_args(argv)
+    if args.request_rate is not None:
+        args.arrival, args.rate = "poisson", args.request_rate
     try:
         args.levels = [int(c) for c in args.concurrency.split(",")]
     except ValueError:

@@ -145,11 +145,12 @@ def source(launch: Launch) -> ASTSource:
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
         value = launch.args[param.name]
-        if param.is_constexpr or (type(value) is int and value == 1):
+        if param.is_constexpr or (type(value) is int and value == 1 and not param.do_not_specialize):
             signature[param.name], constexprs[param.name] = "constexpr", value
             continue
         signature[param.name], divisible = _specialise(value)
-        if divisible:
+        unspecialised = param.do_not_specialize_on_alignment if isinstance(value, torch.Tensor) else param.do_not_specialize
+        if divisible and not unspecialised:
             attrs[(index,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 

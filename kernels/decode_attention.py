@@ -29,7 +29,8 @@ from kernels._attention import attend_tile, check_layout
 from kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
 from kernels.backend import use_triton
 
-MAX_SPLITS = 128  # bounds the merge's [splits, D] tile
+MAX_SPLITS = 128  # enough to fill any GPU at batch 1; more would make the merge the longer stage
+SPLITS_CHUNK = 16  # the merge reads the splits' partials [16, D] at a time
 PROGRAMS_PER_SM = 4  # registers and shared memory let an SM hold four stage-1 programs at once
 INTERPRETER_SMS = 8  # the interpreter has no SMs; this keeps small test batches on several splits
 
@@ -40,7 +41,8 @@ def _tokens_per_split(context_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
 
 
-@jit
+# Eager decode steps size the split count and the table's width from the batch.
+@jit(do_not_specialize=("num_splits", "table_stride", "lse_stride_seq", "lse_stride_head"))
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, partial_out_ptr, partial_lse_ptr,
     scale_log2, num_splits, q_stride_seq, q_stride_head, cache_stride_block, cache_stride_slot, cache_stride_head,
@@ -81,24 +83,35 @@ def _decode_split_kernel(
     tl.store(lse, m + tl.log2(l), mask=store)
 
 
-@jit
+@jit(do_not_specialize=("num_splits", "lse_stride_seq", "lse_stride_head"))
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, num_splits,
     partial_stride_seq, partial_stride_head, lse_stride_seq, lse_stride_head, out_stride_seq, out_stride_head,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # The splits in chunks of a fixed size, merged online: one compiled variant serves every
+    # split count (a tile padded to the count would compile one per power of two, mid-serve).
     seq, head = tl.program_id(0), tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
     used_splits = tl.cdiv(context_len, _tokens_per_split(context_len, num_splits, BLOCK_N))
-    splits = tl.arange(0, SPLITS_PAD)
-    lse = tl.load(partial_lse_ptr + seq * lse_stride_seq + head * lse_stride_head + splits,
-                  mask=splits < used_splits, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, axis=0))
     dims = tl.arange(0, HEAD_DIM)
+    lse_row = partial_lse_ptr + seq * lse_stride_seq + head * lse_stride_head
     partial = partial_out_ptr + seq * partial_stride_seq + head * partial_stride_head
-    parts = tl.load(partial + splits[:, None] * HEAD_DIM + dims[None, :], mask=(splits < used_splits)[:, None], other=0.0)
-    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-    tl.store(out_ptr + seq * out_stride_seq + head * out_stride_head + dims, out)
+    m = tl.full([1], float("-inf"), tl.float32)  # the largest log-sum-exp so far
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for first in range(0, used_splits, SPLITS_CHUNK):  # split 0 always exists: m is finite after one chunk
+        splits = first + tl.arange(0, SPLITS_CHUNK)
+        used = splits < used_splits
+        lse = tl.load(lse_row + splits, mask=used, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        rescale = tl.exp2(m - m_new)
+        weights = tl.exp2(lse - m_new)
+        parts = tl.load(partial + splits[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+        acc = acc * rescale + tl.sum(parts * weights[:, None], axis=0)
+        total = total * rescale + tl.sum(weights, axis=0)
+        m = m_new
+    tl.store(out_ptr + seq * out_stride_seq + head * out_stride_head + dims, acc / total)
 
 
 def _gather_context(
@@ -238,7 +251,7 @@ def _merge_launch(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, c
         partial_out_ptr=partial, partial_lse_ptr=lse, out_ptr=out, context_lens_ptr=context_lens,
         num_splits=num_splits, partial_stride_seq=partial.stride(0), partial_stride_head=partial.stride(1),
         lse_stride_seq=lse.stride(0), lse_stride_head=lse.stride(1), out_stride_seq=out.stride(0),
-        out_stride_head=out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_power_of_2(num_splits),
+        out_stride_head=out.stride(1), HEAD_DIM=head_dim, SPLITS_CHUNK=SPLITS_CHUNK,
         BLOCK_N=_block_n(head_dim),
     ), num_warps=4)
 

@@ -34,7 +34,9 @@ from kernels.backend import use_triton
 BLOCK_M = 128  # rows of a query tile: BLOCK_M // GROUP tokens times the GROUP heads of a kv head
 
 
-@jit
+# The table's width follows the step's longest context; a mixed step passes the tables and lengths
+# of its prompt chunks as views past its decode rows, at any offset.
+@jit(do_not_specialize=("table_stride",), do_not_specialize_on_alignment=("block_tables_ptr", "context_lens_ptr"))
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     scale_log2, q_stride_token, q_stride_head, out_stride_token, out_stride_head,

@@ -23,7 +23,7 @@ from kernels.backend import use_triton
 ELEMENTS_PER_PROGRAM = 2048  # enough per program to hide latency, small enough to stay in registers
 
 
-@jit
+@jit(do_not_specialize=("num_rows",))  # the step's token count
 def _rms_norm_kernel(
     x_ptr, residual_ptr, out_ptr, residual_out_ptr, weight_ptr,
     num_rows, x_stride_outer, x_stride_inner, res_stride_outer, res_stride_inner, eps,

@@ -30,7 +30,7 @@ def _rotate_heads(x_ptr, stride_head, cos, sin, HEADS: tl.constexpr, BLOCK_HEADS
     tl.store(first + HALF, x2 * cos + x1 * sin, mask=mask)
 
 
-@jit
+@jit(do_not_specialize=("num_tokens",))
 def _rope_kernel(
     q_ptr, k_ptr, positions_ptr, cos_sin_ptr, num_tokens, q_stride_token, q_stride_head, k_stride_token,
     k_stride_head, cos_sin_stride, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,

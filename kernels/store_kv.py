@@ -19,7 +19,7 @@ from kernels._triton import Launch, cdiv, jit, next_power_of_2, tl
 from kernels.backend import use_triton
 
 
-@jit
+@jit(do_not_specialize=("num_tokens",))
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_tokens,
     k_stride_token, k_stride_head, v_stride_token, v_stride_head,

@@ -2,10 +2,29 @@
 
 import functools
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# Whether `Qwen3Model.forward` checks every batch against its cache (`check_batch`): each check reads
+# the batch back to the host, a synchronisation, so it is on in tests (tests/conftest.py sets
+# NANOSERVE_CHECK_BATCHES=1) and off in serving.
+CHECK_BATCHES = os.environ.get("NANOSERVE_CHECK_BATCHES") == "1"
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`values` (numbers or nested lists) as a tensor on `device`, without stopping the host.
+
+    A copy from pageable memory is staged by the driver while the host waits; from pinned memory
+    it is a DMA the host only queues. The pinned block comes from torch's caching host allocator,
+    which records an event behind the copy and reuses the block only once that event has passed.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -43,6 +62,33 @@ class ForwardBatch:
         return self.query_start_loc if d == 0 else self.query_start_loc[d:] - d
 
 
+def check_batch(batch: ForwardBatch, num_blocks: int, block_size: int) -> None:
+    """Raises AssertionError unless every index the kernels follow stays inside its tensor: each
+    sequence's block table covers its context (the kernels read `table[key // block_size]` for
+    every key below the context length, with no bound of their own), every block id that covers a
+    context names a block of the cache, and slots, rows and query offsets fit their tensors."""
+    contexts, query_lens = batch.context_lens.tolist(), batch.query_lens
+    rows, width = batch.block_tables.shape
+    tokens = batch.token_ids.shape[0]
+    assert rows == len(contexts) == len(query_lens), f"{rows} table rows, {len(contexts)} contexts, {len(query_lens)} queries"
+    assert batch.query_start_loc.tolist() == [0, *itertools.accumulate(query_lens)], "query_start_loc != query_lens"
+    assert tokens == sum(query_lens) == batch.positions.shape[0] == batch.slot_mapping.shape[0]
+    for seq, (context, num_new) in enumerate(zip(contexts, query_lens)):
+        assert context >= num_new >= 1, f"sequence {seq}: context {context} shorter than its {num_new} new tokens"
+        covered = -(-context // block_size)
+        assert covered <= width, (f"sequence {seq}: a context of {context} tokens needs {covered} blocks of "
+                                  f"{block_size}, its block table has {width}")
+        blocks = batch.block_tables[seq, :covered]
+        assert 0 <= int(blocks.min()) and int(blocks.max()) < num_blocks, (
+            f"sequence {seq}: block ids {blocks.tolist()} outside a cache of {num_blocks} blocks")
+    if tokens:
+        slots = batch.slot_mapping
+        assert -1 <= int(slots.min()) and int(slots.max()) < num_blocks * block_size, "a slot outside the cache"
+    if batch.logits_indices.numel():
+        indices = batch.logits_indices
+        assert 0 <= int(indices.min()) and int(indices.max()) < tokens, "a logits index outside the step's rows"
+
+
 @dataclass
 class SequenceStep:
     """One sequence's part of a step: its new tokens, how many it has cached, its blocks."""
@@ -72,7 +118,7 @@ def make_batch(
     query_lens = [len(step.new_token_ids) for step in steps]
 
     def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return to_device(values, dtype, device)
 
     return ForwardBatch(
         token_ids=tensor(token_ids),

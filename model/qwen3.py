@@ -32,6 +32,7 @@ from kernels import (
     rms_norm,
 )
 from kernels.backend import PLUGINS, use_triton
+from model import batch as batches
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
 from model.cpu_plan import HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
@@ -145,6 +146,8 @@ class Qwen3Model(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Stores the batch's K/V in `kv_cache` and returns fp32 logits [N, vocab] for `logits_indices`."""
+        if batches.CHECK_BATCHES and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            batches.check_batch(batch, *kv_cache[0][0].shape[:2])
         eps = self.config.rms_norm_eps
         decode_attention = self._decode_attention(batch, kv_cache[0][0])
         hidden = self._embed(batch.token_ids)

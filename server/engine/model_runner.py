@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.batch import ForwardBatch
+from kernels._triton import interpreting
+from kernels.backend import use_triton
+from model.batch import ForwardBatch, SequenceStep, make_batch, to_device
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
 from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
@@ -79,7 +81,30 @@ class ModelRunner:
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
         # Under tensor parallelism the other ranks run every step too, on inputs sent from here.
         self._tensor_parallel = StepSender(max_num_seqs) if model.shard.size > 1 else None
+        self._warm_up(config.max_num_seqs, config.max_model_len)  # before capture: nothing compiles inside one
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
+
+    def _warm_up(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Where the attention kernels are Triton's: one eager step of every kind the engine can
+        run, so each kernel variant the serving path reaches compiles now, before the server says
+        it is ready, not seconds into a request. The kernels leave the arguments that vary between
+        steps unspecialised (see `kernels._triton.jit`), so these steps reach them all: decode with
+        many splits (batch 1, a full-width table) and with one (a full batch of one-block tables), a
+        mixed step (prompt chunk tables and lengths as views past the decode rows), a prefill. They
+        read block 0 and store nothing. The interpreter compiles nothing, so it skips them."""
+        probe = self.kv_cache[0][0]
+        if interpreting() or not (use_triton(probe, "decode_attention") or use_triton(probe, "prefill_attention")):
+            return
+        bs = self.block_size
+        full_width = [0] * -(-max_model_len // bs)
+        steps = [[SequenceStep([0], max_model_len - 1, full_width)],
+                 [SequenceStep([0], 0, [0])] * max_num_seqs,
+                 [SequenceStep([0], 2, [0]), SequenceStep([0, 0], 1, [0, 0])],
+                 [SequenceStep([0] * min(bs, 3), 0, [0])]]
+        for seqs in steps:
+            batch = make_batch(seqs, bs, self.model.device)
+            batch.slot_mapping.fill_(-1)
+            self.model.forward(batch, self.kv_cache)
 
     def _capture_graphs(self, config: EngineConfig, table_width: int) -> tuple[DecodeGraphRunner | None, str]:
         """The decode graphs (after the KV cache: they hold its address) and how decode runs.
@@ -121,7 +146,7 @@ class ModelRunner:
             forward_batch = self._prepare(batch, sampling_rows)
             scoring = _prompt_scoring(batch) if batch.num_decodes < len(batch.seqs) else None
             if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
-                rows = torch.tensor(scoring.rows, dtype=torch.int64).to(forward_batch.logits_indices.device)
+                rows = to_device(scoring.rows, torch.int64, forward_batch.logits_indices.device)
                 forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
         self._end_turn()
         self._read_unresolved(batch.seqs[: batch.num_decodes], previous)
@@ -170,10 +195,10 @@ class ModelRunner:
         if not pairs:
             return
         token_ids, sampled = self._token_ids.device, previous.sampled.token_ids
-        if all(row == source for row, source in pairs):  # the steady state: the same batch, in order
+        if all(row == source == i for i, (row, source) in enumerate(pairs)):  # the steady state: rows 0..k-1, in order
             token_ids[: len(pairs)].copy_(sampled[: len(pairs)])
             return
-        rows, sources = (torch.tensor(column, dtype=torch.int64).to(token_ids.device) for column in zip(*pairs))
+        rows, sources = (to_device(column, torch.int64, token_ids.device) for column in zip(*pairs))
         token_ids.index_copy_(0, rows, sampled.index_select(0, sources))
 
     @torch.inference_mode()
@@ -182,7 +207,7 @@ class ModelRunner:
         tokens the sampler may pick (as sampled tokens' logprobs are), onto its sequence."""
         logits[:, self.sampler.num_token_ids :] = float("-inf")
         log_total = logits.logsumexp(-1, keepdim=True)
-        targets = torch.tensor(scoring.targets, dtype=torch.int64).to(logits.device)
+        targets = to_device(scoring.targets, torch.int64, logits.device)
         target_logprobs = logits.gather(-1, targets[:, None]).sub_(log_total).squeeze(-1)
         top_logits, top_ids = logits.topk(max(seq.params.prompt_logprobs for seq in scoring.seqs), -1)
         target_logprobs, top_ids, top_logprobs = _to_host(target_logprobs, top_ids, top_logits.sub_(log_total))

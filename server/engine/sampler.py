@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import apply_token_bitmask_
+from model.batch import to_device
 from server.engine.request import SamplingParams
 from server.engine.sequence import Sequence, SequenceSampling
 
@@ -83,7 +84,7 @@ class Sampler:
 
     def new_state(self, params: SamplingParams, prompt_token_ids: list[int], choice_index: int) -> SequenceSampling:
         def ids(values) -> torch.Tensor:
-            return torch.tensor(list(values), dtype=torch.int64, device=self.device)
+            return to_device(list(values), torch.int64, self.device)
 
         generator = None
         if params.seed is not None and not _is_greedy(params):
@@ -100,7 +101,7 @@ class Sampler:
         return SequenceSampling(
             generator=generator,
             bias_ids=ids(params.logit_bias) if params.logit_bias else None,
-            bias_values=torch.tensor(list(params.logit_bias.values()), device=self.device)
+            bias_values=to_device(list(params.logit_bias.values()), torch.float32, self.device)
             if params.logit_bias
             else None,
             min_tokens_ids=min_tokens_ids,
@@ -201,7 +202,7 @@ class Sampler:
         sampled = [sp for sp, g in zip(params, greedy) if not g]
 
         def column(values: list, dtype=torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)[:, None]
+            return to_device(values, dtype, self.device)[:, None]
 
         any_top_k = any(_uses_top_k(sp, self.vocab_size) for sp in params)
         top_k = [sp.top_k if _uses_top_k(sp, self.vocab_size) else self.vocab_size for sp in params]
@@ -228,7 +229,7 @@ class Sampler:
             logprob_rows=logprob_rows,
             logprob_index=None
             if len(logprob_rows) == len(seqs)
-            else torch.tensor(logprob_rows, dtype=torch.int64).to(self.device, non_blocking=True),
+            else to_device(logprob_rows, torch.int64, self.device),
             max_logprobs=max((params[row].logprobs for row in logprob_rows), default=0),
         )
 

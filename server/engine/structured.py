@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import llguidance
 import torch
 
+from model.batch import to_device
 from model.tokenizer import Tokenizer
 from server.engine.request import CustomToolSchema, FunctionSchema, GrammarError, StructuredOutput
 
@@ -225,4 +226,4 @@ class TokenBitmask:
         masks = self._device[: len(rows)]
         if self.device.type != "cpu":
             masks.copy_(self._host[: len(rows)], non_blocking=True)
-        return masks, torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return masks, to_device(rows, torch.int64, self.device)

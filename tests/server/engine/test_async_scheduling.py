@@ -5,15 +5,16 @@ KV block is lost, through preemption, aborts, grammars and failing launches."""
 
 from collections import defaultdict
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from model.load import load_model
 from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig, resolve_config
 from server.engine.core import EngineCore
 from server.engine.request import GenerationRequest, RequestFailed, RequestOutput, SamplingParams, StructuredOutput
+from tests.conftest import load_test_model
 from tests.server.engine.test_engine import demo, random_prompts  # noqa: F401  (demo is a fixture)
 
 
@@ -81,10 +82,11 @@ def summary(outputs: list[RequestOutput]) -> dict:
             "prompt_logprobs": prompt_logprobs}
 
 
-def with_stops(demo, requests: list[tuple[int, GenerationRequest]]) -> list[tuple[int, GenerationRequest]]:
-    """The stop-token and stop-string requests, given a stop their greedy reply reaches at its 6th token."""
+def with_stops(demo, requests: list[tuple[int, GenerationRequest]], config: dict) -> list[tuple[int, GenerationRequest]]:
+    """The stop-token and stop-string requests, given a stop their greedy reply reaches at its 6th
+    token (run under the test's `config`: on CUDA the defaults would size the cache from free memory)."""
     _, tokenizer = demo
-    unstopped = drive(make_core(demo), requests)
+    unstopped = drive(make_core(demo, **config), requests)
     tokens = {rid: [t for out in outputs for d in out.choices for t in d.token_ids] for rid, outputs in unstopped.items()}
     text = summary(unstopped["stop-string"])["choices"][0]["text"]
     stop_string = tokenizer.decode(tokens["stop-string"][5:7]).strip() or text[5:9]
@@ -108,12 +110,12 @@ def test_async_scheduling_gives_every_request_exactly_the_synchronous_output(dem
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_async_scheduling_with_graphs_gives_exactly_the_synchronous_output(demo_dir):
     """Events, pinned double buffers and device-side token hand-over, on the real thing."""
-    cuda_demo = load_model(demo_dir, "cuda"), Tokenizer(demo_dir)
+    cuda_demo = load_test_model(demo_dir, "cuda"), Tokenizer(demo_dir)
     check_async_equals_sync(cuda_demo, {"num_kv_blocks": 1024, "max_num_seqs": 8, "enforce_eager": False})
 
 
 def check_async_equals_sync(demo, config: dict) -> None:
-    requests = with_stops(demo, workload(demo[1]))
+    requests = with_stops(demo, workload(demo[1]), config)
     sync_core = make_core(demo, async_scheduling=False, **config)
     async_core = make_core(demo, async_scheduling=True, **config)
     overlapped = 0
@@ -208,3 +210,19 @@ def test_async_scheduling_is_on_for_cuda_and_off_for_cpu_unless_asked():
     assert resolve_config(sized, model("cuda")).async_scheduling is True
     assert resolve_config(replace(sized, async_scheduling=True), model("cpu")).async_scheduling is True
     assert resolve_config(replace(sized, async_scheduling=False), model("cuda")).async_scheduling is False
+
+
+def test_unresolved_tokens_come_from_their_own_rows_when_a_resolved_row_sits_between_them(demo):
+    """The steady-state shortcut (one copy of the first k sampled ids) holds only when the
+    unresolved rows are exactly 0..k-1: rows 0 and 2 unresolved around a resolved row 1 (a
+    sequence resumed after a read-back) must keep row 1's token as the host wrote it."""
+    runner = make_core(demo).runner
+    token_ids = runner._token_ids.device
+    token_ids[:3] = torch.tensor([100, 101, 102])
+    decodes = [SimpleNamespace(unresolved_row=0), SimpleNamespace(unresolved_row=None), SimpleNamespace(unresolved_row=2)]
+    previous = SimpleNamespace(sampled=SimpleNamespace(token_ids=torch.tensor([7, 8, 9])))
+    runner._read_unresolved(decodes, previous)
+    assert token_ids[:3].tolist() == [7, 101, 9]
+    token_ids[:3] = torch.tensor([100, 101, 102])
+    runner._read_unresolved([decodes[0], SimpleNamespace(unresolved_row=1)], previous)
+    assert token_ids[:3].tolist() == [7, 8, 102]  # rows 0..1 from rows 0..1: the shortcut
