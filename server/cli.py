@@ -76,6 +76,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "(default: prefix caching on)",
     )
     g.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (optional "disable_by_batch_size": N); chat requests\' '
+        "`prediction` speculates without it (default: off)",
+    )
+    g.add_argument(
         "--max-queue", type=int, default=1024,
         help="requests waiting for their first token at most; beyond it new ones are refused (default 1024)",
     )
@@ -191,6 +197,10 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--model {args.model}: no such directory")
         if not model.is_dir():
             raise ValueError(f"--model {args.model} is a file: give the checkpoint's directory")
+    if getattr(args, "speculative_config", None) is not None:  # parsed here: errors name the flag, one line
+        from server.engine.speculative import parse_speculative_config
+
+        args.speculative_config = parse_speculative_config(args.speculative_config)
     if args.command == "generate":
         _check_sampling_flags(args)
     else:

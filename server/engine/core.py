@@ -44,6 +44,10 @@ class EngineCore:
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.speculator = Speculator(config.speculative_config)
+        if (spec := config.speculative_config) is not None:
+            logger.info("speculative decoding: %s, %d draft tokens, prompt lookup %d..%d%s", spec.method,
+                        spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+                        f", off above {spec.disable_by_batch_size} decodes" if spec.disable_by_batch_size else "")
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.speculator)
         self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)

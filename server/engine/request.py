@@ -158,3 +158,7 @@ class EngineStats:
     kv_blocks_cached: int = 0  # free blocks that still hold cached K/V (reusable until evicted)
     prefix_cache_queries: int = 0  # tokens of admitted sequences looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
+    spec_decode_drafts: int = 0  # speculative decoding: verification steps of one sequence
+    spec_decode_draft_tokens: int = 0  # draft tokens verified
+    spec_decode_accepted_tokens: int = 0  # of those, accepted
+    spec_decode_accepted_per_position: tuple[int, ...] = ()  # [i]: drafts accepted at place i of their window

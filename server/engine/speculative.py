@@ -20,9 +20,12 @@ A chat request's `prediction` (Predicted Outputs) speculates on every server, fl
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.engine.proposers import NgramProposer, PredictionProposer
-from server.engine.sequence import Sequence
+
+if TYPE_CHECKING:  # the CLI reads this module's config parser before torch is imported
+    from server.engine.sequence import Sequence
 
 METHODS = ("ngram",)
 DEFAULT_PREDICTION_TOKENS = 8  # drafts per step from a prediction when no --speculative-config sets k
@@ -106,7 +109,7 @@ class Speculator:
         self.stats = SpeculationStats()
         self.disable_by_batch_size = config.disable_by_batch_size if config else None
 
-    def attach(self, seq: Sequence, prediction: list[int] | None) -> None:
+    def attach(self, seq: "Sequence", prediction: list[int] | None) -> None:
         """Give a new sequence its proposers: its request's prediction, the server's n-gram method."""
         k = self.config.num_speculative_tokens if self.config else DEFAULT_PREDICTION_TOKENS
         predicted = PredictionProposer(prediction, k) if prediction else None
@@ -116,7 +119,7 @@ class Speculator:
         if predicted is not None or ngram is not None:
             seq.speculation = SpeculationState(predicted, ngram, accepted_average=k / 2)
 
-    def may_propose(self, seq: Sequence) -> bool:
+    def may_propose(self, seq: "Sequence") -> bool:
         """Whether the sequence could bring drafts: only ones whose next tokens do not depend on
         the tokens before them in ways a window cannot follow (grammars, penalties, min_tokens)."""
         p = seq.params
@@ -131,7 +134,7 @@ class Speculator:
     def enabled_for(self, num_decodes: int) -> bool:
         return self.disable_by_batch_size is None or num_decodes <= self.disable_by_batch_size
 
-    def propose(self, seq: Sequence, limit: int) -> list[int]:
+    def propose(self, seq: "Sequence", limit: int) -> list[int]:
         """At most `limit` draft tokens for the sequence's next step (none while it backs off)."""
         state = seq.speculation
         if state.skip:
@@ -149,7 +152,7 @@ class Speculator:
             draft = state.ngram.propose(seq.token_ids)
         return draft[:limit]
 
-    def record(self, seq: Sequence, num_draft: int, num_accepted: int) -> None:
+    def record(self, seq: "Sequence", num_draft: int, num_accepted: int) -> None:
         """A verification step's outcome: `num_accepted` of `num_draft` drafts kept."""
         stats, state = self.stats, seq.speculation
         stats.num_drafts += 1
