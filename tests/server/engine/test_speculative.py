@@ -162,3 +162,25 @@ def test_ngram_speculation_keeps_greedy_tokens(make_engine):
     spec = gather(spec_engine, [req(p, **kw) for p, kw in zip(prompts, params)])
     assert tokens_of(spec) == tokens_of(plain)
     assert spec_engine._core.speculator.stats.draft_tokens > 0
+
+
+def test_async_scheduling_with_predictions_equals_plain_decoding(make_engine):
+    rng = random.Random(8)
+    prompts = random_prompts(4, seed=61)
+    plain_engine, spec_engine = make_engine(), make_engine(async_scheduling=True)
+    plain = gather(plain_engine, [req(p, max_tokens=30) for p in prompts])
+    predictions = [edited(r.choices[0].token_ids, rng, 0.2) for r in plain]
+    spec = gather(spec_engine, [req(p, pred, max_tokens=30) for p, pred in zip(prompts, predictions)])
+    assert tokens_of(spec) == tokens_of(plain)
+    assert spec_engine._core.speculator.stats.accepted_tokens > 0
+    assert spec_engine.stats().kv_blocks_used == 0
+
+
+def test_sampling_with_a_prediction_is_seeded_and_accepts(make_engine):
+    engine = make_engine()
+    prompt = random_prompts(1, seed=71)[0]
+    sampled = dict(temperature=1.0, top_k=2, seed=5, max_tokens=30)  # top-2: a draft has odds near 1 in 2
+    first = gather(engine, [req(prompt, **sampled)])[0].choices[0].token_ids
+    again = gather(engine, [req(prompt, first, **sampled), req(prompt, first, **sampled)])
+    assert again[0].choices[0].token_ids == again[1].choices[0].token_ids
+    assert again[0].accepted_prediction_tokens > 0
