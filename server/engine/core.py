@@ -13,6 +13,7 @@ grammar is read back before the next is scheduled: the next step's masks need it
 """
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import math
 
@@ -25,6 +26,7 @@ from server.engine.model_runner import LaunchedStep, ModelRunner
 from server.engine.request import ChoiceDelta, GenerationRequest, RequestFailed, RequestOutput, RequestRejected
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import RequestState, Sequence
+from server.engine.spec_cutoff import measure_cutoff
 from server.engine.speculative import Speculator
 from server.engine.structured import GrammarCompiler
 
@@ -44,13 +46,20 @@ class EngineCore:
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.speculator = Speculator(config.speculative_config)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.speculator)
+        self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
         if (spec := config.speculative_config) is not None:
             logger.info("speculative decoding: %s, %d draft tokens, prompt lookup %d..%d%s", spec.method,
                         spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                         f", off above {spec.disable_by_batch_size} decodes" if spec.disable_by_batch_size else "")
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.speculator)
-        self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
+            if spec.disable_by_batch_size is None:
+                # on a thread that then ends: only the loop thread keeps an OpenMP team (see create_engine)
+                with ThreadPoolExecutor(max_workers=1) as timer:
+                    cutoff, measured = timer.submit(measure_cutoff, model, self.runner.kv_cache, config.block_size,
+                                                    spec.num_speculative_tokens, config.max_num_seqs).result()
+                self.speculator.disable_by_batch_size = cutoff
+                logger.info(measured)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # thread-safe (see its docstring)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()

@@ -156,7 +156,7 @@ def test_ngram_speculation_keeps_greedy_tokens(make_engine):
     rng = random.Random(2)
     prompts = [p * 3 for p in random_prompts(4, seed=51, lengths=(4, 12))]
     plain_engine = make_engine()
-    spec_engine = make_engine(speculative_config=SpeculativeConfig("ngram", 4, 1, 3))
+    spec_engine = make_engine(speculative_config=SpeculativeConfig("ngram", 4, 1, 3, disable_by_batch_size=8))
     params = [dict(max_tokens=rng.randrange(20, 40)) for _ in prompts]
     plain = gather(plain_engine, [req(p, **kw) for p, kw in zip(prompts, params)])
     spec = gather(spec_engine, [req(p, **kw) for p, kw in zip(prompts, params)])
@@ -184,3 +184,11 @@ def test_sampling_with_a_prediction_is_seeded_and_accepts(make_engine):
     again = gather(engine, [req(prompt, first, **sampled), req(prompt, first, **sampled)])
     assert again[0].choices[0].token_ids == again[1].choices[0].token_ids
     assert again[0].accepted_prediction_tokens > 0
+
+
+def test_the_batch_cutoff_is_measured_at_load(make_engine, caplog):
+    with caplog.at_level("INFO", logger="nanoserve.engine"):
+        engine = make_engine(speculative_config=SpeculativeConfig("ngram", 4, 1, 3), max_num_seqs=4)
+    cutoff = engine._core.speculator.disable_by_batch_size
+    assert cutoff in (0, 1, 2, 4)
+    assert f"speculation on up to {cutoff} decoding sequences" in caplog.text and "1: " in caplog.text

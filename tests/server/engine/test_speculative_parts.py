@@ -159,3 +159,13 @@ def test_seeded_windows_are_reproducible():
         seq = make_seq([1], SamplingParams(temperature=1.0, seed=3), sampler)
         results.append(sampler.sample(logits.clone(), [seq] * 4, None, [2, 5, 7, -1]).token_ids.tolist())
     assert results[0] == results[1]
+
+
+def test_the_cutoff_is_the_largest_batch_whose_verification_costs_at_most_twice_a_decode(monkeypatch):
+    """A device whose steps cost max(1, tokens / 8): bound by weights up to 8 tokens, then by compute."""
+    from server.engine import spec_cutoff
+
+    monkeypatch.setattr(spec_cutoff, "_step_seconds", lambda model, cache, bs, b, q: max(1.0, b * q / 8))
+    assert spec_cutoff.measure_cutoff(None, None, 16, 3, 64)[0] == 4  # 4 x 4 tokens: 2 units vs 1
+    assert spec_cutoff.measure_cutoff(None, None, 16, 3, 2)[0] == 2  # never above max_num_seqs
+    assert spec_cutoff.measure_cutoff(None, None, 16, 31, 64)[0] == 0  # 32 tokens cost 4 decodes
