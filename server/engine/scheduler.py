@@ -82,7 +82,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         batch = ScheduledBatch()
         prefilling = self._schedule_decodes(batch)
-        if self.speculator is not None and batch.seqs and self.speculator.enabled_for(batch.num_decodes):
+        if self.speculator is not None and batch.seqs:
             batch = self._add_drafts(batch)
         budget = self.max_num_batched_tokens - sum(batch.num_new_tokens)
         for seq in prefilling:  # admitted earlier: their blocks are held until they finish
@@ -127,11 +127,12 @@ class Scheduler:
     def _add_drafts(self, batch: ScheduledBatch) -> ScheduledBatch:
         """The decodes of `batch` (all it holds), those with drafts moved after the plain ones."""
         budget = self.max_num_batched_tokens - batch.num_decodes
+        ngram = self.speculator.ngram_enabled_for(batch.num_decodes)
         plain, verifying = ScheduledBatch(), ScheduledBatch()
         for seq in batch.seqs:
             draft = []
             if budget and self.speculator.may_propose(seq):
-                draft = self.speculator.propose(seq, min(budget, self.block_manager.free_slots(seq)))
+                draft = self.speculator.propose(seq, min(budget, self.block_manager.free_slots(seq)), ngram)
             if draft:
                 self.block_manager.append(seq, len(draft))
                 budget -= len(draft)

@@ -10,8 +10,9 @@ prefix cache registers blocks only of accepted tokens.
 
 Never slower: each sequence tracks how many drafts its steps accept; one whose drafts stop paying
 decodes plainly for a while (twice as long after each failed retry, up to MAX_BACKOFF steps), and
-nobody speculates while more sequences decode than `disable_by_batch_size` (a large batch is no
-longer bound by reading the weights, so verifying drafts costs what it saves).
+no n-gram drafts are made while more sequences decode than `disable_by_batch_size` (a large batch
+is no longer bound by reading the weights, so verifying drafts costs what it saves; measured at
+load by default, `spec_cutoff.py`). A client's prediction is not held to that limit: it asked.
 
 `--speculative-config '<json>'` takes vLLM's field names:
 `{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}`.
@@ -43,7 +44,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
-    # No speculation while more sequences than this decode; None: no limit.
+    # No n-gram drafts while more sequences than this decode; None: measured at load (`spec_cutoff.py`).
     disable_by_batch_size: int | None = None
 
 
@@ -131,11 +132,13 @@ class Speculator:
             and seq.num_generated >= p.min_tokens
         )
 
-    def enabled_for(self, num_decodes: int) -> bool:
+    def ngram_enabled_for(self, num_decodes: int) -> bool:
+        """Whether n-gram drafts pay at this batch size; a client's prediction is not held to it."""
         return self.disable_by_batch_size is None or num_decodes <= self.disable_by_batch_size
 
-    def propose(self, seq: "Sequence", limit: int) -> list[int]:
-        """At most `limit` draft tokens for the sequence's next step (none while it backs off)."""
+    def propose(self, seq: "Sequence", limit: int, ngram: bool = True) -> list[int]:
+        """At most `limit` draft tokens for the sequence's next step (none while it backs off):
+        from its prediction, else (if `ngram`) from n-gram lookup."""
         state = seq.speculation
         if state.skip:
             state.skip -= 1
@@ -148,7 +151,7 @@ class Speculator:
         if state.prediction is not None:
             draft = state.prediction.propose(seq.token_ids[seq.num_prompt_tokens :])
         state.draft_from_prediction = bool(draft)
-        if not draft and state.ngram is not None:
+        if not draft and ngram and state.ngram is not None:
             draft = state.ngram.propose(seq.token_ids)
         return draft[:limit]
 

@@ -11,7 +11,8 @@ from server.engine.model_runner import _verified
 from server.engine.proposers import NgramProposer, PredictionProposer
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.sampler import Sampler, apply_top_k, apply_top_k_top_p
-from server.engine.sequence import Sequence
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.speculative import MAX_BACKOFF, SpeculativeConfig, Speculator, parse_speculative_config
 
 _ids = itertools.count()
@@ -169,3 +170,22 @@ def test_the_cutoff_is_the_largest_batch_whose_verification_costs_at_most_twice_
     assert spec_cutoff.measure_cutoff(None, None, 16, 3, 64)[0] == 4  # 4 x 4 tokens: 2 units vs 1
     assert spec_cutoff.measure_cutoff(None, None, 16, 3, 2)[0] == 2  # never above max_num_seqs
     assert spec_cutoff.measure_cutoff(None, None, 16, 31, 64)[0] == 0  # 32 tokens cost 4 decodes
+
+
+def test_ngram_drafts_stop_above_the_batch_cutoff_but_predictions_do_not():
+    manager = BlockManager(64, 4)
+    speculator = Speculator(SpeculativeConfig("ngram", 3, 1, 2, disable_by_batch_size=1))
+    scheduler = Scheduler(manager, 8, 256, speculator)
+    seqs = [make_seq([1, 2, 3, 1, 2]) for _ in range(2)]
+    speculator.attach(seqs[0], None)
+    speculator.attach(seqs[1], [9, 8, 7, 6])
+    for seq in seqs:  # running, past their prompts: each decodes its last token next
+        manager.allocate(seq, [])
+        seq.num_cached, seq.status = seq.num_tokens - 1, SequenceStatus.RUNNING
+        scheduler.running.append(seq)
+    batch = scheduler.schedule()
+    assert batch.seqs == seqs and batch.drafts == [[], [9, 8, 7]] and batch.num_decodes == 1
+    assert batch.num_new_tokens == [1, 4] and len(seqs[1].block_table) == 2  # slots for 5 + 3 tokens
+    scheduler.remove(seqs[1])
+    batch = scheduler.schedule()  # alone: n-gram drafts again
+    assert batch.drafts == [[3, 1, 2]] and batch.num_decodes == 0 and batch.samples(0)
