@@ -13,15 +13,17 @@ grammar is read back before the next is scheduled: the next step's masks need it
 """
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+from model.load import load_model
 from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.draft_model import DraftModel, check_vocabularies
 from server.engine.model_runner import LaunchedStep, ModelRunner
 from server.engine.request import ChoiceDelta, GenerationRequest, RequestFailed, RequestOutput, RequestRejected
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -45,25 +47,35 @@ class EngineCore:
         # tokens) have no text: no request may name them and the sampler never picks them.
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.speculator = Speculator(config.speculative_config)
+        spec = config.speculative_config
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = _on_own_thread(self._load_draft_model, model, spec)
+        self.speculator = Speculator(spec, draft)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.speculator)
         self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
-        if (spec := config.speculative_config) is not None:
-            logger.info("speculative decoding: %s, %d draft tokens, prompt lookup %d..%d%s", spec.method,
-                        spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
-                        f", off above {spec.disable_by_batch_size} decodes" if spec.disable_by_batch_size else "")
+        self.runner.draft_model = draft
+        if spec is not None:
+            source = f"draft model {spec.model}" if draft else f"prompt lookup {spec.prompt_lookup_min}..{spec.prompt_lookup_max}"
+            logger.info("speculative decoding: %s, %d draft tokens, %s%s", spec.method, spec.num_speculative_tokens,
+                        source, f", off above {spec.disable_by_batch_size} decodes" if spec.disable_by_batch_size else "")
             if spec.disable_by_batch_size is None:
-                # on a thread that then ends: only the loop thread keeps an OpenMP team (see create_engine)
-                with ThreadPoolExecutor(max_workers=1) as timer:
-                    cutoff, measured = timer.submit(measure_cutoff, model, self.runner.kv_cache, config.block_size,
-                                                    spec.num_speculative_tokens, config.max_num_seqs).result()
+                cutoff, measured = _on_own_thread(measure_cutoff, model, self.runner.kv_cache, config.block_size,
+                                                  spec.num_speculative_tokens, config.max_num_seqs)
                 self.speculator.disable_by_batch_size = cutoff
                 logger.info(measured)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # thread-safe (see its docstring)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._launched: LaunchedStep | None = None  # async scheduling: the step not read back yet
+
+    def _load_draft_model(self, model: Qwen3Model, spec) -> DraftModel:
+        """The draft checkpoint on the target's device and in its dtype, with its own KV cache."""
+        draft = load_model(spec.model, model.device.type, str(model.dtype).removeprefix("torch."))
+        check_vocabularies(model.config.vocab_size, draft.config.vocab_size, len(self.tokenizer),
+                           len(Tokenizer(spec.model)))
+        return DraftModel(draft, self.config.num_kv_blocks, self.config.block_size, self.vocab_size)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._launched is not None
@@ -245,6 +257,13 @@ class EngineCore:
             message = f"the engine failed while running this request: {type(err).__name__}: {err}"
             failed.append((request_id, RequestFailed(message)))
         return failed
+
+
+def _on_own_thread(fn, *args):
+    """`fn(*args)` on a thread that then ends: only the loop thread keeps an OpenMP team of torch's
+    CPU ops (see `async_engine.create_engine`)."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(fn, *args).result()
 
 
 def validate_request(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:

@@ -78,6 +78,9 @@ class ModelRunner:
         # On CUDA, per turn: recorded after that turn's copies (waiting on one never recorded returns at once).
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
+        # speculative decoding's draft model (`draft_model.py`), which computes every step too;
+        # steps then run eagerly (the graphs hold the target's step only)
+        self.draft_model = None
 
     def _capture_graphs(self, config: EngineConfig, table_width: int) -> tuple[DecodeGraphRunner | None, str]:
         """The decode graphs (after the KV cache: they hold its address) and how decode runs.
@@ -112,7 +115,7 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in sampling_rows for _ in range(1 + len(batch.drafts[i]))]
         draft_ids = [t for i in sampling_rows for t in [*batch.drafts[i], -1]] if batch.num_verifies else None
         bucket = None  # a pure decode step of a batch size that has a graph replays it
-        if self._graphs is not None and batch.num_decodes == len(batch.seqs):
+        if self._graphs is not None and batch.num_decodes == len(batch.seqs) and self.draft_model is None:
             bucket = self._graphs.bucket_for(len(batch.seqs))
         scoring = None
         self._next_turn()
@@ -130,6 +133,8 @@ class ModelRunner:
             self.sampler.prepare(seqs)
         self.token_bitmask.start_fill([seq.grammar for seq in seqs])  # grammar masks: while the model runs
         logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
+        if self.draft_model is not None:
+            self.draft_model.mirror(forward_batch)
         if scoring is not None:
             self._score_prompts(logits[len(seqs):], scoring)
             logits = logits[: len(seqs)]

@@ -140,6 +140,7 @@ class Scheduler:
             else:
                 plain.add(seq, 1)
         plain.num_decodes = len(plain.seqs)
+        self.speculator.complete(verifying.seqs, verifying.drafts)  # now that their slots exist
         for seq, num_new, draft in zip(verifying.seqs, verifying.num_new_tokens, verifying.drafts):
             plain.add(seq, num_new, draft)
         return plain

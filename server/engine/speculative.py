@@ -26,9 +26,13 @@ from typing import TYPE_CHECKING
 from server.engine.proposers import NgramProposer, PredictionProposer
 
 if TYPE_CHECKING:  # the CLI reads this module's config parser before torch is imported
+    from server.engine.draft_model import DraftModel
     from server.engine.sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+# A draft token the draft model has yet to propose: `propose` counts them, `complete` fills them in,
+# once the scheduler has given the sequence slots for them (the draft model writes K/V there).
+PENDING = -1
 DEFAULT_PREDICTION_TOKENS = 8  # drafts per step from a prediction when no --speculative-config sets k
 MAX_SPECULATIVE_TOKENS = 32
 # Acceptance tracking: an exponential average of accepted drafts per verification step; below
@@ -46,6 +50,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 5
     # No n-gram drafts while more sequences than this decode; None: measured at load (`spec_cutoff.py`).
     disable_by_batch_size: int | None = None
+    model: str | None = None  # draft_model: the draft checkpoint's directory
 
 
 def parse_speculative_config(text: str) -> SpeculativeConfig:
@@ -66,7 +71,12 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
     if method not in METHODS:
         raise ValueError(f"--speculative-config: method {method!r} is not supported; choose one of {', '.join(METHODS)} "
                          "(a chat request's `prediction` speculates without any)")
-    for name in known - {"method"}:
+    if method == "draft_model" and not isinstance(raw.get("model"), str):
+        raise ValueError('--speculative-config: the draft_model method needs "model": the draft checkpoint\'s '
+                         "directory (a smaller Qwen3 with the target's tokenizer)")
+    if method != "draft_model" and "model" in raw:
+        raise ValueError('--speculative-config: "model" is for the draft_model method')
+    for name in known - {"method", "model"}:
         value = raw.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"--speculative-config: {name} must be a positive integer, got {value!r}")
@@ -86,6 +96,7 @@ class SpeculationState:
 
     prediction: PredictionProposer | None
     ngram: NgramProposer | None
+    draft_model: bool  # the server's draft model proposes where the prediction does not
     accepted_average: float
     skip: int = 0  # steps to decode plainly before proposing again
     backoff: int = 1  # the next pause's length
@@ -105,8 +116,9 @@ class SpeculationStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig | None):
+    def __init__(self, config: SpeculativeConfig | None, draft_model: "DraftModel | None" = None):
         self.config = config
+        self.draft_model = draft_model
         self.stats = SpeculationStats()
         self.disable_by_batch_size = config.disable_by_batch_size if config else None
 
@@ -117,8 +129,8 @@ class Speculator:
         ngram = None
         if self.config is not None and self.config.method == "ngram":
             ngram = NgramProposer(k, self.config.prompt_lookup_min, self.config.prompt_lookup_max)
-        if predicted is not None or ngram is not None:
-            seq.speculation = SpeculationState(predicted, ngram, accepted_average=k / 2)
+        if predicted is not None or ngram is not None or self.draft_model is not None:
+            seq.speculation = SpeculationState(predicted, ngram, self.draft_model is not None, accepted_average=k / 2)
 
     def may_propose(self, seq: "Sequence") -> bool:
         """Whether the sequence could bring drafts: only ones whose next tokens do not depend on
@@ -133,12 +145,14 @@ class Speculator:
         )
 
     def ngram_enabled_for(self, num_decodes: int) -> bool:
-        """Whether n-gram drafts pay at this batch size; a client's prediction is not held to it."""
+        """Whether the server's drafts (n-gram, draft model) pay at this batch size; a client's
+        prediction is not held to it."""
         return self.disable_by_batch_size is None or num_decodes <= self.disable_by_batch_size
 
     def propose(self, seq: "Sequence", limit: int, ngram: bool = True) -> list[int]:
         """At most `limit` draft tokens for the sequence's next step (none while it backs off):
-        from its prediction, else (if `ngram`) from n-gram lookup."""
+        from its prediction, else (if `ngram`) from n-gram lookup or as many PENDING as the draft
+        model is to propose (`complete`)."""
         state = seq.speculation
         if state.skip:
             state.skip -= 1
@@ -153,7 +167,18 @@ class Speculator:
         state.draft_from_prediction = bool(draft)
         if not draft and ngram and state.ngram is not None:
             draft = state.ngram.propose(seq.token_ids)
+        if not draft and ngram and state.draft_model:
+            draft = [PENDING] * self.config.num_speculative_tokens
         return draft[:limit]
+
+    def complete(self, seqs: list["Sequence"], drafts: list[list[int]]) -> None:
+        """Fill in the PENDING drafts (the draft model's, all at the end of a draft) in place."""
+        pending = [(seq, draft) for seq, draft in zip(seqs, drafts) if draft and draft[-1] == PENDING]
+        if not pending:
+            return
+        proposed = self.draft_model.propose([seq for seq, _ in pending], [len(draft) for _, draft in pending])
+        for (_, draft), tokens in zip(pending, proposed):
+            draft[:] = tokens
 
     def record(self, seq: "Sequence", num_draft: int, num_accepted: int) -> None:
         """A verification step's outcome: `num_accepted` of `num_draft` drafts kept."""

@@ -192,3 +192,36 @@ def test_the_batch_cutoff_is_measured_at_load(make_engine, caplog):
     cutoff = engine._core.speculator.disable_by_batch_size
     assert cutoff in (0, 1, 2, 4)
     assert f"speculation on up to {cutoff} decoding sequences" in caplog.text and "1: " in caplog.text
+
+
+@pytest.fixture(scope="module")
+def other_vocab(tmp_path_factory):
+    """A small checkpoint whose embedding table is not the demo's 151,936 rows."""
+    from model.demo import write_checkpoint
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 151680, "dtype": "float32"}
+    return write_checkpoint(tmp_path_factory.mktemp("other-vocab"), shape, seed=3)
+
+
+def test_a_draft_model_keeps_greedy_tokens(make_engine, demo_dir, chat_checkpoint):
+    """The target as its own draft (every draft accepted) and an unrelated small model (few)."""
+    rng = random.Random(4)
+    prompts = random_prompts(3, seed=81)
+    params = [dict(max_tokens=rng.randrange(20, 30), n=n) for n in (1, 2, 1)]
+    plain = gather(make_engine(), [req(p, **kw) for p, kw in zip(prompts, params)])
+    for draft, acceptance in ((demo_dir, 1.0), (chat_checkpoint, None)):
+        engine = make_engine(speculative_config=SpeculativeConfig("draft_model", 4, disable_by_batch_size=8,
+                                                                  model=str(draft)), num_kv_blocks=40)
+        spec = gather(engine, [req(p, **kw) for p, kw in zip(prompts, params)])
+        assert tokens_of(spec) == tokens_of(plain)
+        stats = engine._core.speculator.stats
+        assert stats.draft_tokens > 0
+        if acceptance is not None:
+            assert stats.accepted_tokens == stats.draft_tokens
+        assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(make_engine, other_vocab):
+    with pytest.raises(ValueError, match="the draft model's vocabulary .* differs from the target's"):
+        make_engine(speculative_config=SpeculativeConfig("draft_model", 4, model=str(other_vocab)))
