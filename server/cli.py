@@ -79,7 +79,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--speculative-config", default=None, metavar="JSON",
         help='speculative decoding for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
         '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (optional "disable_by_batch_size": N); chat requests\' '
-        "`prediction` speculates without it (default: off)",
+        "`prediction` speculates without it (default: off); or '{\"method\": \"draft_model\", \"model\": DIR, "
+        "\"num_speculative_tokens\": 4}'",
     )
     g.add_argument(
         "--max-queue", type=int, default=1024,
@@ -201,6 +202,9 @@ def check_flags(args: argparse.Namespace) -> None:
         from server.engine.speculative import parse_speculative_config
 
         args.speculative_config = parse_speculative_config(args.speculative_config)
+        draft = args.speculative_config.model
+        if draft is not None and not Path(draft).is_dir():
+            raise ValueError(f"--speculative-config: the draft model {draft} is not a checkpoint directory")
     if args.command == "generate":
         _check_sampling_flags(args)
     else:

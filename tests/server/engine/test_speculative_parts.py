@@ -36,6 +36,8 @@ def make_seq(prompt: list[int], params: SamplingParams | None = None, sampler: S
     ('{"num_speculative_tokens": 33}', "at most 32"),
     ('{"prompt_lookup_min": 4, "prompt_lookup_max": 2}', "prompt_lookup_min (4) exceeds prompt_lookup_max (2)"),
     ('{"k": 4}', "unknown field(s) 'k'"),
+    ('{"method": "draft_model"}', 'the draft_model method needs "model"'),
+    ('{"model": "/m"}', '"model" is for the draft_model method'),
 ])
 def test_bad_speculative_configs_say_what_is_wrong(text, words):
     with pytest.raises(ValueError, match="--speculative-config") as err:
@@ -47,6 +49,8 @@ def test_a_speculative_config_takes_vllms_field_names():
     config = parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_min": 1, '
                                       '"prompt_lookup_max": 4, "disable_by_batch_size": 8}')
     assert config == SpeculativeConfig("ngram", 6, 1, 4, 8)
+    draft = parse_speculative_config('{"method": "draft_model", "model": "/ckpt", "num_speculative_tokens": 3}')
+    assert (draft.method, draft.model, draft.num_speculative_tokens) == ("draft_model", "/ckpt", 3)
 
 
 def test_ngram_proposes_what_followed_the_longest_recurring_suffix():
