@@ -43,9 +43,11 @@ class Measured:
 
 
 def changed_lines(tokens: list[int], share: float, line_tokens: int, rng: random.Random) -> list[int]:
-    """`tokens` with `share` of its lines (runs of `line_tokens`) replaced by random tokens."""
+    """`tokens` with `share` of its lines (runs of `line_tokens`) replaced by random tokens; at
+    least one line when `share` is not 0."""
     lines = [tokens[i : i + line_tokens] for i in range(0, len(tokens), line_tokens)]
-    for index in rng.sample(range(len(lines)), round(share * len(lines))):
+    count = max(1, round(share * len(lines))) if share else 0
+    for index in rng.sample(range(len(lines)), count):
         lines[index] = [rng.randrange(151643) for _ in lines[index]]
     return [t for line in lines for t in line]
 

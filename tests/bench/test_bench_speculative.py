@@ -36,6 +36,7 @@ def test_lines_are_changed_in_the_share_asked():
     same = [changed[i : i + 8] == tokens[i : i + 8] for i in range(0, 80, 8)]
     assert same.count(False) == 5
     assert changed_lines(tokens, 0.0, 8, rng) == tokens
+    assert changed_lines(tokens, 0.01, 8, rng) != tokens  # at least one line
     repetitive = make_prompts(2, 40, True, rng)
     assert all(p[:16] == p[16:32] and len(p) == 40 for p in repetitive)
 

@@ -61,6 +61,7 @@ def test_completions_and_responses_refuse_prediction_by_name(client, server):
     assert err.value.body["param"] == "prediction"
 
 
+@pytest.mark.slow  # a server of its own; the flag's fast tests are in tests/server/engine
 def test_an_ngram_server_answers_as_a_plain_one(start_server, server, plain):
     spec = start_server("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
                         '"prompt_lookup_min": 1, "prompt_lookup_max": 3}')
