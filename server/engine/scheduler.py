@@ -34,6 +34,10 @@ class ScheduledBatch:
     # sequences with drafts come right after the plain decodes.
     drafts: list[list[int]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if len(self.drafts) < len(self.seqs):  # a batch built from its sequences alone has no drafts
+            self.drafts += [[] for _ in range(len(self.seqs) - len(self.drafts))]
+
     def add(self, seq: Sequence, num_new: int, draft: list[int] | None = None) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new)
