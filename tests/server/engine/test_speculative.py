@@ -195,23 +195,30 @@ def test_the_batch_cutoff_is_measured_at_load(make_engine, caplog):
 
 
 @pytest.fixture(scope="module")
-def other_vocab(tmp_path_factory):
-    """A small checkpoint whose embedding table is not the demo's 151,936 rows."""
+def other_vocab(tmp_path_factory, demo_dir):
+    """A small checkpoint with the demo's tokenizer but not its 151,936-row embedding table."""
+    import shutil
+    from pathlib import Path
+
     from model.demo import write_checkpoint
 
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 151680, "dtype": "float32"}
-    return write_checkpoint(tmp_path_factory.mktemp("other-vocab"), shape, seed=3)
+    directory = write_checkpoint(tmp_path_factory.mktemp("other-vocab"), shape, seed=3, with_tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(demo_dir) / name, directory / name)
+    return directory
 
 
 @pytest.mark.parametrize("draft", ["self", pytest.param("other", marks=pytest.mark.slow)])
-def test_a_draft_model_keeps_greedy_tokens(make_engine, demo_dir, chat_checkpoint, draft):
+def test_a_draft_model_keeps_greedy_tokens(make_engine, demo_dir, request, draft):
     """The target as its own draft (every draft accepted) and an unrelated small model (few)."""
     rng = random.Random(4)
     prompts = random_prompts(2, seed=81)
     params = [dict(max_tokens=rng.randrange(20, 30), n=n) for n in (2, 1)]
     plain = gather(make_engine(), [req(p, **kw) for p, kw in zip(prompts, params)])
-    for draft, acceptance in [(demo_dir, 1.0)] if draft == "self" else [(chat_checkpoint, None)]:
+    other = [(request.getfixturevalue("chat_checkpoint"), None)] if draft == "other" else []
+    for draft, acceptance in [(demo_dir, 1.0)] if draft == "self" else other:
         engine = make_engine(speculative_config=SpeculativeConfig("draft_model", 4, disable_by_batch_size=8,
                                                                   model=str(draft)), num_kv_blocks=40)
         spec = gather(engine, [req(p, **kw) for p, kw in zip(prompts, params)])
