@@ -83,6 +83,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "N must divide the attention heads and the MLP size (default 1)",
     )
     g.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (optional "disable_by_batch_size": N); chat requests\' '
+        "`prediction` speculates without it (default: off); or '{\"method\": \"draft_model\", \"model\": DIR, "
+        "\"num_speculative_tokens\": 4}'",
+    )
+    g.add_argument(
         "--max-queue", type=int, default=1024,
         help="requests waiting for their first token at most; beyond it new ones are refused (default 1024)",
     )
@@ -201,6 +208,13 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--model {args.model}: no such directory")
         if not model.is_dir():
             raise ValueError(f"--model {args.model} is a file: give the checkpoint's directory")
+    if getattr(args, "speculative_config", None) is not None:  # parsed here: errors name the flag, one line
+        from server.engine.speculative import parse_speculative_config
+
+        args.speculative_config = parse_speculative_config(args.speculative_config)
+        draft = args.speculative_config.model
+        if draft is not None and not Path(draft).is_dir():
+            raise ValueError(f"--speculative-config: the draft model {draft} is not a checkpoint directory")
     if args.command == "generate":
         _check_sampling_flags(args)
     elif args.command == "check":

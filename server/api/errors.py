@@ -45,6 +45,12 @@ def not_supported(param: str) -> APIError:
     return invalid_request(f"'{param}' is not supported yet by this server.", param=param)
 
 
+def prediction_not_here(endpoint: str) -> APIError:
+    """`prediction` outside chat completions, where OpenAI has no such field either."""
+    return invalid_request(f"'prediction' (Predicted Outputs) is not a parameter of {endpoint}; "
+                           "it is supported on /v1/chat/completions.", param="prediction")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 

@@ -1,5 +1,6 @@
 """Prometheus metrics for `GET /metrics`: the engine's queue, KV-cache and prefix-cache figures,
-read from `engine.stats()` at scrape time, and the server's own counters and latency histograms.
+read from `engine.stats()` at scrape time (speculative decoding's drafts and acceptance too), and the
+server's own counters and latency histograms.
 
 The queue and KV-cache gauges are also given under vLLM's names (`vllm:num_requests_running`,
 `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, labelled `model_name` and `engine` as vLLM
@@ -31,6 +32,10 @@ _ENGINE_COUNTERS = (
     ("nanoserve_prefix_cache_queries", "Tokens of admitted sequences looked up in the prefix cache",
      "prefix_cache_queries"),
     ("nanoserve_prefix_cache_hits", "Tokens of admitted sequences found in the prefix cache", "prefix_cache_hits"),
+    ("nanoserve_spec_decode_num_drafts", "Speculative decoding: windows of draft tokens verified", "spec_decode_drafts"),
+    ("nanoserve_spec_decode_draft_tokens", "Speculative decoding: draft tokens verified", "spec_decode_draft_tokens"),
+    ("nanoserve_spec_decode_accepted_tokens", "Speculative decoding: draft tokens accepted",
+     "spec_decode_accepted_tokens"),
 )
 
 
@@ -57,6 +62,12 @@ class _EngineGauges(Collector):
             yield GaugeMetricFamily(name, documentation, value=getattr(stats, attribute))
         for name, documentation, attribute in _ENGINE_COUNTERS:
             yield CounterMetricFamily(name, documentation, value=getattr(stats, attribute))
+        per_position = CounterMetricFamily(
+            "nanoserve_spec_decode_accepted_tokens_per_position",
+            "Speculative decoding: draft tokens accepted, by their place in the window (0 first)", labels=["position"])
+        for position, count in enumerate(stats.spec_decode_accepted_per_position):
+            per_position.add_metric([str(position)], count)
+        yield per_position
         for name, documentation, value in _VLLM_GAUGES:
             gauge = GaugeMetricFamily(name, documentation, labels=["model_name", "engine"])
             gauge.add_metric([self._model_name, "0"], value(stats))

@@ -29,6 +29,17 @@ class TextPart(RequestModel):
     text: str
 
 
+class PredictionContent(RequestModel):
+    """Predicted Outputs: the reply the client expects (e.g. the file it asks to have edited)."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class CalledFunction(RequestModel):
     name: str
     arguments: str
@@ -103,6 +114,7 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None  # Qwen3's thinking switch (see server.api.reasoning)
+    prediction: PredictionContent | None = None  # proposed as draft tokens (speculative decoding)
     # Stored chat completions (OpenAI's `store: true`) are not kept here: refused by name.
     store: bool | None = None
     # The deprecated forms of tools: refused by name rather than ignored.
@@ -266,14 +278,21 @@ class ChatChoice:
         return self._splitter.has_reasoning
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    """Chat and completions usage; `cached_tokens`: prompt tokens whose KV came from the prefix cache."""
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+          prediction_tokens: tuple[int, int] | None = None) -> dict:
+    """Chat and completions usage; `cached_tokens`: prompt tokens whose KV came from the prefix cache;
+    `prediction_tokens`: with a prediction, its tokens accepted and rejected (verified and dropped)."""
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if prediction_tokens is not None:
+        accepted, rejected = prediction_tokens
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": rejected}
+    return out
 
 
 def chat_completion(completion_id: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:

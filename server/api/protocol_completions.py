@@ -1,8 +1,10 @@
 """`POST /v1/completions`: the request model and the objects and chunks it answers with."""
 
+from typing import Any
+
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from server.api.errors import invalid_request, not_supported
+from server.api.errors import invalid_request, not_supported, prediction_not_here
 from server.api.protocol import SamplingRequest
 from server.engine.request import ChoiceDelta, TokenLogprob
 
@@ -14,6 +16,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    prediction: Any = None  # chat completions only: refused by name
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -30,6 +33,8 @@ class CompletionRequest(SamplingRequest):
             raise invalid_request("'prompt' must not be empty.", param="prompt")
         if self.suffix:
             raise not_supported("suffix")
+        if self.prediction is not None:
+            raise prediction_not_here("/v1/completions")
         if self.best_of is not None and self.best_of > (self.n or 1):
             raise not_supported("best_of")
         if self.max_tokens == 0 and not self.echo:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from server.api.errors import invalid_request, not_supported
+from server.api.errors import invalid_request, not_supported, prediction_not_here
 from server.api.protocol import RequestModel, random_id
 from server.api.protocol_chat import ChoiceUpdate
 from server.api.protocol_responses_items import InputItem
@@ -85,6 +85,7 @@ class ResponsesRequest(RequestModel):
     background: bool | None = None
     conversation: Any = None  # the Conversations API is not implemented
     prompt: Any = None  # nor stored prompt templates
+    prediction: Any = None  # chat completions only: refused by name
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +107,8 @@ class ResponsesRequest(RequestModel):
         for name in ("conversation", "prompt"):
             if getattr(self, name) is not None:
                 raise not_supported(name)
+        if self.prediction is not None:
+            raise prediction_not_here("/v1/responses")
         if self.input in ("", []):
             raise invalid_request("'input' must not be empty.", param="input")
         for i, item in enumerate(self.input if isinstance(self.input, list) else []):

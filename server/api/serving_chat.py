@@ -35,7 +35,9 @@ async def create_chat_completion(ctx: ServingContext, body: bytes) -> Response:
         await ctx.compile_structured_output(params.structured_output, "response_format",
                                             grammar_params(request.offered_tools, params.structured_output))
     completion_id = random_id("chatcmpl-")
-    streams = await ctx.open_streams([GenerationRequest(completion_id, prompt_ids, params)], "messages")
+    prediction = await ctx.encode(request.prediction.text, "prediction") if request.prediction else None
+    streams = await ctx.open_streams([GenerationRequest(completion_id, prompt_ids, params, prediction or None)],
+                                     "messages")
     reply = _ChatReply(ctx, request, completion_id, int(time.time()))
     if request.stream:
         return sse_response(data_stream(streams, reply.chunks(streams)))
@@ -75,7 +77,10 @@ class _ChatReply:
 
     def _usage(self) -> dict:
         last = self._last_output
-        return usage(last.prompt_tokens, last.completion_tokens, last.num_cached_tokens)
+        predicted = None
+        if self._request.prediction is not None:
+            predicted = (last.accepted_prediction_tokens, last.rejected_prediction_tokens)
+        return usage(last.prompt_tokens, last.completion_tokens, last.num_cached_tokens, predicted)
 
     def completion(self) -> dict:
         choices = [

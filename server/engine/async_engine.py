@@ -118,7 +118,7 @@ class AsyncEngine:
         with self._lock:
             num_waiting = self._num_queued
             num_running = len(self._streams) - num_waiting
-        blocks = self._core.block_manager
+        blocks, speculation = self._core.block_manager, self._core.speculator.stats
         return EngineStats(
             num_running=num_running,
             num_waiting=num_waiting,
@@ -128,6 +128,10 @@ class AsyncEngine:
             kv_blocks_cached=blocks.num_free_cached,
             prefix_cache_queries=blocks.prefix_cache_queries,
             prefix_cache_hits=blocks.prefix_cache_hits,
+            spec_decode_drafts=speculation.num_drafts,
+            spec_decode_draft_tokens=speculation.draft_tokens,
+            spec_decode_accepted_tokens=speculation.accepted_tokens,
+            spec_decode_accepted_per_position=tuple(speculation.accepted_per_position),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:

@@ -95,9 +95,24 @@ class BlockManager:
         """Whether the sequence's newest token has a slot, or a free block can give it one."""
         return seq.num_tokens <= len(seq.block_table) * self.block_size or self.num_free > 0
 
-    def append(self, seq: Sequence) -> None:
-        if seq.num_tokens > len(seq.block_table) * self.block_size:
+    def append(self, seq: Sequence, num_draft: int = 0) -> None:
+        """Slots up to the sequence's newest token, and `num_draft` draft tokens after it."""
+        while seq.num_tokens + num_draft > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take())
+
+    def free_slots(self, seq: Sequence) -> int:
+        """Slots past the sequence's newest token that it holds or the free blocks could give it."""
+        return (len(seq.block_table) + self.num_free) * self.block_size - seq.num_tokens
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's tokens: those only rejected drafts wrote.
+        Never cached (`cache_full_blocks` registers computed tokens only), so they go back empty."""
+        keep = self.blocks_for(seq.num_tokens)
+        for block in seq.block_table[keep:]:
+            assert self._ref_counts[block] == 1 and self._hashes[block] is None, f"block {block} is shared"
+            self._ref_counts[block] = 0
+            self._empty.append(block)
+        del seq.block_table[keep:]
 
     def cache_full_blocks(self, seq: Sequence, first: int) -> None:
         """Register the sequence's blocks from index `first` to its last full one whose K/V a

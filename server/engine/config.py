@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from model.cpu_plan import available_memory_bytes
 from model.qwen3 import Qwen3Model
 from server.engine.memory import kv_blocks_for_free_memory
+from server.engine.speculative import SpeculativeConfig
 
 # Defaults where the engine flags are not given.
 DEFAULT_MAX_NUM_SEQS = {"cpu": 8, "cuda": 256}
@@ -37,6 +38,9 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Ranks that each hold a shard of the model, one process each (`server.engine.distributed`).
     tensor_parallel_size: int = 1
+    # --speculative-config: draft tokens for every sequence (n-gram); None: only chat requests'
+    # `prediction`s speculate.
+    speculative_config: SpeculativeConfig | None = None
 
 
 def kv_block_bytes(model: Qwen3Model, block_size: int) -> int:

@@ -15,16 +15,21 @@ grammar is read back before the next is scheduled: the next step's masks need it
 import itertools
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+from model.load import load_model
 from model.qwen3 import Qwen3Model
 from model.tokenizer import Tokenizer
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.draft_model import DraftModel, check_vocabularies
 from server.engine.model_runner import LaunchedStep, ModelRunner
 from server.engine.request import ChoiceDelta, GenerationRequest, RequestFailed, RequestOutput, RequestRejected
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import RequestState, Sequence
+from server.engine.spec_cutoff import measure_cutoff
+from server.engine.speculative import Speculator
 from server.engine.structured import GrammarCompiler
 
 logger = logging.getLogger("nanoserve.engine")
@@ -42,12 +47,35 @@ class EngineCore:
         # tokens) have no text: no request may name them and the sampler never picks them.
         self.vocab_size = min(len(tokenizer), model.config.vocab_size)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        spec = config.speculative_config
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = _on_own_thread(self._load_draft_model, model, spec)
+        self.speculator = Speculator(spec, draft)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.speculator)
         self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
+        self.runner.draft_model = draft
+        if spec is not None:
+            source = f"draft model {spec.model}" if draft else f"prompt lookup {spec.prompt_lookup_min}..{spec.prompt_lookup_max}"
+            logger.info("speculative decoding: %s, %d draft tokens, %s%s", spec.method, spec.num_speculative_tokens,
+                        source, f", off above {spec.disable_by_batch_size} decodes" if spec.disable_by_batch_size else "")
+            if spec.disable_by_batch_size is None:
+                cutoff, measured = _on_own_thread(measure_cutoff, model, self.runner.kv_cache, config.block_size,
+                                                  spec.num_speculative_tokens, config.max_num_seqs)
+                self.speculator.disable_by_batch_size = cutoff
+                logger.info(measured)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # thread-safe (see its docstring)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._launched: LaunchedStep | None = None  # async scheduling: the step not read back yet
+
+    def _load_draft_model(self, model: Qwen3Model, spec) -> DraftModel:
+        """The draft checkpoint on the target's device and in its dtype, with its own KV cache."""
+        draft = load_model(spec.model, model.device.type, str(model.dtype).removeprefix("torch."))
+        check_vocabularies(model.config.vocab_size, draft.config.vocab_size, len(self.tokenizer),
+                           len(Tokenizer(spec.model)))
+        return DraftModel(draft, self.config.num_kv_blocks, self.config.block_size, self.vocab_size)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._launched is not None
@@ -64,6 +92,7 @@ class EngineCore:
             if params.structured_output is not None:
                 seq.grammar = self.grammars.matcher(params.structured_output)
             seq.prompt_leader = seqs[0] if seqs else None
+            self.speculator.attach(seq, request.prediction_token_ids)
             seqs.append(seq)
         self.requests[request.request_id] = RequestState(request, seqs)
         for seq in seqs:
@@ -92,10 +121,12 @@ class EngineCore:
     def _step_overlapped(self) -> list[tuple[str, RequestOutput | Exception]]:
         outputs: list[tuple[str, RequestOutput | Exception]] = []
         previous, self._launched = self._launched, None
-        if previous is not None and previous.needs_tokens_on_host:
+        if previous is not None and (previous.needs_tokens_on_host or self._may_speculate()):
             outputs += self._read_back(previous)
             previous = None
         batch = self.scheduler.schedule()
+        if batch is not None and batch.num_verifies:  # how many tokens it keeps decides the next step
+            return outputs + self._run(batch)
         launched = None
         if batch is not None:
             try:
@@ -112,6 +143,10 @@ class EngineCore:
             outputs += self._advance(launched)
             self._launched = launched
         return outputs
+
+    def _may_speculate(self) -> bool:
+        """Whether a running sequence could bring drafts, once its tokens are all on the host."""
+        return any(seq.speculation is not None for seq in self.scheduler.running)
 
     def _advance(self, launched: LaunchedStep) -> list[tuple[str, RequestOutput | Exception]]:
         """A launched step's effect on its sequences before its tokens are known: the K/V it
@@ -163,19 +198,32 @@ class EngineCore:
     def _process(self, batch: ScheduledBatch, results: list) -> list[tuple[str, RequestOutput | Exception]]:
         self._cache_computed(batch)
         advanced: dict[str, RequestState] = {}
-        for seq, result in zip(batch.seqs, results):
-            if result is not None:
+        for seq, draft, result in zip(batch.seqs, batch.drafts, results):
+            if draft:
+                self.speculator.record(seq, len(draft), len(result) - 1)
+                delta = seq.append_tokens(result)
+                # The window keeps the K/V of its last token and of the drafts it accepted, one per
+                # token it yields (now in `token_ids`, so their blocks can be hashed); the rest is dropped.
+                self._cache_tokens(seq, len(delta.token_ids))
+                self._add_delta(seq, delta, advanced)
+                if not seq.is_finished:
+                    self.block_manager.trim(seq)
+            elif result is not None:
                 self._add_delta(seq, seq.append_token(*result) if seq.max_tokens else seq.finish_unsampled(), advanced)
         return self._outputs(advanced)
 
     def _cache_computed(self, batch: ScheduledBatch) -> None:
-        """Count the tokens the batch computes as cached; blocks it fills become findable."""
-        block_size = self.config.block_size
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            full_blocks = seq.num_cached // block_size
-            seq.num_cached += num_new
-            if seq.num_cached // block_size > full_blocks:  # now written: findable by other sequences
-                self.block_manager.cache_full_blocks(seq, full_blocks)
+        """Count the tokens the batch computes as cached; blocks it fills become findable. A
+        sequence with drafts counts its tokens once verified (`_process`)."""
+        for seq, num_new, draft in zip(batch.seqs, batch.num_new_tokens, batch.drafts):
+            if not draft:
+                self._cache_tokens(seq, num_new)
+
+    def _cache_tokens(self, seq: Sequence, num_new: int) -> None:
+        full_blocks = seq.num_cached // self.config.block_size
+        seq.num_cached += num_new
+        if seq.num_cached // self.config.block_size > full_blocks:  # now written: findable by other sequences
+            self.block_manager.cache_full_blocks(seq, full_blocks)
 
     def _add_delta(self, seq: Sequence, delta: ChoiceDelta, advanced: dict[str, RequestState]) -> None:
         state = self.requests[seq.request_id]
@@ -209,6 +257,13 @@ class EngineCore:
             message = f"the engine failed while running this request: {type(err).__name__}: {err}"
             failed.append((request_id, RequestFailed(message)))
         return failed
+
+
+def _on_own_thread(fn, *args):
+    """`fn(*args)` on a thread that then ends: only the loop thread keeps an OpenMP team of torch's
+    CPU ops (see `async_engine.create_engine`)."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(fn, *args).result()
 
 
 def validate_request(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:

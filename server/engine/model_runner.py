@@ -73,7 +73,8 @@ class ModelRunner:
         self._block_tables = _InputBuffer(max_num_seqs * max_blocks_per_seq, torch.int32, device)
         self._context_lens = _InputBuffer(max_num_seqs, torch.int32, device)
         self._query_start_loc = _InputBuffer(max_num_seqs + 1, torch.int32, device)
-        self._logits_indices = _InputBuffer(max_num_seqs, torch.int64, device)
+        # one row per sampled token: a sequence verifying drafts samples several
+        self._logits_indices = _InputBuffer(max_num_batched_tokens, torch.int64, device)
         self._buffers = [self._token_ids, self._positions, self._slot_mapping, self._block_tables,
                          self._context_lens, self._query_start_loc, self._logits_indices]
         self._turn = 0  # which host buffers the step being prepared writes
@@ -83,6 +84,9 @@ class ModelRunner:
         self._tensor_parallel = StepSender(max_num_seqs) if model.shard.size > 1 else None
         self._warm_up(config.max_num_seqs, config.max_model_len)  # before capture: nothing compiles inside one
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
+        # speculative decoding's draft model (`draft_model.py`), which computes every step too;
+        # steps then run eagerly (the graphs hold the target's step only)
+        self.draft_model = None
 
     def _warm_up(self, max_num_seqs: int, max_model_len: int) -> None:
         """Where the attention kernels are Triton's: one eager step of every kind the engine can
@@ -134,9 +138,12 @@ class ModelRunner:
         """Start the step on the device and return without waiting for it. A decode whose last
         token is unresolved (sampled by `previous`, still on the device) reads it from there."""
         sampling_rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        seqs = [batch.seqs[i] for i in sampling_rows]
+        # One logits row per token to sample, so a sequence with k drafts has 1 + k: its sequence
+        # repeated, and the draft each row checks (-1 where none).
+        seqs = [batch.seqs[i] for i in sampling_rows for _ in range(1 + len(batch.drafts[i]))]
+        draft_ids = [t for i in sampling_rows for t in [*batch.drafts[i], -1]] if batch.num_verifies else None
         bucket = None  # a pure decode step of a batch size that has a graph replays it
-        if self._graphs is not None and batch.num_decodes == len(batch.seqs):
+        if self._graphs is not None and batch.num_decodes == len(batch.seqs) and self.draft_model is None:
             bucket = self._graphs.bucket_for(len(batch.seqs))
         scoring = None
         self._next_turn()
@@ -164,12 +171,14 @@ class ModelRunner:
             if self._tensor_parallel is not None:  # the other ranks wait inside this step's collectives
                 self._tensor_parallel.abandon(err)
             raise
+        if self.draft_model is not None:
+            self.draft_model.mirror(forward_batch)
         if scoring is not None:
-            self._score_prompts(logits[len(sampling_rows):], scoring)
-            logits = logits[: len(sampling_rows)]
+            self._score_prompts(logits[len(seqs):], scoring)
+            logits = logits[: len(seqs)]
         if not sampling_rows:
             return LaunchedStep(batch, sampling_rows, None, None)
-        sampled = self.sampler.sample(logits, seqs, self.token_bitmask.finish_fill())
+        sampled = self.sampler.sample(logits, seqs, self.token_bitmask.finish_fill(), draft_ids)
         copy = _HostCopy(sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs)
         return LaunchedStep(batch, sampling_rows, sampled, copy)
 
@@ -225,10 +234,10 @@ class ModelRunner:
         self._write_decode_rows(seqs[:d])
         ends = list(range(1, d + 1))
         start = d
-        for seq, num_new in zip(seqs[d:], batch.num_new_tokens[d:]):
+        for seq, num_new, draft in zip(seqs[d:], batch.num_new_tokens[d:], batch.drafts[d:]):
             end = start + num_new
             chunk = np.arange(seq.num_cached, seq.num_cached + num_new)
-            self._token_ids.np[start:end] = seq.token_ids[seq.num_cached : seq.num_cached + num_new]
+            self._token_ids.np[start:end] = seq.token_ids[seq.num_cached : seq.num_cached + num_new - len(draft)] + draft
             self._positions.np[start:end] = chunk
             self._slot_mapping.np[start:end] = np.asarray(seq.block_table)[chunk // bs] * bs + chunk % bs
             start = end
@@ -237,7 +246,8 @@ class ModelRunner:
         self._context_lens.np[d:n] = [seq.num_cached + num_new for seq, num_new in zip(seqs[d:], batch.num_new_tokens[d:])]
         self._query_start_loc.np[0] = 0
         self._query_start_loc.np[1 : n + 1] = ends
-        self._logits_indices.np[: len(sampling_rows)] = [ends[i] - 1 for i in sampling_rows]
+        rows = [row for i in sampling_rows for row in range(ends[i] - 1 - len(batch.drafts[i]), ends[i])]
+        self._logits_indices.np[: len(rows)] = rows
         return ForwardBatch(
             token_ids=self._token_ids.load(start),
             positions=self._positions.load(start),
@@ -246,7 +256,7 @@ class ModelRunner:
             context_lens=self._context_lens.load(n),
             query_start_loc=self._query_start_loc.load(n + 1),
             query_lens=list(batch.num_new_tokens),
-            logits_indices=self._logits_indices.load(len(sampling_rows)),
+            logits_indices=self._logits_indices.load(len(rows)),
         )
 
     def _prepare_graph_decode(self, seqs: list[Sequence], bucket: int) -> None:
@@ -352,19 +362,38 @@ class LaunchedStep:
         token before it can say what may follow."""
         return any(self.batch.seqs[i].grammar is not None for i in self.sampling_rows)
 
-    def results(self) -> list[tuple[int, TokenLogprob | None] | None]:
+    def results(self) -> list:
         """Per scheduled sequence: (sampled token, its logprobs if asked), or None for a prompt
-        chunk that stops short of the prompt's end. Waits for the step."""
+        chunk that stops short of the prompt's end; a list of such pairs for a sequence with
+        drafts: the tokens verification kept. Waits for the step."""
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(self.batch.seqs)
         if self.sampled is None:
             return results
         token_ids, *logprobs = self._copy.lists()
-        seqs = [self.batch.seqs[i] for i in self.sampling_rows]
+        drafts = self.batch.drafts
+        seqs = [self.batch.seqs[i] for i in self.sampling_rows for _ in range(1 + len(drafts[i]))]
         rows = self.sampled.logprob_rows
         logprob_of = dict(zip(rows, _token_logprobs(seqs, rows, token_ids, *logprobs)))
-        for row, i in enumerate(self.sampling_rows):
-            results[i] = (token_ids[row], logprob_of.get(row))
+        row = 0
+        for i in self.sampling_rows:
+            if drafts[i]:
+                results[i] = _verified(drafts[i], token_ids, row, logprob_of)
+            else:
+                results[i] = (token_ids[row], logprob_of.get(row))
+            row += 1 + len(drafts[i])
         return results
+
+
+def _verified(draft: list[int], token_ids: list[int], row: int, logprob_of: dict) -> list[tuple]:
+    """A verified window's tokens: each row's token, up to the first that differs from the draft
+    it checks (the target's own choice there), or through the row after the last draft. The
+    sampler makes a row's token its draft exactly when it accepts the draft."""
+    tokens = []
+    for position in range(len(draft) + 1):
+        tokens.append((token_ids[row + position], logprob_of.get(row + position)))
+        if position == len(draft) or token_ids[row + position] != draft[position]:
+            break
+    return tokens
 
 
 def _token_logprobs(

@@ -75,6 +75,8 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Predicted Outputs: the reply the client expects (token ids); proposed as draft tokens.
+    prediction_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -107,6 +109,9 @@ class RequestOutput:
     # (the first has nothing before it to be predicted from).
     prompt_logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    # Predicted Outputs, summed over choices: prediction tokens verified and kept, and verified and dropped.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class RequestRejected(ValueError):
@@ -153,3 +158,7 @@ class EngineStats:
     kv_blocks_cached: int = 0  # free blocks that still hold cached K/V (reusable until evicted)
     prefix_cache_queries: int = 0  # tokens of admitted sequences looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
+    spec_decode_drafts: int = 0  # speculative decoding: verification steps of one sequence
+    spec_decode_draft_tokens: int = 0  # draft tokens verified
+    spec_decode_accepted_tokens: int = 0  # of those, accepted
+    spec_decode_accepted_per_position: tuple[int, ...] = ()  # [i]: drafts accepted at place i of their window

@@ -10,6 +10,14 @@ Work is only done for what some row asks for: a batch whose rows are all greedy 
 nothing else (no logprobs, logit_bias, penalties or min_tokens) is one max over the logits and
 nothing more, and the vocabulary is sorted only when a row uses top-p. Per-row parameters are turned into
 tensors once per batch composition, not every step.
+
+Speculative decoding: a row may check a draft token (`draft_ids`). A greedy row's token is its
+argmax, which equals the draft exactly when the draft is accepted. A sampled row accepts its draft
+d with probability min(1, p(d) / q(d)) = p(d), the proposal q being deterministic (one-hot at d),
+and otherwise draws from the normalised residual max(0, p - q): p without d. Its token is then
+the draft exactly when accepted, and the window's tokens are distributed as the target's
+(Leviathan et al., 2023). The caller keeps a window's tokens up to the first that differs from
+its draft. A seeded row draws its uniform from its own generator too.
 """
 
 from dataclasses import dataclass
@@ -110,19 +118,22 @@ class Sampler:
         )
 
     def sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, logits: torch.Tensor, seqs: list[Sequence], token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None,
+        draft_ids: list[int] | None = None,
     ) -> SamplerOutput:
         """Tokens for `logits` [B, V] (fp32, changed in place), row i sampled as `seqs[i]` asks;
-        `token_bitmask` (mask rows, their logits rows) forbids what the rows' grammars do not allow."""
+        `token_bitmask` (mask rows, their logits rows) forbids what the rows' grammars do not allow;
+        `draft_ids[i]` is the draft token row i verifies (-1: none)."""
         self.prepare(seqs)
         if self._params.argmax_only and token_bitmask is None:  # the common case: one op, no loops
             # ids without a token are never sampled: the argmax runs over the ids that have one
             return SamplerOutput(logits[:, : self.num_token_ids].max(-1).indices, [])
-        return self._sample(logits, self._params, token_bitmask)
+        return self._sample(logits, self._params, token_bitmask, draft_ids)
 
     @torch.inference_mode()
     def _sample(
-        self, logits: torch.Tensor, p: _BatchParams, token_bitmask: tuple[torch.Tensor, torch.Tensor] | None
+        self, logits: torch.Tensor, p: _BatchParams, token_bitmask: tuple[torch.Tensor, torch.Tensor] | None,
+        draft_ids: list[int] | None = None,
     ) -> SamplerOutput:
         if self.num_token_ids < self.vocab_size:  # ids without a token are never sampled nor listed
             logits[:, self.num_token_ids :] = float("-inf")
@@ -137,7 +148,7 @@ class Sampler:
             token_ids = logits.max(-1).indices  # max(dim) is several times faster than argmax on CPU
         else:
             greedy_ids = logits.max(-1).indices if p.greedy is not None else None
-            token_ids = self._sample_random(logits, p)
+            token_ids = self._sample_random(logits, p, draft_ids)
             if greedy_ids is not None:
                 token_ids = torch.where(p.greedy, greedy_ids, token_ids)
         self._count(token_ids, p)
@@ -167,7 +178,7 @@ class Sampler:
                 row, state.output_counts, params.presence_penalty, params.frequency_penalty
             )
 
-    def _sample_random(self, logits: torch.Tensor, p: _BatchParams) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, p: _BatchParams, draft_ids: list[int] | None = None) -> torch.Tensor:
         logits.div_(p.temperature)
         if p.min_p is not None:
             apply_min_p(logits, p.min_p)
@@ -176,10 +187,30 @@ class Sampler:
         elif p.top_k is not None:
             apply_top_k(logits, p.top_k, p.max_top_k)
         probs = logits.softmax(-1)
+        accepted = None
+        if draft_ids is not None:
+            drafts, accepted = self._accept_drafts(probs, p, draft_ids)
         q = torch.empty_like(probs).exponential_()
         for row, generator in p.seeded:
             q[row].exponential_(generator=generator)
-        return probs.div_(q).max(-1).indices
+        token_ids = probs.div_(q).max(-1).indices
+        return token_ids if accepted is None else torch.where(accepted, drafts, token_ids)
+
+    def _accept_drafts(self, probs: torch.Tensor, p: _BatchParams, draft_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rejection sampling against one-hot proposals: which rows accept their draft (with
+        probability p(draft)); `probs` becomes the residual, p without the draft, to draw from
+        where a draft is rejected (the exponential race needs no normalisation)."""
+        drafts = torch.tensor(draft_ids, dtype=torch.int64).to(probs.device, non_blocking=True)
+        has_draft = drafts >= 0
+        index = drafts.clamp(min=0)[:, None]
+        draft_probs = probs.gather(-1, index).squeeze(-1)
+        uniforms = torch.rand(probs.shape[0], device=probs.device)
+        for row, generator in p.seeded:
+            if draft_ids[row] >= 0:
+                uniforms[row] = torch.rand(1, generator=generator, device=probs.device)[0]
+        accepted = has_draft & (uniforms < draft_probs)
+        probs.scatter_(-1, index, torch.where(has_draft, 0.0, draft_probs)[:, None])
+        return drafts, accepted
 
     def _count(self, token_ids: torch.Tensor, p: _BatchParams) -> None:
         """Record the sampled tokens on the device for the penalties of later steps."""

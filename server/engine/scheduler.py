@@ -10,6 +10,11 @@ When a decode finds the pool empty, the most recently admitted sequence is preem
 are let go and it waits at the head of the queue, to be recomputed from its tokens (prompt and
 output so far; the prefix cache may still hold most of them) when blocks free up. Nothing is
 lost: the recompute produces the K/V the sequence had, and sampling continues from its last token.
+
+Speculative decoding (`speculative.py`): once every decode has its slot, decodes whose sequence
+has draft tokens bring them too, as far as the token budget and the free blocks allow (drafts
+never preempt anyone). They go after the plain decodes and before the prompt chunks: the model
+scores their 1 + k tokens as a chunk over the cached context.
 """
 
 from collections import deque
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.speculative import Speculator
 
 
 @dataclass
@@ -24,32 +30,47 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # the decodes first, then prompt chunks
     num_new_tokens: list[int] = field(default_factory=list)  # per sequence: tokens from `num_cached` on
     num_decodes: int = 0  # leading sequences with one new token: the last one they sampled
+    # Per sequence: the draft tokens it brings after its last one (speculation), else empty. The
+    # sequences with drafts come right after the plain decodes.
+    drafts: list[list[int]] = field(default_factory=list)
 
-    def add(self, seq: Sequence, num_new: int) -> None:
+    def __post_init__(self) -> None:
+        if len(self.drafts) < len(self.seqs):  # a batch built from its sequences alone has no drafts
+            self.drafts += [[] for _ in range(len(self.seqs) - len(self.drafts))]
+
+    def add(self, seq: Sequence, num_new: int, draft: list[int] | None = None) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new)
+        self.drafts.append(draft or [])
+
+    @property
+    def num_verifies(self) -> int:
+        return sum(bool(draft) for draft in self.drafts)
 
     def split(self) -> tuple["ScheduledBatch", "ScheduledBatch"]:
-        """The decodes and the prompt chunks, as two batches."""
-        d = self.num_decodes
-        decodes = ScheduledBatch(self.seqs[:d], self.num_new_tokens[:d], d)
-        return decodes, ScheduledBatch(self.seqs[d:], self.num_new_tokens[d:])
+        """The running streams (decodes, with their drafts) and the prompt chunks, as two batches."""
+        r = self.num_decodes + self.num_verifies
+        decodes = ScheduledBatch(self.seqs[:r], self.num_new_tokens[:r], self.num_decodes, self.drafts[:r])
+        return decodes, ScheduledBatch(self.seqs[r:], self.num_new_tokens[r:], 0, self.drafts[r:])
 
     def without_finished(self) -> "ScheduledBatch":
         """This batch less its sequences that have finished since it was scheduled."""
         kept = [i for i, seq in enumerate(self.seqs) if not seq.is_finished]
         return ScheduledBatch([self.seqs[i] for i in kept], [self.num_new_tokens[i] for i in kept],
-                              sum(i < self.num_decodes for i in kept))
+                              sum(i < self.num_decodes for i in kept), [self.drafts[i] for i in kept])
 
     def samples(self, seq_index: int) -> bool:
-        """Whether this step ends at the sequence's last token, so a new token is sampled for it."""
+        """Whether this step ends at the sequence's last token (or its drafts), so a new token is
+        sampled for it."""
         seq = self.seqs[seq_index]
-        return seq.num_cached + self.num_new_tokens[seq_index] == seq.num_tokens
+        return seq.num_cached + self.num_new_tokens[seq_index] == seq.num_tokens + len(self.drafts[seq_index])
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 speculator: Speculator | None = None):
         self.block_manager = block_manager
+        self.speculator = speculator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -65,7 +86,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         batch = ScheduledBatch()
         prefilling = self._schedule_decodes(batch)
-        budget = self.max_num_batched_tokens - batch.num_decodes
+        if self.speculator is not None and batch.seqs:
+            batch = self._add_drafts(batch)
+        budget = self.max_num_batched_tokens - sum(batch.num_new_tokens)
         for seq in prefilling:  # admitted earlier: their blocks are held until they finish
             if not budget:
                 break
@@ -104,6 +127,27 @@ class Scheduler:
         self.running.extend(kept)
         batch.num_decodes = len(batch.seqs)
         return prefilling
+
+    def _add_drafts(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """The decodes of `batch` (all it holds), those with drafts moved after the plain ones."""
+        budget = self.max_num_batched_tokens - batch.num_decodes
+        ngram = self.speculator.ngram_enabled_for(batch.num_decodes)
+        plain, verifying = ScheduledBatch(), ScheduledBatch()
+        for seq in batch.seqs:
+            draft = []
+            if budget and self.speculator.may_propose(seq):
+                draft = self.speculator.propose(seq, min(budget, self.block_manager.free_slots(seq)), ngram)
+            if draft:
+                self.block_manager.append(seq, len(draft))
+                budget -= len(draft)
+                verifying.add(seq, 1 + len(draft), draft)
+            else:
+                plain.add(seq, 1)
+        plain.num_decodes = len(plain.seqs)
+        self.speculator.complete(verifying.seqs, verifying.drafts)  # now that their slots exist
+        for seq, num_new, draft in zip(verifying.seqs, verifying.num_new_tokens, verifying.drafts):
+            plain.add(seq, num_new, draft)
+        return plain
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         """Waiting sequences in order, while the budget lasts and their blocks fit."""

@@ -77,6 +77,7 @@ class Sequence:
         # token, while that token is still on the device (its place in `token_ids` holds
         # UNRESOLVED until `resolve_token` fills it); None when every token is known.
         self.unresolved_row: int | None = None
+        self.speculation = None  # speculative.SpeculationState: proposers and acceptance, when it speculates
         self._stop_ids = frozenset(() if self.params.ignore_eos else eos_token_ids)
         self._detokenizer = detokenizer
         self._stop_strings = StopStrings(self.params.stop)
@@ -98,6 +99,24 @@ class Sequence:
         """Add a sampled token, apply the stop conditions, and return what the client sees of it."""
         self.token_ids.append(token_id)
         return self._accept(token_id, logprob)
+
+    def append_tokens(self, tokens: list[tuple[int, TokenLogprob | None]]) -> ChoiceDelta:
+        """`append_token` for each of a verification step's tokens in turn, up to the first that
+        ends the choice (so it ends where plain decoding would), as one delta."""
+        deltas = []
+        for token_id, logprob in tokens:
+            deltas.append(self.append_token(token_id, logprob))
+            if self.is_finished:
+                break
+        last = deltas[-1]
+        return ChoiceDelta(
+            index=self.index,
+            text="".join(delta.text for delta in deltas),
+            token_ids=[token for delta in deltas for token in delta.token_ids],
+            logprobs=None if last.logprobs is None else [entry for delta in deltas for entry in delta.logprobs],
+            finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason,
+        )
 
     def append_unresolved(self, row: int) -> None:
         """Hold the place of the token that row `row` of the launched step samples: the next step
@@ -189,6 +208,7 @@ class RequestState:
         prompt_logprobs = None
         if self._prompt_logprobs_pending and self._prompt_scored():
             prompt_logprobs, self._prompt_logprobs_pending = self.seqs[0].prompt_logprobs, False
+        speculating = [seq for seq in self.seqs if seq.speculation is not None]
         return RequestOutput(
             request_id=self.request.request_id,
             choices=sorted(deltas, key=lambda delta: delta.index),
@@ -197,4 +217,6 @@ class RequestState:
             finished=self.is_finished,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=self.seqs[0].num_cached_prompt_tokens or 0,  # the prompt counts once
+            accepted_prediction_tokens=sum(s.speculation.accepted_prediction_tokens for s in speculating),
+            rejected_prediction_tokens=sum(s.speculation.rejected_prediction_tokens for s in speculating),
         )
