@@ -200,7 +200,7 @@ class Sampler:
         """Rejection sampling against one-hot proposals: which rows accept their draft (with
         probability p(draft)); `probs` becomes the residual, p without the draft, to draw from
         where a draft is rejected (the exponential race needs no normalisation)."""
-        drafts = torch.tensor(draft_ids, dtype=torch.int64).to(probs.device, non_blocking=True)
+        drafts = to_device(draft_ids, torch.int64, probs.device)
         has_draft = drafts >= 0
         index = drafts.clamp(min=0)[:, None]
         draft_probs = probs.gather(-1, index).squeeze(-1)

@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 STEP_PATH = ["model/batch.py", "model/qwen3.py", "server/engine/model_runner.py", "server/engine/cuda_graph.py",
              "server/engine/sampler.py", "server/engine/structured.py", "server/engine/scheduler.py",
-             "server/engine/core.py"]
+             "server/engine/core.py", "server/engine/speculative.py", "server/engine/proposers.py",
+             "server/engine/draft_model.py"]
 DTYPES = {"bool", "int8", "uint8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "float",
           "long", "int", "half"}
 
