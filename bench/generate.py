@@ -115,7 +115,8 @@ def decode_step_bytes(model: Qwen3Model, batch: int, context: int) -> int:
     count in the model's dtype: a layout the CPU plan holds them in (fp32 copies) reads more, and
     that is the plan's cost, not the floor's."""
     c, itemsize = model.config, model.dtype.itemsize
-    read = sum(p.numel() * itemsize for p in model.parameters())  # a shared table counts once
+    # A shared table counts once; int8 weights (--quantization) at their byte.
+    read = sum(p.numel() * (1 if p.dtype == torch.int8 else itemsize) for p in model.parameters())
     if model.lm_head is not model.embed_tokens:
         read -= (c.vocab_size - batch) * c.hidden_size * itemsize
     return read + batch * context * c.num_layers * 2 * c.kv_size * itemsize
@@ -191,13 +192,13 @@ def run(args: argparse.Namespace) -> dict:
     block_size = 16
     blocks_per_seq = -(-(args.prompt_len + args.decode_tokens + 2) // block_size)
     if device.type == "cpu":  # as the server does at load: its CPU op choices, timed here
-        plan = on_own_thread(ours.plan_cpu_ops, max_batch, blocks_per_seq * block_size)
+        plan = on_own_thread(ours.plan_cpu_ops, max_batch, blocks_per_seq * block_size, args.quantization)
         print(plan.describe(), file=sys.stderr)
     prompts = torch.randint(0, min(vocab, 151643), (max_batch, args.prompt_len))
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": args.model or args.shape,
-        "dtype": args.dtype,
+        "dtype": args.dtype + (f" ({args.quantization} for nanoserve)" if args.quantization else ""),
         "weight_bytes": weight_bytes,
         "memory_bandwidth_GBps": on_own_thread(memory_bandwidth, device) / 1e9,
         "prompt_len": args.prompt_len,
@@ -279,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help="random weights of this shape (default %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="default %(default)s")
+    p.add_argument("--quantization", choices=["int8"], default=None,
+                   help="(CPU) nanoserve's matmul weights in int8, as the CLI's --quantization; HF stays in --dtype")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default %(default)s)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated decode batch sizes (default %(default)s)")

@@ -1,4 +1,4 @@
-"""Where a model step's time goes, kernel by kernel, on a GPU: for kernel experiments.
+"""Where a model step's time goes, kernel by kernel, on a GPU (on a CPU, part by part: `--device cpu`).
 
     python -m bench.profile [--model DIR | --shape qwen3-8b] [--batch 1] [--context 512] [--steps 16]
                             [--kernels triton,decode_attention=torch] [--out-dir bench/out]
@@ -140,13 +140,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", default=None, help="Qwen3 checkpoint directory (default: random weights, --shape)")
     src.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b", help="random weights of this shape (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="default %(default)s")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default %(default)s)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda: kernels under torch.profiler; cpu: every part of a decode step beside HF's, timed "
+                   "around it (see bench.cpu_profile) (default %(default)s)")
+    p.add_argument("--batch", default="1", help="sequences per step; on CPU a comma-separated list (default %(default)s)")
     p.add_argument("--context", type=int, default=512, help="prompt tokens per sequence (default %(default)s)")
     p.add_argument("--steps", type=int, default=16, help="decode steps profiled (default %(default)s)")
+    p.add_argument("--quantization", choices=["int8"], default=None, help="(CPU) as the CLI's --quantization")
     p.add_argument("--kernels", default="auto", help="kernel backends, as the CLI's --kernels (default %(default)s)")
     p.add_argument("--out-dir", default="bench/out", help="traces and profile.json go here (default %(default)s)")
     args = p.parse_args(argv)
-    if min(args.batch, args.context, args.steps) < 1:
+    try:
+        args.batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        p.error(f"--batch must be an integer (on CPU: comma-separated integers), got {args.batch!r}")
+    if args.device == "cuda" and len(args.batches) > 1:
+        p.error("--batch takes one size on CUDA")
+    args.batch = args.batches[0]
+    if min(*args.batches, args.context, args.steps) < 1:
         p.error("--batch, --context and --steps must be positive")
     return args
 
@@ -190,9 +201,13 @@ def profile_phase(model, batches, cache, steps_name: str, out_dir: Path) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cpu":
+        from bench.cpu_profile import run_cpu_profile
+
+        return run_cpu_profile(args)
     if not torch.cuda.is_available():
-        print("bench.profile needs a CUDA GPU: none is visible to torch. (`python -m bench.step_overhead "
-              "--profile` profiles the engine's steps on CPU.)", file=sys.stderr)
+        print("bench.profile needs a CUDA GPU: none is visible to torch. (`--device cpu` profiles a CPU "
+              "decode step beside HF's.)", file=sys.stderr)
         return 2
     import kernels
     from bench.timing import memory_bandwidth

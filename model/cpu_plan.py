@@ -15,6 +15,12 @@ fail later, and availability is never read from build or ISA flags.
 
 Timing is interleaved (every round runs each candidate once) and the median of each is compared;
 a candidate replaces the default only when it is faster by `MARGIN`, so noise keeps the default.
+Each timed call reads its operands from memory, as a decode step does (it reads every layer's
+weights once): the calls rotate over copies of the weight (and of the attention's caches) that
+together exceed twice the last-level cache. Timing one weight again and again measured a
+cache-resident matmul instead: on an AVX2-only EPYC (32 MiB L3) the plan so chose plain fp32
+weights for shapes that fit in L3, which then ran 8-row decode at 0.4 GB/s, a third of the
+packed layout's speed.
 
 Besides computing from the plain weight (`F.linear`; `torch.mv` for one row), a weight can be
 held in another layout, which then serves every batch size (`HELD_LAYOUTS`):
@@ -27,23 +33,27 @@ held in another layout, which then serves every batch size (`HELD_LAYOUTS`):
   native bf16 dot products runs bf16 matmuls on slow conversion paths; fp32 reads twice the bytes
   but may still win. It costs the extra memory, which the startup line counts, and is refused for
   a shape whose copies would not fit in `MEMORY_SHARE` of the memory available.
+- `int8`, `int8 dynamic` (`--quantization int8` only, and then the only candidates): rows rounded
+  to int8 with a scale each, multiplied by one of two kernels (`model.quant`).
 Because a held layout serves every batch, layouts are compared at one row and at a full batch,
 each by its worse ratio to the fastest there (`_choose_linear`). The model then holds the winner
 in place of the plain weight (`Qwen3Model.plan_cpu_ops`), a tied LM head as a copy beside the
 embedding table.
 """
 
+import itertools
 import math
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
+from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, int8_linear
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AttentionFn = Callable[..., torch.Tensor]
@@ -56,9 +66,13 @@ SHORT_CONTEXT = 128
 # (the nearest measured point). Timing at a 40,960-token context would take seconds and gigabytes.
 LONG_CONTEXT = 2048
 MEMORY_SHARE = 0.5  # of the memory available at load time, what held fp32 copies may take
+MAX_COPIES = 16  # of one operand, rotated through while timing (see `_copies`)
 # A candidate's result may differ from the fp32 computation by this much, relative to its largest
 # magnitude: rounding to a 16-bit type (2^-8) and summation order, well below what a wrong kernel gives.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+# An int8 candidate against the fp32 product with its dequantized weight: `int8 dynamic` rounds the
+# activations to 7 bits too (measured: ~2% of the largest output); a wrong kernel is off by ~100%.
+INT8_TOLERANCE = 6e-2
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -79,7 +93,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def held_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` for a weight held packed and/or in fp32; the result in `x`'s dtype."""
+    """`x @ weight.T` for a weight held packed, in fp32 or in int8; the result in `x`'s dtype."""
+    if weight.dtype == torch.int8:
+        return int8_linear(x, weight)
     compute = x if weight.dtype == x.dtype else x.to(weight.dtype)
     out = packed_linear(compute, weight) if weight.is_mkldnn else F.linear(compute, weight)
     return out.to(x.dtype)
@@ -92,20 +108,27 @@ HELD_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     PACKED: pack_weight,
     FP32: lambda w: w.float(),
     FP32_PACKED: lambda w: pack_weight(w.float()),
+    INT8: hold_int8,
+    INT8_DYNAMIC: hold_int8_dynamic,
 }
+HELD_ELEMENT_BYTES = {FP32: 4, FP32_PACKED: 4, INT8: 1, INT8_DYNAMIC: 1}  # the others keep the model's
 DECODE_ATTENTIONS: dict[str, AttentionFn] = {
     "sdpa": paged_decode_attention_reference,
     "grouped": paged_decode_attention_grouped,
 }
 
 
-def held_layouts(dtype: torch.dtype) -> list[str]:
+def held_layouts(dtype: torch.dtype, quantization: str | None = None) -> list[str]:
     """The layouts a weight of `dtype` may be offered in (whether they run here is found by running them)."""
+    if quantization == "int8":
+        return [INT8, INT8_DYNAMIC]
     return [PACKED] if dtype == torch.float32 else [PACKED, FP32, FP32_PACKED]
 
 
 def layout_of(weight: torch.Tensor, dtype: torch.dtype) -> str | None:
     """The held layout `weight` is in, for a model of `dtype`, or None when it is plain."""
+    if weight.dtype == torch.int8:
+        return weight.int8_layout
     upcast = weight.dtype != dtype
     if weight.is_mkldnn:
         return FP32_PACKED if upcast else PACKED
@@ -170,7 +193,8 @@ class CpuPlan:
                 f"ATen {torch.backends.cpu.get_cpu_capability()}): "
                 f"one-row matmul: {linears}; decode attention: {attention}")
         if self.extra_bytes:
-            text += f"; held weights add {self.extra_bytes / 2**20:.0f} MiB"
+            change = "add" if self.extra_bytes > 0 else "save"
+            text += f"; held weights {change} {abs(self.extra_bytes) / 2**20:.0f} MiB"
         if self.skipped:
             text += "; skipped: " + "; ".join(f"{reason}" for reason in self.skipped.values())
         return text
@@ -200,7 +224,8 @@ def _pick(costs: dict[str, float]) -> str:
     return best if costs[best] < costs[default] * (1 - MARGIN) else default
 
 
-def _run_problem(fn: Callable[[], torch.Tensor], reference: torch.Tensor, dtype: torch.dtype) -> str | None:
+def _run_problem(fn: Callable[[], torch.Tensor], reference: torch.Tensor, dtype: torch.dtype,
+                 tolerance: float | None = None) -> str | None:
     """Why `fn` cannot be used here: it raises, or its result is not `reference`'s; None when it is."""
     try:
         out = fn()
@@ -209,17 +234,17 @@ def _run_problem(fn: Callable[[], torch.Tensor], reference: torch.Tensor, dtype:
         return f"unavailable here ({first_line[:160]})"
     error = (out.float() - reference).abs().max().item()
     scale = reference.abs().max().item()
-    if not error <= TOLERANCE[dtype] * scale:  # NaN fails too
+    if not error <= (tolerance or TOLERANCE[dtype]) * scale:  # NaN fails too
         return f"gives wrong results here (max |difference| {error:.3g} for values up to {scale:.3g})"
     return None
 
 
 def runnable(candidates: dict[str, Callable[[], torch.Tensor]], reference: torch.Tensor, dtype: torch.dtype,
-             skipped: dict[str, str]) -> dict[str, Callable[[], torch.Tensor]]:
+             skipped: dict[str, str], tolerance: float | None = None) -> dict[str, Callable[[], torch.Tensor]]:
     """The candidates that run and give `reference` (in order); the others go into `skipped`, by name."""
     kept = {}
     for name, fn in candidates.items():
-        problem = _run_problem(fn, reference, dtype)
+        problem = _run_problem(fn, reference, dtype, tolerance)
         if problem is None:
             kept[name] = fn
         else:
@@ -253,25 +278,52 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache Linux reports (sysfs), or 64 MiB when it reports none."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        if text.rstrip("KMG").isdigit():
+            sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=64 * 2**20)
+
+
+def _copies(nbytes: int) -> int:
+    """How many copies of an `nbytes` operand to rotate through so that each call reads from memory."""
+    return max(1, min(MAX_COPIES, math.ceil(2 * last_level_cache_bytes() / max(nbytes, 1))))
+
+
+def _rotating(fn: Callable, first: tuple, others: list[tuple]) -> Callable[[], torch.Tensor]:
+    """A call of `fn` on `first`'s arguments, then on each of `others` in turn, round and round."""
+    arguments = itertools.cycle([first, *others])
+    return lambda: fn(*next(arguments))
+
+
 def _holding_cost(weight: PlannedWeight, layout: str, dtype: torch.dtype) -> int:
     """Bytes that holding every weight of this shape in `layout` adds to a model of `dtype` (a
     packed weight keeps its element size)."""
     numel = math.prod(weight.sample.shape)
     plain = numel * dtype.itemsize
-    held = numel * (4 if layout in (FP32, FP32_PACKED) else dtype.itemsize)
+    held = numel * HELD_ELEMENT_BYTES.get(layout, dtype.itemsize)
     return weight.replaced * (held - plain) + weight.copied * held
 
 
-def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget, skipped: dict[str, str]) -> tuple[str, int]:
+def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget, skipped: dict[str, str],
+                   quantization: str | None = None) -> tuple[str, int]:
     """The winner for this weight shape (a one-row function of the plain weight, or a held layout)
     and the bytes it adds.
 
     A held layout serves every batch size, so layouts are compared at one row and at `max_batch`
     rows, each by its worse ratio to the fastest at either size: neither batch-1 decode nor a full
-    batch may pay much for the other's gain."""
+    batch may pay much for the other's gain. With a `quantization`, only its layouts compete."""
     sample = weight.sample
+    plain_linears = {} if quantization else ONE_ROW_LINEARS
     held: dict[str, torch.Tensor] = {}
-    for layout in held_layouts(sample.dtype):
+    for layout in held_layouts(sample.dtype, quantization):
         cost = _holding_cost(weight, layout, sample.dtype)
         if not budget.fits(cost):
             skipped.setdefault(layout, f"{layout}: {tuple(sample.shape)} would need {cost / 2**30:.1f} GiB more, "
@@ -281,15 +333,15 @@ def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget,
             held[layout] = HELD_LAYOUTS[layout](sample)
         except Exception as err:
             skipped.setdefault(layout, f"{layout}: unavailable here ({str(err).strip().splitlines()[0][:160]})")
-    one_row = _times(sample, 1, ONE_ROW_LINEARS, held, skipped)
-    plain_fns = {name: one_row[name] for name in ONE_ROW_LINEARS if name in one_row}
+    one_row = _times(sample, 1, plain_linears, held, skipped)
+    plain_fns = {name: one_row[name] for name in plain_linears if name in one_row}
     held = {layout: copy for layout, copy in held.items() if layout in one_row}
     if not one_row:
         raise RuntimeError(f"no matmul runs on this CPU for a {tuple(sample.shape)} {sample.dtype} weight: "
                            + "; ".join(skipped.values()))
     plain_one_row = _pick(plain_fns) if plain_fns else None
     # Per option: (one-row seconds, full-batch seconds); the plain weight runs F.linear for a batch.
-    batch = _times(sample, max_batch, {"linear": _linear}, held, skipped) if max_batch > 1 else {}
+    batch = _times(sample, max_batch, {"linear": _linear} if plain_linears else {}, held, skipped) if max_batch > 1 else {}
     options: dict[str, tuple[float, float]] = {}
     if plain_one_row is not None and (max_batch == 1 or "linear" in batch):
         options[PLAIN] = (one_row[plain_one_row], batch.get("linear", 0.0))
@@ -314,16 +366,26 @@ def _times(weight: torch.Tensor, rows: int, plain: dict[str, LinearFn], held: di
     """Median seconds of `rows` random rows through each plain function of `weight` and each held
     copy of it, for those that run and give the right result (the others go into `skipped`)."""
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-    candidates = {name: partial(fn, x, weight) for name, fn in plain.items()}
-    candidates |= {layout: partial(held_linear, x, copy) for layout, copy in held.items()}
+    clones = [weight.clone() for _ in range(_copies(weight.numel() * weight.element_size()) - 1)]
+
+    def held_copies(layout: str) -> list[tuple]:
+        return [(x, HELD_LAYOUTS[layout](clone)) for clone in clones]
+
+    candidates = {name: _rotating(fn, (x, weight), [(x, clone) for clone in clones]) for name, fn in plain.items()}
+    candidates |= {layout: _rotating(held_linear, (x, copy), held_copies(layout))
+                   for layout, copy in held.items() if copy.dtype != torch.int8}
     candidates = runnable(candidates, _reference_linear(x, weight), weight.dtype, skipped)
+    for layout, copy in held.items():  # int8: against its own dequantized weight, at int8's tolerance
+        if copy.dtype == torch.int8:
+            candidates |= runnable({layout: _rotating(held_linear, (x, copy), held_copies(layout))},
+                                   _reference_linear(x, dequantize(copy)), weight.dtype, skipped, INT8_TOLERANCE)
     return _median_seconds(candidates, ROUNDS) if candidates else {}
 
 
 @torch.inference_mode()
 def measure_cpu_plan(
     weights: list[PlannedWeight], dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-    max_batch: int, max_context: int,
+    max_batch: int, max_context: int, quantization: str | None = None,
 ) -> CpuPlan:
     """Time the candidates on `weights` (one per weight shape) and on decode attention over scratch
     caches at batch 1 and `max_batch`, contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
@@ -338,7 +400,7 @@ def measure_cpu_plan(
             one_row[shape] = held
             extra_bytes += _holding_cost(weight, held, dtype)
             continue
-        one_row[shape], cost = _choose_linear(weight, max_batch, budget, skipped)
+        one_row[shape], cost = _choose_linear(weight, max_batch, budget, skipped, quantization)
         extra_bytes += cost
     attention = []
     long_context = min(max_context, LONG_CONTEXT)
@@ -350,9 +412,11 @@ def measure_cpu_plan(
 
 
 def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:
-    q = args[0]
+    q, k_cache, v_cache = args[:3]
     reference = _attention_reference(*args)
-    candidates = {name: partial(fn, *args) for name, fn in DECODE_ATTENTIONS.items()}
+    others = [(q, k_cache.clone(), v_cache.clone(), *args[3:])
+              for _ in range(_copies(2 * k_cache.numel() * k_cache.element_size()) - 1)]
+    candidates = {name: _rotating(fn, args, others) for name, fn in DECODE_ATTENTIONS.items()}
     candidates = runnable(candidates, reference, q.dtype, skipped)
     if not candidates:
         raise RuntimeError("no decode attention runs on this CPU: " + "; ".join(skipped.values()))

@@ -88,13 +88,14 @@ class Qwen3Model(nn.Module):
         # tensor it returns replaces that output. `nanoserve check` reads hidden states through it.
         self.layer_hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
 
-    def plan_cpu_ops(self, max_batch: int, max_context: int) -> CpuPlan:
+    def plan_cpu_ops(self, max_batch: int, max_context: int, quantization: str | None = None) -> CpuPlan:
         """Time the CPU candidates of the ops that have several (see `model.cpu_plan`) on this model's
-        weights and head shapes, and use the winners from now on. Run it on a thread that ends or
-        on the thread that runs the model (see `server.engine.async_engine.create_engine`)."""
+        weights and head shapes, and use the winners from now on; with `quantization` ("int8") the
+        matmul weights are held quantized (`model.quant`). Run it on a thread that ends or on the
+        thread that runs the model (see `server.engine.async_engine.create_engine`)."""
         c = self.config
-        plan = measure_cpu_plan(self._planned_weights(), self.dtype, self.shard.num_heads, self.shard.num_kv_heads, c.head_dim,
-                                max_batch, max_context)
+        plan = measure_cpu_plan(self._planned_weights(), self.dtype, self.shard.num_heads, self.shard.num_kv_heads,
+                                c.head_dim, max_batch, max_context, quantization)
         self._hold_weights(plan)
         self.cpu_plan = plan
         return plan
@@ -124,7 +125,8 @@ class Qwen3Model(nn.Module):
             weight = getattr(owner, name)
             layout = plan.held_layout(tuple(weight.shape))
             if layout is not None and layout_of(weight, self.dtype) is None:
-                setattr(owner, name, nn.Parameter(HELD_LAYOUTS[layout](weight.detach()), requires_grad=False))
+                held = HELD_LAYOUTS[layout](weight.detach())  # int8 ones come as Parameters that carry their scales
+                setattr(owner, name, held if isinstance(held, nn.Parameter) else nn.Parameter(held, requires_grad=False))
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)

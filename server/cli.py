@@ -38,6 +38,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "prefill_attention, rms_norm, rope, store_kv, token_bitmask); a plug-in of your own: "
         "OP=MODULE:FUNCTION or OP=FILE.py:FUNCTION, checked against the op's torch reference at load",
     )
+    g.add_argument(
+        "--quantization", default=None, choices=["int8"],
+        help="int8: the linear layers' weights rounded to int8 with a scale per output row, half of bf16's "
+        "bytes to read per token (CPU only; default: none, the weights as loaded)",
+    )
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:

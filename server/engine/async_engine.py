@@ -274,5 +274,5 @@ def _load(model_dir: Path, device: str, dtype: str, config: EngineConfig) -> tup
     model = load_model(model_dir, device, dtype, block_size=config.block_size)
     config = resolve_config(config, model)
     if model.device.type == "cpu":
-        logger.info(model.plan_cpu_ops(config.max_num_seqs, config.max_model_len).describe())
+        logger.info(model.plan_cpu_ops(config.max_num_seqs, config.max_model_len, config.quantization).describe())
     return model, config

@@ -41,6 +41,8 @@ class EngineConfig:
     # --speculative-config: draft tokens for every sequence (n-gram); None: only chat requests'
     # `prediction`s speculate.
     speculative_config: SpeculativeConfig | None = None
+    # "int8": the matmul weights rounded to int8 with a scale per row, on CPU (`model.quant`).
+    quantization: str | None = None
 
 
 def kv_block_bytes(model: Qwen3Model, block_size: int) -> int:
@@ -72,6 +74,9 @@ def resolve_config(config: EngineConfig, model: Qwen3Model) -> EngineConfig:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     device = model.device.type
+    if config.quantization is not None and device != "cpu":
+        raise ValueError(f"--quantization {config.quantization} runs on CPU only (there is no int8 kernel for "
+                         f"{device} here): drop the flag, or give --device cpu")
     max_positions = model.config.max_position_embeddings
     if config.max_model_len and config.max_model_len > max_positions:
         raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's {max_positions} positions")

@@ -101,7 +101,7 @@ def load_rank(model_dir: Path, device: str, dtype: str, config: EngineConfig, ra
     if blocks.item() != resolved.num_kv_blocks:
         resolved = resolve_config(replace(config, num_kv_blocks=blocks.item()), model)
     if model.device.type == "cpu":
-        plan = model.plan_cpu_ops(resolved.max_num_seqs, resolved.max_model_len).describe()
+        plan = model.plan_cpu_ops(resolved.max_num_seqs, resolved.max_model_len, resolved.quantization).describe()
         if rank == 0:
             logger.info(plan)
     return model, resolved
