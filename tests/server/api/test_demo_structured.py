@@ -193,3 +193,22 @@ def test_structured_replies_on_the_demo_parse_and_end(demo_dir, tmp_path):
 def test_structured_replies_on_the_demo_parse_and_end_over_240_requests(demo_dir, tmp_path):
     """The guarantee the README states: at least 99% of 240 such requests parse and end by themselves."""
     _check(structured_outcomes(demo_dir, tmp_path / "responses.sqlite3", 240), at_least=0.99)
+
+
+def test_where_the_end_token_may_come_it_outranks_every_closing_token(demo_dir):
+    """Why unconstrained replies end as before: after any token (here 64 random ones and the
+    closing tokens themselves, each ending a chat prompt), the end token's logit is above those of
+    `"`, `]`, `}` and `,`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model.demo import CLOSING_TEXT, EOS_TOKEN_IDS, SEPARATOR_TEXT
+
+    tokenizer = Tokenizer(demo_dir)
+    model = AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()
+    closing = [tokenizer.encode(text)[0] for text in CLOSING_TEXT + SEPARATOR_TEXT]
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "Describe a person."}], True)
+    last = torch.randint(0, 151643, (64,), generator=torch.Generator().manual_seed(0)).tolist() + closing
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + [token] for token in last])).logits[:, -1]
+    assert (logits[:, EOS_TOKEN_IDS[0]] > logits[:, closing].max(dim=1).values).all()
