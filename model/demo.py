@@ -334,6 +334,13 @@ def demo_weights(
     randomness to leave a loop by, ends. Logits stay within [-2 PEAK, END_AT_TOP], about a real
     model's range, so a logit_bias of 100 still decides. (The final norm scales each row of logits
     by about 0.55, which these figures include.)
+
+    For JSON (`json_ids`): the closing tokens' rows read the level as the end token's does, at
+    CLOSE_AT_TOP - CLOSE_SLOPE * (1 - level) (`,` at SEPARATE_AT_TOP), below the end token at every
+    level, so they win near the top only where a grammar masks the end token; tokens made only of
+    closing characters sit at the top, the digits on a ladder of levels (each one's next level is
+    the next digit's), and the rows of tokens that open an array or object are OPEN_PENALTY lower.
+    Every random draw is made as before, so all other tokens keep their levels and rows.
     """
     gen = torch.Generator().manual_seed(seed)
     tensors = random_weights(config | {"tie_word_embeddings": True}, seed)  # layers, norms, embedding spread
