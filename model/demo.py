@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 
 from model.tokenizer import byte_alphabet
 
-DEMO_NAME = "demo-qwen3-v3"
+DEMO_NAME = "demo-qwen3-v4"
 DEMO_SEED = 20260101
 MANIFEST = "nanoserve-manifest.json"  # sha256 of every file, written last: a build is complete and intact
 
@@ -56,6 +57,28 @@ LEVEL_ZERO_TEXT = ("user", "assistant", "system", "tool", "developer", "\n", "\n
 # ... and the end of a tool call sits at the top, so that after a call the end token wins, as a
 # real Qwen3 ends its turn after its calls (a grammar that allows more calls would otherwise go on).
 TOP_LEVEL_TOKENS = ("</tool_call>",)
+
+# How the demo ends what a grammar opens (see `demo_weights`): where the grammar masks the end
+# token (inside a JSON string, number, array or object), the tokens that close JSON take its part.
+# `"`, `]` and `}` read the level as the end token does, `,` likewise but lower (so an array or
+# object ends rather than goes on), each below the end token at every level, so that where the
+# end token is allowed it still wins and unconstrained replies end as before.
+CLOSING_TEXT = ('"', "]", "}")
+CLOSE_AT_TOP = 11.0  # a closing token's logit at level 1 ...
+CLOSE_SLOPE = 90.0  # ... and how much lower per unit of level below 1 (steeper than the end token's)
+CLOSE_TIE = 0.5  # `"` above `]` and `}`: after `[` or `{` an element or key comes rather than the end
+SEPARATOR_TEXT = (",",)
+SEPARATE_AT_TOP = 7.0  # as CLOSE_AT_TOP for `,`, with the same slope
+# Tokens made only of closing characters (`"}`, `]]`, ...) sit at the top, so that after any of
+# them what follows closes too (the end token where the reply is complete, `]` rather than `,`).
+# A number has only ten tokens to climb by, so the digits are a ladder: each one's next level is
+# exactly the next digit's, so that a number rises to the top like any text and ends there
+# (with random levels one digit would follow itself for ever: -3333...).
+DIGIT_LEVELS = tuple(0.1 * (d + 1) for d in range(10))  # "0" .. "9"
+DIGIT_STEP = 0.1
+# Tokens made only of JSON punctuation that open an array or object (`{`, ` [`, `{"`, ...):
+# lower, so that where any value may come (`{"type": "object"}`), nesting does not go on.
+OPEN_PENALTY = 20.0
 
 QWEN3_VOCAB_SIZE = 151936  # embedding rows; the tokenizer uses 151669 of them
 BPE_RANKS = 151643
@@ -181,7 +204,7 @@ def _build_demo(directory: Path) -> None:
     top_level = [BPE_RANKS + SPECIAL_TOKENS.index(token) for token in TOP_LEVEL_TOKENS]
     config = hf_config(DEMO_CONFIG)
     write_checkpoint(directory, DEMO_CONFIG, DEMO_SEED, with_tokenizer=False,
-                     tensors=demo_weights(config, DEMO_SEED, level_zero, top_level))
+                     tensors=demo_weights(config, DEMO_SEED, level_zero, top_level, json_tokens(ranks)))
     files = {path.name: _sha256(path) for path in sorted(directory.iterdir())}
     (directory / MANIFEST).write_text(json.dumps(files, indent=2) + "\n")
 
@@ -274,8 +297,30 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass(frozen=True)
+class JsonTokens:
+    """The token ids whose levels and LM-head rows `demo_weights` engineers for JSON."""
+
+    closing: list[int]  # CLOSING_TEXT
+    separators: list[int]  # SEPARATOR_TEXT
+    only_closing: list[int]  # every token made only of closing characters
+    digits: list[int]  # "0" .. "9"
+    opening: list[int]  # JSON punctuation that opens an array or object
+
+
+def json_tokens(ranks: dict[bytes, int]) -> JsonTokens:
+    punctuation = [(token, rank) for token, rank in ranks.items() if token.strip() and set(token) <= set(b'"{}[],: ')]
+    return JsonTokens(
+        closing=[ranks[text.encode()] for text in CLOSING_TEXT],
+        separators=[ranks[text.encode()] for text in SEPARATOR_TEXT],
+        only_closing=sorted(rank for token, rank in punctuation if set(token) <= set(b'"]}')),
+        digits=[ranks[str(d).encode()] for d in range(10)],
+        opening=sorted(rank for token, rank in punctuation if set(token) & set(b"{[")),
+    )
+
+
 def demo_weights(
-    config: dict, seed: int, level_zero_ids: list[int], top_level_ids: list[int]
+    config: dict, seed: int, level_zero_ids: list[int], top_level_ids: list[int], json_ids: JsonTokens
 ) -> dict[str, torch.Tensor]:
     """Random Qwen3 weights (as `random_weights`) built so that replies end on their own.
 
@@ -289,14 +334,24 @@ def demo_weights(
     randomness to leave a loop by, ends. Logits stay within [-2 PEAK, END_AT_TOP], about a real
     model's range, so a logit_bias of 100 still decides. (The final norm scales each row of logits
     by about 0.55, which these figures include.)
+
+    For JSON (`json_ids`): the closing tokens' rows read the level as the end token's does, at
+    CLOSE_AT_TOP - CLOSE_SLOPE * (1 - level) (`,` at SEPARATE_AT_TOP), below the end token at every
+    level, so they win near the top only where a grammar masks the end token; tokens made only of
+    closing characters sit at the top, the digits on a ladder of levels (each one's next level is
+    the next digit's), and the rows of tokens that open an array or object are OPEN_PENALTY lower.
+    Every random draw is made as before, so all other tokens keep their levels and rows.
     """
     gen = torch.Generator().manual_seed(seed)
     tensors = random_weights(config | {"tie_word_embeddings": True}, seed)  # layers, norms, embedding spread
     vocab, hidden = config["vocab_size"], config["hidden_size"]
     level = torch.rand(vocab, generator=gen)
     level[level_zero_ids] = 0.0
-    level[top_level_ids] = 1.0
-    next_angle = LEVEL_ANGLE * (level + LEVEL_STEP)
+    level[top_level_ids + json_ids.only_closing] = 1.0
+    level[json_ids.digits] = torch.tensor(DIGIT_LEVELS)
+    step = torch.full((vocab,), LEVEL_STEP)
+    step[json_ids.digits] = DIGIT_STEP
+    next_angle = LEVEL_ANGLE * (level + step)
     embed = tensors["model.embed_tokens.weight"]
     embed[:, :4] = RESIDUAL_SCALE * torch.stack([next_angle.cos(), next_angle.sin(), torch.ones(vocab), level], 1)
     for i in range(config["num_hidden_layers"]):
@@ -312,6 +367,11 @@ def demo_weights(
     end_id = EOS_TOKEN_IDS[0]
     head[end_id] = 0.0
     head[end_id, 2:4] = scale * torch.tensor([END_AT_TOP - END_SLOPE, END_SLOPE])
+    closers = [(token, CLOSE_AT_TOP - (i > 0) * CLOSE_TIE) for i, token in enumerate(json_ids.closing)]
+    for token, at_top in closers + [(token, SEPARATE_AT_TOP) for token in json_ids.separators]:
+        head[token] = 0.0
+        head[token, 2:4] = scale * torch.tensor([at_top - CLOSE_SLOPE, CLOSE_SLOPE])
+    head[json_ids.opening, 2] -= scale * OPEN_PENALTY
     blocked = [i for i in range(BPE_RANKS, vocab) if i != end_id]  # other special tokens, token-less rows
     head[blocked] = 0.0
     head[blocked, 2] = scale * BLOCKED
