@@ -91,7 +91,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--speculative-config", default=None, metavar="JSON",
         help='speculative decoding for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
         '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (optional "disable_by_batch_size": N); chat requests\' '
-        "`prediction` speculates without it (default: off); or '{\"method\": \"draft_model\", \"model\": DIR, "
+        "prediction speculates without it (default: off); or '{\"method\": \"draft_model\", \"model\": DIR, "
         "\"num_speculative_tokens\": 4}'",
     )
     g.add_argument(
