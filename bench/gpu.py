@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -451,13 +450,15 @@ class Steps:
         if self.left() - self.grace < MIN_STEP_S * self.scale:
             self.outcomes["nanoserve serve"] = "skipped"
             return
-        port = _free_port()
+        from bench.launch import free_port, wait_healthy  # httpx: imported where a server runs
+
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = self.start(self.python("-m", "server.cli", "serve", "--model", str(checkpoint), "--port", str(port)),
                             "serve-server.log")
         self.held_back = self.grace
         try:
-            if not _wait_healthy(url, server, min(self.limits["server start"], self.left())):
+            if not wait_healthy(url, server, min(self.limits["server start"], self.left())):
                 self.outcomes["nanoserve serve"] = "did not come up"
                 print(f"the server did not come up:\n{(self.out / 'serve-server.log').read_text(errors='replace')[-3000:]}")
                 return
@@ -518,26 +519,6 @@ def torch_device_count() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> bool:
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:

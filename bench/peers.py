@@ -37,6 +37,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.launch import free_port, wait_healthy
+
 INSTALL_HINT = """llama-server (llama.cpp's OpenAI-compatible server) was not found: give --llama-server PATH or put it on PATH.
 Get llama.cpp, for example:
   brew install llama.cpp                                # macOS, Linux with Homebrew
@@ -128,26 +130,12 @@ async def _measure(url: str, model: str, prompts: list[str], tokens: int) -> tup
     return one, list(eight)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(command: list[str], url: str, log: Path, timeout: float) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited with {process.returncode}: see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
+    if wait_healthy(url, process, timeout):
+        return process
+    if process.poll() is not None:
+        raise RuntimeError(f"{command[0]} exited with {process.returncode}: see {log}")
     process.terminate()
     raise RuntimeError(f"{command[0]} did not become healthy in {timeout:.0f} s: see {log}")
 
@@ -206,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     floors = {fmt: floor_bytes(config, FORMAT_BYTES[fmt]) / bandwidth for fmt in (theirs_format, ours_format)}
     theirs, ours = f"llama.cpp {theirs_format}", f"nanoserve {ours_format}"
     context = 8 * 1024
-    ports = {theirs: _free_port(), ours: _free_port()}
+    ports = {theirs: free_port(), ours: free_port()}
     commands = {
         theirs: [args.llama_server, "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(ports[theirs]),
                  "-t", str(args.threads), "-np", "8", "-c", str(context), "--alias", "peer"],

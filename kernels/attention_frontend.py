@@ -12,6 +12,8 @@ qkv is `[T, (Hq + 2 Hk) * D]` (rows may be strided, columns contiguous); the cac
 the token's cos/sin row once for all heads and keeps each head as its two rotary halves.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from kernels._triton import Launch, jit, next_power_of_2, tl
@@ -91,13 +93,26 @@ def attention_frontend_reference(
     slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The unfused references in sequence; returns (q, k, v), k and v as stored."""
+    return unfused_attention_frontend(rms_norm_reference, apply_rope_reference, store_kv_reference, qkv,
+                                      q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
+                                      slot_mapping)
+
+
+def unfused_attention_frontend(
+    norm: Callable, rope: Callable, store: Callable, qkv: torch.Tensor, q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The front-end as its three ops, `norm`, `rope` and `store`, one after another (the reference's
+    and, with plug-ins among them, `kernels.ops`'); returns (q, k, v), k and v as stored."""
     tokens, (kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
-    q, k, v = qkv.split([qkv.shape[1] - 2 * kv_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = rms_norm_reference(q.view(tokens, -1, head_dim), q_norm_weight, eps)
-    k = rms_norm_reference(k.view(tokens, kv_heads, head_dim), k_norm_weight, eps)
+    kv_size = kv_heads * head_dim
+    q, k, v = qkv.split([qkv.shape[1] - 2 * kv_size, kv_size, kv_size], dim=-1)
+    q = norm(q.view(tokens, -1, head_dim), q_norm_weight, eps)
+    k = norm(k.view(tokens, kv_heads, head_dim), k_norm_weight, eps)
     v = v.view(tokens, kv_heads, head_dim)
-    q, k = apply_rope_reference(q, k, positions, cos_sin_cache)
-    store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    q, k = rope(q, k, positions, cos_sin_cache)
+    store(k, v, k_cache, v_cache, slot_mapping)
     return q, k, v
 
 

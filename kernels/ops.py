@@ -16,6 +16,7 @@ Two ops reach further than their own function:
 import torch
 
 from kernels.attention_frontend import attention_frontend as builtin_attention_frontend
+from kernels.attention_frontend import unfused_attention_frontend
 from kernels.decode_attention import paged_decode_attention as builtin_decode_attention
 from kernels.prefill_attention import paged_prefill_attention as builtin_prefill_attention
 from kernels.rms_norm import fused_add_rms_norm as builtin_fused_add_rms_norm
@@ -81,20 +82,9 @@ def attention_frontend(
     return builtin_attention_frontend(*args)
 
 
-def _unfused_frontend(
-    qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
-    positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tokens, (kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
-    kv_size = kv_heads * head_dim
-    q, k, v = qkv.split([qkv.shape[1] - 2 * kv_size, kv_size, kv_size], dim=-1)
-    q = rms_norm(q.view(tokens, -1, head_dim), q_norm_weight, eps)
-    k = rms_norm(k.view(tokens, kv_heads, head_dim), k_norm_weight, eps)
-    v = v.view(tokens, kv_heads, head_dim)
-    q, k = apply_rope(q, k, positions, cos_sin_cache)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
-    return q, k, v
+def _unfused_frontend(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The front-end through the dispatching ops, so a norm, RoPE or store plug-in sees every call."""
+    return unfused_attention_frontend(rms_norm, apply_rope, store_kv, *args)
 
 
 def paged_decode_attention(
