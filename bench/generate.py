@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import run_and_report
+from bench.report import comma_ints, run_and_report
 from bench.timing import median_seconds, memory_bandwidth, on_own_thread
 from kernels import set_backend
 from model.batch import SequenceStep, make_batch
@@ -301,10 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         set_backend(args.kernels)
     except (ValueError, RuntimeError) as err:
         p.error(f"--kernels: {err}")
-    try:
-        args.batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    args.batches = comma_ints(p, "--batches", args.batches)
     args.modes = args.modes.split(",")
     if not args.modes or set(args.modes) - set(MODES) or len(set(args.modes)) < len(args.modes):
         p.error(f"--modes must name some of {', '.join(MODES)}, each once, got {','.join(args.modes)!r}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import comma_ints
 from model.config import Qwen3Config
 
 GROUPS = ("triton", "gemm", "other")
@@ -150,10 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernels", default="auto", help="kernel backends, as the CLI's --kernels (default %(default)s)")
     p.add_argument("--out-dir", default="bench/out", help="traces and profile.json go here (default %(default)s)")
     args = p.parse_args(argv)
-    try:
-        args.batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        p.error(f"--batch must be an integer (on CPU: comma-separated integers), got {args.batch!r}")
+    args.batches = comma_ints(p, "--batch", args.batch, "an integer (on CPU: comma-separated integers)")
     if args.device == "cuda" and len(args.batches) > 1:
         p.error("--batch takes one size on CUDA")
     args.batch = args.batches[0]

@@ -7,6 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def comma_ints(parser: argparse.ArgumentParser, flag: str, text: str, what: str = "comma-separated integers") -> list[int]:
+    """`text` ("1,8,32") as integers; anything else is the parser's one-line error naming `flag`."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} must be {what}, got {text!r}")
+
+
 def run_and_report(name: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], dict],
                    print_table: Callable[[dict], None]) -> int:
     """`run(args)`, then its table on stdout and its result (with the arguments) as JSON to `args.out`."""

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.report import comma_ints
+
 WORDS = "the of and to in is that for it as with was on be by at this from or an are not have but".split()
 
 
@@ -302,10 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.request_rate is not None:
         args.arrival, args.rate = "poisson", args.request_rate
-    try:
-        args.levels = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    args.levels = comma_ints(p, "--concurrency", args.concurrency)
     if any(c < 1 for c in args.levels) or args.requests < 1 or args.output_tokens < 1 or args.rate <= 0:
         p.error("--concurrency levels, --requests, --output-tokens and --rate must be positive")
     args.response_format = response_format(p, args.response_format, args.endpoint)

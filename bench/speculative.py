@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bench.report import run_and_report
+from bench.report import comma_ints, run_and_report
 from bench.timing import on_own_thread
 from server.engine.request import GenerationRequest, SamplingParams
 
@@ -222,10 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
     p.add_argument("--out", default="bench/out/speculative.json", help="JSON output (default %(default)s)")
     args = p.parse_args(argv)
-    try:
-        args.batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    args.batches = comma_ints(p, "--batches", args.batches)
     args.workloads = args.workloads.split(",")
     if set(args.workloads) - set(WORKLOADS):
         p.error(f"--workloads must name some of {', '.join(WORKLOADS)}")
