@@ -86,21 +86,21 @@ def instrument_nanoserve(model, clock: StepClock):
     import model.qwen3 as qwen3
 
     names = {id(getattr(owner, attr)): PROJECTIONS[attr] for owner, attr in model._matmul_weights()}
-    linear, decode_attention = model._linear, model._decode_attention
+    linear, decode_attention = model._linear, model.decode_attention_for
     patched = {name: getattr(qwen3, name) for name in ("attention_frontend", "rms_norm", "fused_add_rms_norm")}
 
     def timed_linear(x, weight):
         return clock.timed(names.get(id(weight), "rest of forward"), linear, weight_bytes(weight))(x, weight)
 
     model._linear = timed_linear
-    model._decode_attention = lambda *args: clock.timed("attention", decode_attention(*args))
+    model.decode_attention_for = lambda *args: clock.timed("attention", decode_attention(*args))
     qwen3.attention_frontend = clock.timed("attention front", patched["attention_frontend"])
     qwen3.rms_norm = clock.timed("norms", patched["rms_norm"])
     qwen3.fused_add_rms_norm = clock.timed("norms", patched["fused_add_rms_norm"])
     try:
         yield
     finally:
-        del model._linear, model._decode_attention
+        del model._linear, model.decode_attention_for
         for name, fn in patched.items():
             setattr(qwen3, name, fn)
 

@@ -131,7 +131,7 @@ class Qwen3Model(nn.Module):
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)
 
-    def _decode_attention(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
+    def decode_attention_for(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
         """The step's decode attention: the kernels' op, or on CPU what the plan measured fastest."""
         if self.cpu_plan is None or use_triton(k_cache, "decode_attention") or "decode_attention" in PLUGINS:
             return paged_decode_attention
@@ -150,27 +150,64 @@ class Qwen3Model(nn.Module):
         """Stores the batch's K/V in `kv_cache` and returns fp32 logits [N, vocab] for `logits_indices`."""
         if batches.CHECK_BATCHES and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             batches.check_batch(batch, *kv_cache[0][0].shape[:2])
-        eps = self.config.rms_norm_eps
-        decode_attention = self._decode_attention(batch, kv_cache[0][0])
-        hidden = self._embed(batch.token_ids)
-        residual = None
-        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
-            if residual is None:
-                residual = hidden
-                x = rms_norm(hidden, layer.input_norm, eps)
-            else:
-                x, residual = fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self._all_reduce(self._attention(layer, x, batch, k_cache, v_cache, decode_attention))
-            x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
-            hidden = self._all_reduce(self._mlp(layer, x))
-            if self.layer_hook is not None:
-                hidden, residual = self._call_layer_hook(index, hidden, residual)
-        # Only the rows that need logits go through the final norm and the LM head.
-        rows = batch.logits_indices
-        x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, eps)
+        decode_attention = self.decode_attention_for(batch, kv_cache[0][0])
+        hidden, residual = self.embed(batch.token_ids), None
+        for index in range(len(self.layers)):
+            q, k, v, residual = self.attention_input(index, hidden, residual, batch.positions, batch.slot_mapping,
+                                                     kv_cache)
+            out = self.attention(index, q, k, v, batch, kv_cache, decode_attention)
+            hidden, residual = self.attention_output(index, out, residual)
+        return self.final_logits(hidden, residual, batch.logits_indices)
+
+    # The forward pass in the pieces that `forward` chains, cut at attention, the one op that reads
+    # the batch's sequence structure: the pieces between attentions see only per-token tensors, so
+    # `server.engine.piecewise_graph` captures them over padded token counts.
+
+    def attention_input(
+        self, index: int, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+        slot_mapping: torch.Tensor, kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Layer `index` up to its attention: the input norm (added to the residual, but for the
+        first layer, whose residual is `hidden`), the QKV projection and the attention front-end,
+        which stores k and v in the layer's cache at `slot_mapping`. Returns (q, k, v, residual);
+        k and v as `attention_frontend` returns them."""
+        layer, (k_cache, v_cache), c = self.layers[index], kv_cache[index], self.config
+        if residual is None:
+            residual = hidden
+            x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
+        else:
+            x, residual = fused_add_rms_norm(hidden, residual, layer.input_norm, c.rms_norm_eps)
+        # k and v come back only where the unfused references ran (on CPU); the fused kernel
+        # writes them into the cache alone, and attention reads them from there.
+        q, k, v = attention_frontend(self._linear(x, layer.qkv_proj), layer.q_norm, layer.k_norm, c.rms_norm_eps,
+                                     positions, self.cos_sin_cache, k_cache, v_cache, slot_mapping)
+        return q, k, v, residual
+
+    def attention(self, index: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                  batch: ForwardBatch, kv_cache: KVCache, decode_attention: AttentionFn) -> torch.Tensor:
+        """Layer `index`'s attention [T, Hq, D] of the batch's q over the cache, which already holds
+        the batch's own k and v (`attention_input` stored them; given here, or None, they are read
+        from the cache)."""
+        k_cache, v_cache = kv_cache[index]
+        return _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention)
+
+    def attention_output(self, index: int, out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index` after its attention `out` [T, Hq, D]: o_proj, the post-attention norm and
+        the MLP. Returns the layer's (hidden, residual)."""
+        layer = self.layers[index]
+        hidden = self._all_reduce(self._linear(out.reshape(out.shape[0], -1), layer.o_proj))
+        x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, self.config.rms_norm_eps)
+        hidden = self._all_reduce(self._mlp(layer, x))
+        if self.layer_hook is not None:
+            hidden, residual = self._call_layer_hook(index, hidden, residual)
+        return hidden, residual
+
+    def final_logits(self, hidden: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of `rows`: only the rows that need logits go through the final norm and the LM head."""
+        x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, self.config.rms_norm_eps)
         return self._logits(x)
 
-    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.shard.size == 1:
             return F.embedding(token_ids, self.embed_tokens)
         # This rank's vocabulary rows only: other ids look up row 0 and are zeroed, and the sum
@@ -199,18 +236,6 @@ class Qwen3Model(nn.Module):
         # HF) adds them; a replacement goes on as the residual, beside zeros, so it passes unchanged.
         replaced = self.layer_hook(index, hidden + residual)
         return (hidden, residual) if replaced is None else (torch.zeros_like(replaced), replaced)
-
-    def _attention(
-        self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        decode_attention: AttentionFn,
-    ) -> torch.Tensor:
-        c = self.config
-        # k and v come back only where the unfused references ran (on CPU); the fused kernel
-        # writes them into the cache alone, and attention reads them from there.
-        q, k, v = attention_frontend(self._linear(x, layer.qkv_proj), layer.q_norm, layer.k_norm, c.rms_norm_eps,
-                                     batch.positions, self.cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
-        out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention)
-        return self._linear(out.reshape(x.shape[0], self.shard.num_heads * c.head_dim), layer.o_proj)
 
     def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = self._linear(x, layer.gate_up_proj).chunk(2, dim=-1)

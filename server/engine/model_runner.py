@@ -6,7 +6,9 @@ The step's inputs (token ids, positions, cache slots, block tables, context leng
 into buffers allocated once, host side through numpy views; on CUDA they reach their device twins
 with asynchronous copies from pinned memory. The step's results come back to the host behind one
 synchronisation, the step's only one. A decode step that fits a captured batch size replays its
-CUDA graph (`cuda_graph.py`) over those same buffers; other steps run the model eagerly.
+CUDA graph (`cuda_graph.py`) over those same buffers; a step with prompt tokens (or a decode
+batch larger than the decode graphs) that fits a captured token count replays the pieces of
+the forward pass between attentions (`piecewise_graph.py`); other steps run the model eagerly.
 
 `launch` only starts a step: its results come back when `LaunchedStep.results` is called, so the
 host can schedule and prepare the next step while the device runs this one (async scheduling).
@@ -25,6 +27,7 @@ from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
 from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
 from server.engine.distributed import StepSender
+from server.engine.piecewise_graph import PiecewiseGraphRunner, TokenInputs, token_buckets
 from server.engine.request import TokenLogprob
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledBatch
@@ -84,6 +87,9 @@ class ModelRunner:
         self._tensor_parallel = StepSender(max_num_seqs) if model.shard.size > 1 else None
         self._warm_up(config.max_num_seqs, config.max_model_len)  # before capture: nothing compiles inside one
         self._graphs, self.decode_mode = self._capture_graphs(config, max_blocks_per_seq)
+        self._piecewise = self._capture_piecewise(config) if self._graphs is not None else None
+        if self._piecewise is not None:
+            self.decode_mode += f"; prompt steps: {self._piecewise.summary.describe(device)}"
         # speculative decoding's draft model (`draft_model.py`), which computes every step too;
         # steps then run eagerly (the graphs hold the target's step only)
         self.draft_model = None
@@ -129,6 +135,17 @@ class ModelRunner:
         graphs = DecodeGraphRunner(self.model, self.kv_cache, inputs, graph_buckets(config.max_num_seqs))
         return graphs, graphs.capture().describe(self.model.device)
 
+    def _capture_piecewise(self, config: EngineConfig) -> PiecewiseGraphRunner | None:
+        """The prompt steps' piecewise graphs, where decode has graphs (the same flags choose both),
+        over this runner's token buffers as the decode graphs are; none under tensor parallelism,
+        whose prompt steps run eagerly on every rank (the pieces would hold its all-reduces)."""
+        if self._tensor_parallel is not None:
+            return None
+        inputs = TokenInputs(self._token_ids.device, self._positions.device, self._slot_mapping.device)
+        piecewise = PiecewiseGraphRunner(self.model, self.kv_cache, inputs, token_buckets(config.max_num_batched_tokens))
+        piecewise.capture()
+        return piecewise
+
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
         """Per scheduled sequence: (sampled token, its logprobs if asked), or None for a prompt
         chunk that stops short of the prompt's end."""
@@ -145,12 +162,19 @@ class ModelRunner:
         bucket = None  # a pure decode step of a batch size that has a graph replays it
         if self._graphs is not None and batch.num_decodes == len(batch.seqs) and self.draft_model is None:
             bucket = self._graphs.bucket_for(len(batch.seqs))
+        # Other steps replay the pieces between attentions where their token count has them. Not
+        # with a draft model (it mirrors the eager batch) nor a layer hook (`nanoserve check`).
+        # Prompt scoring, drafts to verify, grammars and prefix-cached prompts all go through: they
+        # differ only in the step's rows, its attention and its logits rows, all eager.
+        pieces = None
+        if not bucket and self._piecewise is not None and self.draft_model is None and self.model.layer_hook is None:
+            pieces = self._piecewise.bucket_for(sum(batch.num_new_tokens))
         scoring = None
         self._next_turn()
         if bucket:
             self._prepare_graph_decode(batch.seqs, bucket)
         else:
-            forward_batch = self._prepare(batch, sampling_rows)
+            forward_batch = self._prepare(batch, sampling_rows, pieces)
             scoring = _prompt_scoring(batch) if batch.num_decodes < len(batch.seqs) else None
             if scoring is not None:  # the prompt rows to score get logits too, after the sampling rows
                 rows = to_device(scoring.rows, torch.int64, forward_batch.logits_indices.device)
@@ -166,7 +190,12 @@ class ModelRunner:
             else:
                 self._tensor_parallel.send(forward_batch)
         try:
-            logits = self._graphs.replay(bucket, len(batch.seqs)) if bucket else self.model.forward(forward_batch, self.kv_cache)
+            if bucket:
+                logits = self._graphs.replay(bucket, len(batch.seqs))
+            elif pieces:
+                logits = self._piecewise.forward(forward_batch, pieces)
+            else:
+                logits = self.model.forward(forward_batch, self.kv_cache)
         except Exception as err:
             if self._tensor_parallel is not None:  # the other ranks wait inside this step's collectives
                 self._tensor_parallel.abandon(err)
@@ -228,8 +257,9 @@ class ModelRunner:
                 seq.prompt_logprobs.append(TokenLogprob(target, target_logprobs[row], top))
                 row += 1
 
-    def _prepare(self, batch: ScheduledBatch, sampling_rows: list[int]) -> ForwardBatch:
-        """The step's inputs in one pass: the decodes' single tokens first, then the prompt chunks."""
+    def _prepare(self, batch: ScheduledBatch, sampling_rows: list[int], pad_to: int | None = None) -> ForwardBatch:
+        """The step's inputs in one pass: the decodes' single tokens first, then the prompt chunks;
+        with `pad_to`, padding tokens after them up to that many rows, that store nothing (slot -1)."""
         seqs, bs, d = batch.seqs, self.block_size, batch.num_decodes
         self._write_decode_rows(seqs[:d])
         ends = list(range(1, d + 1))
@@ -248,10 +278,14 @@ class ModelRunner:
         self._query_start_loc.np[1 : n + 1] = ends
         rows = [row for i in sampling_rows for row in range(ends[i] - 1 - len(batch.drafts[i]), ends[i])]
         self._logits_indices.np[: len(rows)] = rows
+        padded = pad_to or start
+        self._token_ids.np[start:padded] = 0
+        self._positions.np[start:padded] = 0
+        self._slot_mapping.np[start:padded] = -1
         return ForwardBatch(
-            token_ids=self._token_ids.load(start),
-            positions=self._positions.load(start),
-            slot_mapping=self._slot_mapping.load(start),
+            token_ids=self._token_ids.load(padded)[:start],
+            positions=self._positions.load(padded)[:start],
+            slot_mapping=self._slot_mapping.load(padded)[:start],
             block_tables=self._load_block_tables(seqs),
             context_lens=self._context_lens.load(n),
             query_start_loc=self._query_start_loc.load(n + 1),
