@@ -14,6 +14,7 @@ from model.qwen3 import Qwen3Model
 from server.engine.config import EngineConfig, resolve_config
 from server.engine.core import EngineCore
 from server.engine.memory import profile_step
+from server.engine.piecewise_graph import PiecewiseGraphRunner
 from server.engine.request import GenerationRequest, SamplingParams
 from tests.kernels.common import kernel_backend
 from tests.server.engine.test_engine import demo, random_prompts  # noqa: F401  (demo is a fixture)
@@ -36,13 +37,16 @@ def test_the_memory_profile_step_covers_its_context_and_runs_the_triton_kernels_
     assert logits.shape == (4, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "replayed-decode-steps"])
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "replayed-steps"])
 def test_every_forward_step_of_an_engine_run_is_checked(demo, monkeypatch, enforce_eager):
     model, tokenizer = demo
     checked, forwards = [], []
     monkeypatch.setattr(batches, "check_batch", lambda batch, *cache: (checked.append(batch), check_batch(batch, *cache)))
     forward = Qwen3Model.forward
     monkeypatch.setattr(Qwen3Model, "forward", lambda self, batch, cache: (forwards.append(batch), forward(self, batch, cache))[1])
+    pieces = PiecewiseGraphRunner.forward  # steps with prompt tokens, replayed: no Qwen3Model.forward
+    monkeypatch.setattr(PiecewiseGraphRunner, "forward",
+                        lambda self, batch, bucket: (forwards.append(batch), pieces(self, batch, bucket))[1])
     # A small token budget and cache: chunked prompts, mixed steps, preemption.
     config = resolve_config(EngineConfig(num_kv_blocks=12, max_num_batched_tokens=40, max_num_seqs=4,
                                          enforce_eager=enforce_eager), model)
