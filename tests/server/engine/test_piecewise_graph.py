@@ -147,8 +147,9 @@ def test_a_step_must_sit_in_the_runners_own_buffers_with_padding_that_stores_not
         runner.forward(static, 16)
 
 
-def _outputs(model, demo_dir, requests, **config) -> tuple[list[tuple[list[int], list]], str]:
-    """Each request's (tokens, prompt logprobs), from concurrent requests; and the engine's mode line."""
+def _outputs(model, demo_dir, requests, **config) -> tuple[list[tuple[list[int], list]], str, int]:
+    """Each request's (tokens, prompt logprobs), from concurrent requests; the engine's mode line
+    and its prefix-cache hits."""
     engine = AsyncEngine(model, Tokenizer(demo_dir), demo_dir, EngineConfig(**config))
 
     async def one(i: int, prompt: list[int], params: SamplingParams):
@@ -162,7 +163,7 @@ def _outputs(model, demo_dir, requests, **config) -> tuple[list[tuple[list[int],
         return await asyncio.gather(*(one(i, prompt, params) for i, (prompt, params) in enumerate(requests)))
 
     try:
-        return asyncio.run(main()), engine.decode_mode
+        return asyncio.run(main()), engine.decode_mode, engine.stats().prefix_cache_hits
     finally:
         engine.shutdown()
 
@@ -187,9 +188,10 @@ def test_engine_output_is_the_same_through_pieces_and_eagerly(demo_dir, monkeypa
     forward = PiecewiseGraphRunner.forward
     monkeypatch.setattr(PiecewiseGraphRunner, "forward",
                         lambda self, batch, bucket: steps.append((batch.query_lens, bucket)) or forward(self, batch, bucket))
-    eager, eager_mode = _outputs(model, demo_dir, requests, enforce_eager=True, **config)
+    eager, _, _ = _outputs(model, demo_dir, requests, enforce_eager=True, **config)
     assert not steps
-    pieces, mode = _outputs(model, demo_dir, requests, enforce_eager=False, **config)
+    pieces, mode, prefix_cache_hits = _outputs(model, demo_dir, requests, enforce_eager=False, **config)
+    assert prefix_cache_hits > 0
     assert [tokens for tokens, _ in pieces] == [tokens for tokens, _ in eager]
     (_, eager_scored), (_, scored) = eager[1], pieces[1]
     assert len(scored) == len(prompts[1]) - 1 and [lp.token_id for lp in scored] == [lp.token_id for lp in eager_scored]
