@@ -20,9 +20,10 @@ from server.engine.piecewise_graph import PiecewiseCaptureSummary, PiecewiseGrap
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.speculative import SpeculativeConfig
 from tests.conftest import load_test_model
+from tests.kernels.common import kernel_backend
 from tests.model.test_qwen3_vs_hf import CHECKPOINTS, _shape
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BLOCK_SIZE = 16
 NUM_BLOCKS = 32
 
@@ -93,24 +94,41 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, *cache.shape[2:])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
 def test_replayed_pieces_equal_the_eager_forward_and_padding_stores_nothing(checkpoint, device):
     """Mixed steps (decodes, prompt chunks over a cached prefix, a whole prompt), pure prompt steps
     and a decode-only step, in buckets that shrink and grow, so that padding rows sit where real
     rows of a larger step were: every step gives eager's logits (prompt-scoring rows too), writes
     eager's K/V to its own slots and leaves every other slot of the cache bit-identical."""
-    model = load_test_model(checkpoint, device)
+    _check_pieces_against_eager(load_test_model(checkpoint, device), device, SHAPES)
+
+
+def test_the_fused_front_end_in_the_pieces_stores_nothing_for_padding(tmp_path):
+    """The same with the attention front-end's Triton kernel (interpreted), which stores the pieces'
+    K/V on CUDA: two steps, the second's padding rows over the first's real ones."""
+    from model.demo import write_checkpoint
+
+    name, extra, shards = CHECKPOINTS[3]
+    model = load_model(write_checkpoint(tmp_path, _shape(extra), seed=len(name), with_tokenizer=False), "cpu")
+    with kernel_backend("auto,attention_frontend=triton"):
+        _check_pieces_against_eager(model, "cpu", SHAPES[:2])
+
+
+# (decode steps, prompt chunks as (cached, new) tokens) of the steps the runner tests run in turn
+SHAPES = [(3, [(20, 17), (0, 25)]),  # 45 tokens: bucket 64
+          (2, [(5, 11)]),  # 13: bucket 16, its padding rows were real rows just before
+          (0, [(0, 30), (31, 2)]),  # 32: a full bucket
+          (5, []),  # decodes only
+          (1, [(16, 40)])]  # 41: back to 64
+
+
+def _check_pieces_against_eager(model, device: str, shapes: list[tuple[int, list[tuple[int, int]]]]) -> None:
     eager_cache, cache = _random_cache(model, 0), _random_cache(model, 0)
     inputs = TokenInputs(*(torch.zeros(64, dtype=torch.int64, device=device) for _ in range(3)))
     runner = PiecewiseGraphRunner(model, cache, inputs, token_buckets(64))
     runner.capture()
     assert runner.buckets == [16, 32, 64] and runner.num_pieces == 4
     rng, vocab = random.Random(1), model.config.vocab_size
-    shapes = [(3, [(20, 17), (0, 25)]),  # 45 tokens: bucket 64
-              (2, [(5, 11)]),  # 13: bucket 16, its padding rows were real rows just before
-              (0, [(0, 30), (31, 2)]),  # 32: a full bucket
-              (5, []),  # decodes only
-              (1, [(16, 40)])]  # 41: back to 64
     for decodes, chunks in shapes:
         steps = _steps(rng, decodes, chunks, vocab)
         batch = make_batch(steps, BLOCK_SIZE, device, all_logits=True)
