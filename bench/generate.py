@@ -8,7 +8,9 @@ Weights come from a checkpoint directory (`--model`) or are random with a named 
 so both hold the same values. Speed does not depend on the values.
 
 Measured, each a median over `--repeats` runs:
-- prefill tokens/s: one forward pass over a `--prompt-len` prompt, logits for its last token;
+- prefill tokens/s: one forward pass over a `--prompt-len` prompt, logits for its last token,
+  eagerly and with the pieces between attentions replayed (`server.engine.piecewise_graph`: CUDA
+  graphs on CUDA, the recorded pieces called on CPU), which is how the engine runs prompt steps;
 - decode tokens/s at batch 1 and ms per decode step (generating `--decode-tokens` after the first);
 - aggregate decode tokens/s at each of `--batches`: nanoserve's engine with that many concurrent
   requests vs HF batched `generate` with that many prompts (equal lengths, so no padding);
@@ -48,6 +50,7 @@ from model.tokenizer import Tokenizer
 from model.weights import load_state_dict
 from server.engine.async_engine import AsyncEngine
 from server.engine.config import EngineConfig
+from server.engine.piecewise_graph import PiecewiseGraphRunner, TokenInputs
 from server.engine.request import GenerationRequest, SamplingParams
 
 SHAPES = {
@@ -100,6 +103,22 @@ def ours_prefill_time(ours: Qwen3Model, prompt: list[int], repeats: int, device)
     cache = ours.allocate_kv_cache(len(blocks), block_size)
     batch = make_batch([SequenceStep(prompt, 0, blocks)], block_size, device)
     return median_seconds(lambda: ours.forward(batch, cache), repeats, device)
+
+
+def ours_pieces_prefill_time(ours: Qwen3Model, prompt: list[int], repeats: int, device) -> float:
+    """The same prefill through a piecewise runner with one bucket, the prompt's length."""
+    block_size, tokens = 16, len(prompt)
+    blocks = list(range(-(-tokens // block_size)))
+    cache = ours.allocate_kv_cache(len(blocks), block_size)
+    inputs = TokenInputs(*(torch.zeros(tokens, dtype=torch.int64, device=device) for _ in range(3)))
+    runner = PiecewiseGraphRunner(ours, cache, inputs, [tokens])
+    runner.capture()  # fills the inputs with padding: the prompt goes in after
+    batch = make_batch([SequenceStep(prompt, 0, blocks)], block_size, device)
+    inputs.token_ids.copy_(batch.token_ids)
+    inputs.positions.copy_(batch.positions)
+    inputs.slot_mapping.copy_(batch.slot_mapping)
+    batch = replace(batch, token_ids=inputs.token_ids, positions=inputs.positions, slot_mapping=inputs.slot_mapping)
+    return median_seconds(lambda: runner.forward(batch, tokens), repeats, device)
 
 
 # Engine modes: their EngineConfig settings. `graphs` is the server's default (async scheduling on
@@ -212,6 +231,8 @@ def run(args: argparse.Namespace) -> dict:
     result["prefill_tok_s"] = {
         "hf": args.prompt_len / on_own_thread(hf_prefill_time, hf, one_prompt, args.repeats, device),
         "nanoserve": args.prompt_len / on_own_thread(ours_prefill_time, ours, prompts[0].tolist(), args.repeats, device),
+        "pieces": args.prompt_len / on_own_thread(ours_pieces_prefill_time, ours, prompts[0].tolist(), args.repeats,
+                                                  device),
     }
 
     config = EngineConfig(block_size=block_size, num_kv_blocks=blocks_per_seq * max_batch + 1,
@@ -259,6 +280,9 @@ def print_table(r: dict) -> None:
     prefill, label = r["prefill_tok_s"], f"prefill tok/s ({r['prompt_len']} tokens)"
     print(f"{label:<34} {prefill['hf']:>10.1f} {prefill['nanoserve']:>10.1f} "
           f"(one eager forward: {prefill['nanoserve'] / prefill['hf']:.2f}x)")
+    if "pieces" in prefill:
+        print(f"{'  with pieces replayed':<34} {'':>10} {prefill['pieces']:>10.1f} "
+              f"({prefill['pieces'] / prefill['nanoserve']:.2f}x the eager forward)")
     for batch, values in r["decode_tok_s"].items():
         row(f"decode tok/s, batch {batch}", values)
     if "decode_ratio_median" in r:  # with --rounds: each round's own ratio, HF measured beside it
