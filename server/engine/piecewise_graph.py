@@ -19,13 +19,14 @@ Between the pieces attention runs eagerly, over the real tokens only; after the 
 final norm and the LM head run eagerly too, on the rows that need logits (`logits_indices`, whose
 count varies with sampling rows, drafts and prompt scoring: inside a graph the LM head would have
 to run over a padded, fixed number of rows, which costs more GPU time than its three launches).
-Per layer that leaves one or two attention launches and a copy on the host's side, where an eager
-step launches about a dozen kernels.
+Per layer that leaves the host a graph replay, the attention launches (one kernel, two or three
+in a mixed step) and a copy, where an eager step launches about a dozen kernels.
 
-- A step of n tokens runs in the smallest bucket T >= n: 16, 32, 64, 128, 256, 512, then steps
-  of 512 up to `max_num_batched_tokens` (`token_buckets`): at most half the rows are padding up
-  to 1,024 tokens, at most a third beyond; chunked prefill fills its steps to the budget, the
-  last bucket, exactly. Steps with more tokens than the largest bucket run eagerly.
+- A step of n tokens runs in the smallest bucket T >= n: 16, 32, 64, 128, 256, steps of 128 to
+  1,024, steps of 512 up to `max_num_batched_tokens` (`token_buckets`; 25 buckets at the CUDA
+  default of 8,192): above 256 tokens at most a third of the rows are padding; chunked prefill
+  fills its steps to the budget, the last bucket, exactly. Steps with more tokens than the
+  largest bucket (none, unless memory dropped buckets) run eagerly.
 - The pieces read the runner's input buffers (token ids, positions, slot mapping) at rows [0, T);
   rows past n are padding written before the replay: token 0 at position 0, slot -1, so the
   front-end stores nothing for them, and as every op in a piece works row by row they change no
@@ -35,7 +36,8 @@ step launches about a dozen kernels.
   n keep values of earlier steps (finite, and read only by padding rows).
 - Memory: the static buffers, 2 x T x (Hq * D + hidden) elements of the model dtype (Qwen3-8B at
   8,192 tokens: 256 MiB), and the graphs' shared pool, which the largest bucket's largest piece
-  sizes (its MLP: about T x 3 x intermediate elements, 0.6 GiB for Qwen3-8B at 8,192 tokens).
+  sizes (its MLP: about 4 x T x intermediate elements at its peak, 0.75 GiB for Qwen3-8B at
+  8,192 tokens).
   Every graph returns nothing, so every buffer a piece allocates is free again when it ends and
   any other piece, of any bucket, may reuse it: graphs are captured largest bucket first into one
   pool and may replay in any order. The startup line gives what the capture held.
@@ -49,7 +51,8 @@ draft model mirrors the target's eager batch), and a model with a `layer_hook` (
 
 On CPU there is no graph: "capture" records the pieces and "replay" calls them over the same
 static buffers, so that the buffer logic (bucket choice, padding, rows left from a larger step)
-runs on CPU exactly as under CUDA graphs, and is tested there.
+runs on CPU exactly as under CUDA graphs, and is tested there. It saves nothing there: the
+pieces run the eager ops plus two copies per layer (hence eager on CPU by default).
 """
 
 import bisect
@@ -68,16 +71,13 @@ from server.engine.cuda_graph import CaptureSummary, _frozen_gc
 
 logger = logging.getLogger("nanoserve.engine")
 
-# Token counts below the first bucket run in it: a graph of 16 rows costs no more than one of 1.
-SMALLEST_BUCKET = 16
-# Above this, buckets step by it (a power of two, so that matmul tiles divide them).
-BUCKET_STEP = 512
-
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Token counts to capture: powers of two from 16 to 512, steps of 512 beyond, and `max_tokens`."""
-    sizes = [SMALLEST_BUCKET << i for i in range((BUCKET_STEP // SMALLEST_BUCKET).bit_length())]
-    sizes += range(2 * BUCKET_STEP, max_tokens, BUCKET_STEP)
+    """Token counts to capture: 16, 32, 64, 128, 256, steps of 128 to 1,024, steps of 512 beyond,
+    and `max_tokens`. At most a third of a bucket's rows are padding above 256 tokens; below,
+    where a step's GPU time hardly grows with its rows, up to half. (Fewer than 16 tokens run in
+    the 16-token bucket: a graph of 16 rows costs no more than one of 1.)"""
+    sizes = [16, 32, 64, 128, 256, *range(384, 1025, 128), *range(1536, max_tokens, 512)]
     return [size for size in sizes if size < max_tokens] + [max_tokens]
 
 

@@ -31,9 +31,10 @@ NUM_BLOCKS = 32
 def test_buckets_cover_every_token_count_up_to_the_budget():
     assert token_buckets(10) == [10]
     assert token_buckets(40) == [16, 32, 40]
-    assert token_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 1536, 2048]
-    assert token_buckets(8192)[-3:] == [7168, 7680, 8192] and len(token_buckets(8192)) == 21
-    assert token_buckets(600) == [16, 32, 64, 128, 256, 512, 600]
+    assert token_buckets(2048) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048]
+    assert token_buckets(8192)[-3:] == [7168, 7680, 8192] and len(token_buckets(8192)) == 25
+    assert token_buckets(600) == [16, 32, 64, 128, 256, 384, 512, 600]
+    assert token_buckets(1100) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1100]
 
 
 def test_capture_summary_is_a_startup_line():
