@@ -97,6 +97,8 @@ class PiecewiseCaptureSummary(CaptureSummary):
 
     def describe(self, device: torch.device) -> str:
         what = "piecewise CUDA graphs" if device.type == "cuda" else "recorded prompt-step pieces (CPU replay)"
+        if not self.buckets:
+            return f"eager ({what} for {self.dropped[0]} tokens and more did not fit in memory)"
         text = (f"{what} for {len(self.buckets)} token counts ({self.buckets[0]}-{self.buckets[-1]}), "
                 f"{self.pieces} pieces each, in {self.seconds:.1f} s")
         if device.type == "cuda":
@@ -222,10 +224,7 @@ class PiecewiseGraphRunner:
                 self._steps[bucket] = [graph.replay for graph in graphs]
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # what the warm-ups left cached is not the graphs' memory
-        self.buckets = sorted(self._steps)
-        if not self.buckets:
-            raise RuntimeError("no piecewise CUDA graph fits in GPU memory, not even for "
-                               f"{dropped[-1]} tokens: use --enforce-eager")
+        self.buckets = sorted(self._steps)  # none at all: every prompt step runs eagerly
         buffers = sum(t.nbytes for t in (self._q, self._attention_out, self._residual, self._hidden))
         return self._summary(started, free_before - torch.cuda.mem_get_info()[0] + buffers, dropped)
 

@@ -42,6 +42,8 @@ def test_capture_summary_is_a_startup_line():
     assert summary.describe(torch.device("cuda")) == (
         "piecewise CUDA graphs for 3 token counts (16-64), 29 pieces each, in 2.3 s, 0.75 GiB of GPU memory; "
         "larger steps run eagerly (128 tokens did not fit in memory)")
+    assert PiecewiseCaptureSummary([], 0.5, 0, [16, 32], 29).describe(torch.device("cuda")) == (
+        "eager (piecewise CUDA graphs for 16 tokens and more did not fit in memory)")
     recorded = PiecewiseCaptureSummary([16, 32], 0.01, 0, [], 4)
     assert recorded.describe(torch.device("cpu")) == (
         "recorded prompt-step pieces (CPU replay) for 2 token counts (16-32), 4 pieces each, in 0.0 s")
