@@ -47,6 +47,7 @@ from pathlib import Path
 from bench import tp
 
 QUICK_TESTS = ["tests/server/engine/test_cuda_graph.py",
+               "tests/server/engine/test_piecewise_graph.py::test_replayed_pieces_equal_the_eager_forward_and_padding_stores_nothing",
                # its CUDA case only: the CPU cases are the default run's
                "tests/server/engine/test_async_scheduling.py::test_on_cuda_async_scheduling_with_graphs_gives_exactly_the_synchronous_output",
                "tests/kernels/test_decode_attention.py"]
