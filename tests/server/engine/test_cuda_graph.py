@@ -177,7 +177,7 @@ def test_batches_above_the_largest_captured_bucket_run_eagerly(demo_dir, monkeyp
         got = graphs.run(batch)
         _assert_same_step(expected, got, TOLERANCES[model.dtype][0])
         pool.advance(batch, [token for token, _ in got])
-    assert replayed == [(2, 2), (1, 1)]
+    assert replayed == [(2, 2, 1), (1, 1, 1)]
 
 
 def _greedy_outputs(model, demo_dir, prompts, max_tokens, **config) -> tuple[list[list[int]], str]:
