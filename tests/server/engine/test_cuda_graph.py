@@ -24,6 +24,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.engine.speculative import SpeculativeConfig
 from tests.conftest import load_test_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -227,3 +228,118 @@ def test_capture_runs_with_the_garbage_collector_frozen(demo_dir, monkeypatch):
     runner = ModelRunner(model, _config(model, max_num_seqs=2, enforce_eager=False), EOS, model.config.vocab_size)
     assert runner._graphs is not None and frozen_during[0] > 0  # every object alive at the start is frozen
     assert gc.get_freeze_count() == 0  # and the collector has them back once capture ends
+
+
+# ---- verification steps (speculative decoding): graphs keyed by (bucket, 1 + k) ----
+
+K = 3  # drafts per step: verification graphs of 1 + K tokens a sequence
+
+
+def _verify_runners(model) -> tuple[ModelRunner, ModelRunner]:
+    """`_runners` for a server speculating with K drafts: the graph runner also holds verification graphs."""
+    spec = SpeculativeConfig("ngram", K, disable_by_batch_size=8)
+    eager = ModelRunner(model, _config(model, max_num_seqs=8, enforce_eager=True, speculative_config=spec), EOS,
+                        model.config.vocab_size)
+    graphs = ModelRunner(model, _config(model, max_num_seqs=8, enforce_eager=False, speculative_config=spec), EOS,
+                         model.config.vocab_size)
+    for (k1, v1), (k2, v2) in zip(eager.kv_cache, graphs.kv_cache):
+        for a, b in ((k1, k2), (v1, v2)):
+            a.copy_(torch.randn_like(a))
+            b.copy_(a)
+    return eager, graphs
+
+
+def _verify_batch(pool: _Pool, size: int) -> ScheduledBatch:
+    """`size` decoding sequences, most bringing 1..K drafts (random tokens, some the sequence's own
+    last token so that a few are accepted), the plain decodes first, as the scheduler orders them."""
+    seqs = pool.rng.sample(pool.seqs, size)
+    drafts = [[] if pool.rng.random() < 0.3 else
+              [pool.rng.choice([seq.token_ids[-1], pool.rng.randrange(151643)]) for _ in range(pool.rng.randint(1, K))]
+              for seq in seqs]
+    order = sorted(range(size), key=lambda i: bool(drafts[i]))
+    batch = ScheduledBatch(num_decodes=sum(not draft for draft in drafts))
+    for i in order:
+        seq = seqs[i]
+        while seq.num_tokens + len(drafts[i]) > len(seq.block_table) * BLOCK_SIZE:
+            seq.block_table.append(pool.free.pop())
+        batch.add(seq, 1 + len(drafts[i]), drafts[i])
+    return batch
+
+
+def _pairs(results: list) -> list[tuple]:
+    """A step's results, (token, logprob) after (token, logprob): a verified window's in order."""
+    return [pair for result in results for pair in (result if isinstance(result, list) else [result])]
+
+
+def _window_slots(batch: ScheduledBatch) -> list[int]:
+    return [seq.block_table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+            for seq, num_new in zip(batch.seqs, batch.num_new_tokens)
+            for p in range(seq.num_cached, seq.num_cached + num_new)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_verification_equals_eager_and_padding_rows_store_nothing(demo_dir, device, monkeypatch):
+    """Steps of decodes and verifications (windows of 0..K drafts, so most sequences are padded to
+    1 + K rows) in batches that shrink and grow: every row's token and logprobs are eager's, the
+    verified tokens are eager's, the windows' K/V is eager's and every other slot is bit-identical,
+    so padding rows, and padding sequences where rows of a larger batch were, stored nothing."""
+    torch.manual_seed(0)
+    model = load_test_model(demo_dir, device)
+    logprob_tolerance, kv_tolerance = TOLERANCES[model.dtype]
+    eager, graphs = _verify_runners(model)
+    assert eager._graphs is None
+    assert (graphs._graphs.buckets, graphs._graphs.verify_query_len, graphs._graphs.verify_buckets) == (
+        [1, 2, 4, 8], 1 + K, [1, 2, 4, 8])
+    assert "verification steps of 4 tokens for 4 (1-8)" in graphs.decode_mode
+    replayed = []
+    replay = DecodeGraphRunner.replay
+    monkeypatch.setattr(DecodeGraphRunner, "replay", lambda self, *args: replayed.append(args) or replay(self, *args))
+    pool = _Pool(graphs, count=10, num_blocks=64, seed=3)
+    for seq in pool.seqs:  # contexts of at least 1 + K + 1 tokens: every window fits a graph
+        seq.token_ids[:0] = [7] * 6
+        seq.num_cached += 6
+        seq.block_table.append(pool.free.pop())
+    for size in (8, 3, 5, 1, 2, 7, 4, 6, 8, 1):
+        batch = _verify_batch(pool, size)
+        before = [(k.clone(), v.clone()) for k, v in graphs.kv_cache]
+        expected_step, got_step = eager.launch(batch), graphs.launch(batch)
+        assert torch.equal(got_step.sampled.token_ids, expected_step.sampled.token_ids)
+        torch.testing.assert_close(got_step.sampled.token_logprobs, expected_step.sampled.token_logprobs,
+                                   rtol=0, atol=logprob_tolerance)
+        expected, got = expected_step.results(), got_step.results()
+        assert [len(r) if isinstance(r, list) else 1 for r in got] == [
+            len(r) if isinstance(r, list) else 1 for r in expected]  # the same windows kept
+        _assert_same_step(_pairs(expected), _pairs(got), logprob_tolerance)
+        written = torch.tensor(_window_slots(batch), device=device)
+        untouched = torch.ones(before[0][0].shape[0] * BLOCK_SIZE, dtype=torch.bool, device=device)
+        untouched[written] = False
+        for (k0, v0), (k, v), (ke, ve) in zip(before, graphs.kv_cache, eager.kv_cache):
+            for old, new, reference in ((k0, k, ke), (v0, v, ve)):
+                assert torch.equal(_flat(new)[untouched], _flat(old)[untouched])
+                torch.testing.assert_close(_flat(new)[written], _flat(reference)[written], rtol=kv_tolerance,
+                                           atol=kv_tolerance)
+        expected_key = (graph_buckets(8)[[b >= size for b in graph_buckets(8)].index(True)], 1 + K if
+                        batch.num_verifies else 1)
+        assert replayed[-1] == (expected_key[0], size, expected_key[1])
+        # the sequences take their first verified token (as if the rest were rejected)
+        pool.advance(batch, [r[0][0] if isinstance(r, list) else r[0] for r in got])
+    assert sum(q == 1 + K for _, _, q in replayed) >= 8
+
+
+def test_a_window_over_a_context_too_short_for_padding_runs_eagerly(demo_dir):
+    """A sequence whose context is at most 1 + K tokens (a one-token prompt) cannot hold a padded
+    window (`cuda_graph.py`): its step runs eagerly, right; a step with a prompt chunk too."""
+    model = load_model(demo_dir, "cpu")
+    eager, graphs = _verify_runners(model)
+    pool = _Pool(graphs, count=2, num_blocks=64, seed=4)
+    short, long = pool.seqs
+    del short.token_ids[: short.num_tokens - 2]
+    short.num_cached, short.block_table = 1, short.block_table[:1]
+    long.token_ids[:0] = [7] * 6
+    long.num_cached += 6
+    long.block_table.append(pool.free.pop())
+    batch = ScheduledBatch([short, long], [2, 3], 0, [[5], [6, 7]])
+    assert graphs._graph_key(batch) is None
+    _assert_same_step(_pairs(eager.run(batch)), _pairs(graphs.run(batch)), TOLERANCES[model.dtype][0])
+    assert graphs._graph_key(ScheduledBatch([long], [3], 0, [[6, 7]])) == (1, 1 + K)
+    assert graphs._graph_key(ScheduledBatch([long, short], [3, 2], 0, [[6, 7], []])) is None  # short: a chunk
