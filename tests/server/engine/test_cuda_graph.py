@@ -56,6 +56,11 @@ def test_capture_summary_is_the_startup_line():
     )
     recorded = CaptureSummary([1, 2, 4, 8], 0.01, 0, [])
     assert recorded.describe(torch.device("cpu")) == "recorded decode steps (CPU replay) for 4 batch sizes (1-8) in 0.0 s"
+    verifying = CaptureSummary([1, 2, 4, 8], 2.5, 1 << 30, [], 5, [1, 2], [4, 8])
+    assert verifying.describe(torch.device("cuda")) == (
+        "CUDA graphs for 4 batch sizes (1-8) and verification steps of 5 tokens for 2 (1-2) in 2.5 s, "
+        "1.00 GiB of GPU memory; larger verifications run eagerly (8 did not fit in memory)"
+    )
 
 
 def test_graphs_are_the_default_on_cuda_and_eager_on_cpu():
