@@ -350,3 +350,33 @@ def test_a_window_over_a_context_too_short_for_padding_runs_eagerly(demo_dir):
     _assert_same_step(_pairs(eager.run(batch)), _pairs(graphs.run(batch)), TOLERANCES[model.dtype][0])
     assert graphs._graph_key(ScheduledBatch([long], [3], 0, [[6, 7]])) == (1, 1 + K)
     assert graphs._graph_key(ScheduledBatch([long, short], [3, 2], 0, [[6, 7], []])) is None  # short: a chunk
+
+
+def test_a_verification_graph_reads_decodes_tokens_left_on_the_device(demo_dir):
+    """Async scheduling's hand-over into a verification graph's step: decodes whose last token the
+    step before sampled (still on the device) take it from there, at the last of their 1 + K rows;
+    the step equals eager's with the tokens known on the host."""
+    model = load_model(demo_dir, "cpu")
+    eager, graphs = _verify_runners(model)
+    pool = _Pool(graphs, count=5, num_blocks=64, seed=5)
+    for seq in pool.seqs:
+        seq.token_ids[:0] = [7] * 6
+        seq.num_cached += 6
+        seq.block_table.append(pool.free.pop())
+    decodes, verifying = pool.seqs[:3], pool.seqs[3:]
+    first = ScheduledBatch(list(decodes), [1] * 3, num_decodes=3)
+    eager.run(first)
+    launched = graphs.launch(first)
+    for row, seq in enumerate(decodes):
+        seq.append_unresolved(row)
+        seq.num_cached += 1
+    batch = ScheduledBatch(num_decodes=3)
+    for seq in decodes:
+        batch.add(seq, 1)
+    for seq, draft in zip(verifying, ([11, 12], [13, 14, 15])):
+        batch.add(seq, 1 + len(draft), draft)
+    assert graphs._graph_key(batch) == (8, 1 + K)
+    got = graphs.launch(batch, launched).results()
+    for seq, (token, _) in zip(decodes, launched.results()):  # what resolve_token does, less the detokenizer
+        seq.token_ids[-1], seq.unresolved_row = token, None
+    _assert_same_step(_pairs(eager.run(batch)), _pairs(got), TOLERANCES[model.dtype][0])
