@@ -23,9 +23,9 @@ with one call. A graph fixes its kernels' arguments, pointers and grids, so:
   decode step of b rows are always 0..b, those of a verification step 0, q, .., b*q and every row:
   constants built here once; the caller reads the logits rows it needs from the shared buffer.
 - Graphs are captured largest first into one shared memory pool: a smaller graph reuses the
-  memory of a larger one's activations (replays never overlap), a draft model's graphs too. Logits land in one buffer that
-  every graph writes (one copy inside the graph), so no graph keeps a `[b, vocab]` output of its
-  own. The sampler runs outside the graph, on rows of that buffer.
+  memory of a larger one's activations (replays never overlap), a draft model's graphs too.
+  Logits land in one buffer that every graph of a runner writes (one copy inside the graph), so
+  no graph keeps a `[b, vocab]` output of its own. The sampler runs outside the graph, on rows of that buffer.
 - Each bucket runs once eagerly before its capture: Triton compiles its kernels then (nothing may
   compile, allocate through cudaMalloc or read the device from the host during a capture). A
   graph whose warm-up runs out of memory is dropped, and larger batches run eagerly.
@@ -172,12 +172,16 @@ class DecodeGraphRunner:
 
     def bucket_for(self, rows: int, query_len: int = 1) -> int | None:
         """The smallest bucket holding `rows` sequences of `query_len` tokens, or None when none does."""
-        buckets = self.buckets if query_len == 1 else self.verify_buckets if query_len == self.verify_query_len else []
+        buckets = self._buckets_of(query_len)
         index = bisect.bisect_left(buckets, rows)
         return buckets[index] if index < len(buckets) else None
 
     def has(self, bucket: int, query_len: int) -> bool:
-        return (bucket, query_len) in self._batches
+        """Whether a graph of `bucket` sequences of `query_len` tokens was captured."""
+        return bucket in self._buckets_of(query_len)
+
+    def _buckets_of(self, query_len: int) -> list[int]:
+        return self.buckets if query_len == 1 else self.verify_buckets if query_len == self.verify_query_len else []
 
     def static_batch(self, bucket: int, query_len: int = 1) -> ForwardBatch:
         """The step a replay of (bucket, query_len) runs, as a batch over the static buffers."""

@@ -26,8 +26,8 @@ from model.batch import ForwardBatch, SequenceStep, make_batch, to_device
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
 from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable, write_padding
-from server.engine.draft_model import DraftModel
 from server.engine.distributed import StepSender
+from server.engine.draft_model import DraftModel
 from server.engine.request import TokenLogprob
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledBatch
