@@ -20,6 +20,7 @@ from server.engine import model_runner
 from server.engine.async_engine import AsyncEngine
 from server.engine.config import EngineConfig, resolve_config
 from server.engine.cuda_graph import CaptureSummary, DecodeGraphRunner, graph_buckets
+from server.engine.draft_model import DraftModel
 from server.engine.model_runner import ModelRunner
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.scheduler import ScheduledBatch
@@ -380,3 +381,57 @@ def test_a_verification_graph_reads_decodes_tokens_left_on_the_device(demo_dir):
     for seq, (token, _) in zip(decodes, launched.results()):  # what resolve_token does, less the detokenizer
         seq.token_ids[-1], seq.unresolved_row = token, None
     _assert_same_step(_pairs(eager.run(batch)), _pairs(got), TOLERANCES[model.dtype][0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_draft_model_replays_its_own_graphs_and_equals_its_eager_self(demo_dir, device, monkeypatch):
+    """A draft model beside the graph runner captures graphs of its own: its copies of the target's
+    steps (decode and verification graphs) write eager's K/V into its cache and nothing elsewhere,
+    and its proposals (its decode graphs) are eager's. fp32, as the verification test."""
+    torch.manual_seed(1)
+    model = load_model(demo_dir, device)
+    eager, graphs = _verify_runners(model)
+    drafts = [DraftModel(model, 64, BLOCK_SIZE, model.config.vocab_size) for _ in range(2)]
+    for (k1, v1), (k2, v2) in zip(*(draft.kv_cache for draft in drafts)):
+        for a, b in ((k1, k2), (v1, v2)):
+            a.copy_(torch.randn_like(a))
+            b.copy_(a)
+    eager.attach_draft(drafts[0])
+    graphs.attach_draft(drafts[1])
+    assert drafts[0].graphs is None and "; draft model: " in graphs.decode_mode
+    assert (drafts[1].graphs.buckets, drafts[1].graphs.verify_buckets) == ([1, 2, 4, 8], [1, 2, 4, 8])
+    replayed = []
+    replay = DecodeGraphRunner.replay
+
+    def recorded(self, bucket, rows, query_len=1):
+        replayed.append((self.model is model and self.kv_cache is drafts[1].kv_cache, query_len))
+        return replay(self, bucket, rows, query_len)
+
+    monkeypatch.setattr(DecodeGraphRunner, "replay", recorded)
+    kv_tolerance = TOLERANCES[model.dtype][1]
+    pool = _Pool(graphs, count=8, num_blocks=64, seed=6)
+    for seq in pool.seqs:
+        seq.token_ids[:0] = [7] * 6
+        seq.num_cached += 6
+        seq.block_table.append(pool.free.pop())
+    for size in (6, 2, 8, 3):
+        batch = _verify_batch(pool, size) if size != 2 else pool.batch(size)
+        before = [(k.clone(), v.clone()) for k, v in drafts[1].kv_cache]
+        eager.run(batch)
+        got = graphs.run(batch)
+        written = torch.tensor(_window_slots(batch), device=device)
+        untouched = torch.ones(before[0][0].shape[0] * BLOCK_SIZE, dtype=torch.bool, device=device)
+        untouched[written] = False
+        for (k0, v0), (k, v), (ke, ve) in zip(before, drafts[1].kv_cache, drafts[0].kv_cache):
+            for old, new, reference in ((k0, k, ke), (v0, v, ve)):
+                assert torch.equal(_flat(new)[untouched], _flat(old)[untouched])
+                torch.testing.assert_close(_flat(new)[written], _flat(reference)[written], rtol=kv_tolerance,
+                                           atol=kv_tolerance)
+        pool.advance(batch, [r[0][0] if isinstance(r, list) else r[0] for r in got])
+    seqs, counts = pool.seqs[:5], [3, 1, 2, 3, 3]
+    for seq, count in zip(seqs, counts):  # slots for the proposals, as the scheduler appends them
+        while seq.num_tokens + count > len(seq.block_table) * BLOCK_SIZE:
+            seq.block_table.append(pool.free.pop())
+    assert drafts[1].propose(seqs, counts) == drafts[0].propose(seqs, counts)
+    by_draft = [q for is_draft, q in replayed if is_draft]
+    assert 1 in by_draft and 1 + K in by_draft
