@@ -90,7 +90,7 @@ def engine_smoke() -> dict:
         raise RuntimeError(f"no CUDA graphs: {core.runner.decode_mode}")
     bucket = graphs.buckets[0]  # its row 0 holds the last decode step's inputs; larger buckets' rows may be stale
     replayed = graphs.replay(bucket, bucket).clone()
-    eager = model.forward(graphs._batches[bucket], core.runner.kv_cache)  # the same inputs, the same K/V stored
+    eager = model.forward(graphs.static_batch(bucket), core.runner.kv_cache)  # the same inputs, the same K/V stored
     torch.cuda.synchronize()
     if not (torch.isfinite(replayed).all() and torch.isfinite(eager).all()):
         raise RuntimeError("graph or eager logits are not finite")

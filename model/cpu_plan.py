@@ -333,15 +333,17 @@ def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget,
             held[layout] = HELD_LAYOUTS[layout](sample)
         except Exception as err:
             skipped.setdefault(layout, f"{layout}: unavailable here ({str(err).strip().splitlines()[0][:160]})")
-    one_row = _times(sample, 1, plain_linears, held, skipped)
+    operands = _Operands.of(sample, held)
+    one_row = _times(operands, 1, plain_linears, skipped)
     plain_fns = {name: one_row[name] for name in plain_linears if name in one_row}
-    held = {layout: copy for layout, copy in held.items() if layout in one_row}
+    operands.held = {layout: copies for layout, copies in operands.held.items() if layout in one_row}
+    held = {layout: copies[0] for layout, copies in operands.held.items()}
     if not one_row:
         raise RuntimeError(f"no matmul runs on this CPU for a {tuple(sample.shape)} {sample.dtype} weight: "
                            + "; ".join(skipped.values()))
     plain_one_row = _pick(plain_fns) if plain_fns else None
     # Per option: (one-row seconds, full-batch seconds); the plain weight runs F.linear for a batch.
-    batch = _times(sample, max_batch, {"linear": _linear} if plain_linears else {}, held, skipped) if max_batch > 1 else {}
+    batch = _times(operands, max_batch, {"linear": _linear} if plain_linears else {}, skipped) if max_batch > 1 else {}
     options: dict[str, tuple[float, float]] = {}
     if plain_one_row is not None and (max_batch == 1 or "linear" in batch):
         options[PLAIN] = (one_row[plain_one_row], batch.get("linear", 0.0))
@@ -361,24 +363,41 @@ def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget,
     return winner, cost
 
 
-def _times(weight: torch.Tensor, rows: int, plain: dict[str, LinearFn], held: dict[str, torch.Tensor],
-           skipped: dict[str, str]) -> dict[str, float]:
-    """Median seconds of `rows` random rows through each plain function of `weight` and each held
+@dataclass
+class _Operands:
+    """A weight, the clones of it the timings rotate through (so that each call reads from memory),
+    and each held layout's copies of those: built once per weight shape, read at every row count."""
+
+    weight: torch.Tensor
+    clones: list[torch.Tensor]
+    held: dict[str, list[torch.Tensor]]  # layout -> [copy of the weight, copies of the clones]
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, held: dict[str, torch.Tensor]) -> "_Operands":
+        clones = [weight.clone() for _ in range(_copies(weight.numel() * weight.element_size()) - 1)]
+        return cls(weight, clones, {layout: [copy] + [HELD_LAYOUTS[layout](clone) for clone in clones]
+                                    for layout, copy in held.items()})
+
+
+def _times(operands: _Operands, rows: int, plain: dict[str, LinearFn], skipped: dict[str, str]) -> dict[str, float]:
+    """Median seconds of `rows` random rows through each plain function of the weight and each held
     copy of it, for those that run and give the right result (the others go into `skipped`)."""
+    weight = operands.weight
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-    clones = [weight.clone() for _ in range(_copies(weight.numel() * weight.element_size()) - 1)]
 
-    def held_copies(layout: str) -> list[tuple]:
-        return [(x, HELD_LAYOUTS[layout](clone)) for clone in clones]
+    def rotating_held(layout: str) -> Callable[[], torch.Tensor]:
+        first, *others = operands.held[layout]
+        return _rotating(held_linear, (x, first), [(x, copy) for copy in others])
 
-    candidates = {name: _rotating(fn, (x, weight), [(x, clone) for clone in clones]) for name, fn in plain.items()}
-    candidates |= {layout: _rotating(held_linear, (x, copy), held_copies(layout))
-                   for layout, copy in held.items() if copy.dtype != torch.int8}
+    candidates = {name: _rotating(fn, (x, weight), [(x, clone) for clone in operands.clones])
+                  for name, fn in plain.items()}
+    candidates |= {layout: rotating_held(layout) for layout, copies in operands.held.items()
+                   if copies[0].dtype != torch.int8}
     candidates = runnable(candidates, _reference_linear(x, weight), weight.dtype, skipped)
-    for layout, copy in held.items():  # int8: against its own dequantized weight, at int8's tolerance
-        if copy.dtype == torch.int8:
-            candidates |= runnable({layout: _rotating(held_linear, (x, copy), held_copies(layout))},
-                                   _reference_linear(x, dequantize(copy)), weight.dtype, skipped, INT8_TOLERANCE)
+    for layout, copies in operands.held.items():  # int8: against its own dequantized weight, at int8's tolerance
+        if copies[0].dtype == torch.int8:
+            candidates |= runnable({layout: rotating_held(layout)}, _reference_linear(x, dequantize(copies[0])),
+                                   weight.dtype, skipped, INT8_TOLERANCE)
     return _median_seconds(candidates, ROUNDS) if candidates else {}
 
 

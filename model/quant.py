@@ -28,12 +28,23 @@ QUANTIZATIONS = ("int8",)
 INT8, INT8_DYNAMIC = "int8", "int8 dynamic"
 
 
+# Rows quantized at a time: a chunk's fp32 copy (4 MiB at 1,024 columns) stays in the cache
+# through its passes (absmax, divide, round, clamp), where the whole LM head's (600 MiB) would be
+# read from memory by each one.
+QUANTIZE_CHUNK_ROWS = 1024
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [out, in], fp32 scale [out]): each row rounded at absmax / 127 (an all-zero row at scale 1)."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
+        rows = weight[start : start + QUANTIZE_CHUNK_ROWS].to(torch.float32, copy=True)  # divided in place below
+        row_scale = rows.abs().amax(dim=1) / 127
+        row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
+        q[start : start + len(rows)] = rows.div_(row_scale[:, None]).round_().clamp_(-127, 127)
+        scale[start : start + len(rows)] = row_scale
+    return q, scale
 
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
@@ -64,8 +75,8 @@ def hold_int8_dynamic(weight: torch.Tensor) -> torch.nn.Parameter:
     q, scale = quantize_rows(weight)
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch, and still fbgemm's interface
         warnings.simplefilter("ignore")
-        qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
-                                             torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+        # the int8 values as they are (no round trip through fp32 and a second rounding)
+        qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
         packed = torch.ops.quantized.linear_prepack(qweight, None)
     held = torch.nn.Parameter(torch.zeros(1, 1, dtype=torch.int8).expand(weight.shape), requires_grad=False)
     held.int8_layout, held.fbgemm = INT8_DYNAMIC, packed

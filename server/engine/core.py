@@ -55,7 +55,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.speculator)
         self.runner = ModelRunner(model, config, tokenizer.eos_token_ids, self.vocab_size)
-        self.runner.draft_model = draft
+        self.runner.attach_draft(draft)
         if spec is not None:
             source = f"draft model {spec.model}" if draft else f"prompt lookup {spec.prompt_lookup_min}..{spec.prompt_lookup_max}"
             logger.info("speculative decoding: %s, %d draft tokens, %s%s", spec.method, spec.num_speculative_tokens,

@@ -6,9 +6,11 @@ The step's inputs (token ids, positions, cache slots, block tables, context leng
 into buffers allocated once, host side through numpy views; on CUDA they reach their device twins
 with asynchronous copies from pinned memory. The step's results come back to the host behind one
 synchronisation, the step's only one. A decode step that fits a captured batch size replays its
-CUDA graph (`cuda_graph.py`) over those same buffers; a step with prompt tokens (or a decode
-batch larger than the decode graphs) that fits a captured token count replays the pieces of
-the forward pass between attentions (`piecewise_graph.py`); other steps run the model eagerly.
+CUDA graph (`cuda_graph.py`) over those same buffers, and so does a verification step of
+speculative decoding with no prompt chunk in it (each sequence on 1 + k rows, padded where it
+brings fewer drafts); a draft model replays graphs of its own. Other steps (with prompt tokens)
+that fit a captured token count replay the pieces of the forward pass between attentions
+(`piecewise_graph.py`); the rest run the model eagerly.
 
 `launch` only starts a step: its results come back when `LaunchedStep.results` is called, so the
 host can schedule and prepare the next step while the device runs this one (async scheduling).
@@ -25,14 +27,20 @@ from kernels.backend import use_triton
 from model.batch import ForwardBatch, SequenceStep, make_batch, to_device
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
-from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable
+from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable, write_padding
 from server.engine.distributed import StepSender
+from server.engine.draft_model import DraftModel
 from server.engine.piecewise_graph import PiecewiseGraphRunner, TokenInputs, token_buckets
 from server.engine.request import TokenLogprob
 from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.structured import TokenBitmask
+
+# Verification graphs are captured for batches up to this many sequences: above it a step of
+# (1 + k) tokens a sequence is bound by compute more than by launches, while each graph's logits
+# rows (1 + k per sequence, vocabulary-wide) cost memory.
+VERIFY_GRAPH_MAX_SEQS = 64
 
 
 class _InputBuffer:
@@ -90,9 +98,16 @@ class ModelRunner:
         self._piecewise = self._capture_piecewise(config) if self._graphs is not None else None
         if self._piecewise is not None:
             self.decode_mode += f"; prompt steps: {self._piecewise.summary.describe(device)}"
-        # speculative decoding's draft model (`draft_model.py`), which computes every step too;
-        # steps then run eagerly (the graphs hold the target's step only)
-        self.draft_model = None
+        # speculative decoding's draft model (`draft_model.py`), which computes every step too
+        self.draft_model: DraftModel | None = None
+
+    def attach_draft(self, draft: DraftModel | None) -> None:
+        """Speculative decoding's draft model: it mirrors every step, through graphs of its own
+        (the same keys as the target's, over its own cache and buffers) where the target has them."""
+        self.draft_model = draft
+        if draft is not None and self._graphs is not None:
+            summary = draft.capture_graphs(self._graphs)
+            self.decode_mode += f"; draft model: {summary.describe(self.model.device)}"
 
     def _warm_up(self, max_num_seqs: int, max_model_len: int) -> None:
         """Where the attention kernels are Triton's: one eager step of every kind the engine can
@@ -132,7 +147,9 @@ class ModelRunner:
             return None, f"eager decode: {reason}"
         inputs = StaticInputs(self._token_ids.device, self._positions.device, self._slot_mapping.device,
                               self._context_lens.device, self._block_tables.device, table_width)
-        graphs = DecodeGraphRunner(self.model, self.kv_cache, inputs, graph_buckets(config.max_num_seqs))
+        query_len, verify_buckets = self._verify_graph_shape(config)
+        graphs = DecodeGraphRunner(self.model, self.kv_cache, inputs, graph_buckets(config.max_num_seqs),
+                                   query_len, verify_buckets)
         return graphs, graphs.capture().describe(self.model.device)
 
     def _capture_piecewise(self, config: EngineConfig) -> PiecewiseGraphRunner | None:
@@ -145,6 +162,22 @@ class ModelRunner:
         piecewise = PiecewiseGraphRunner(self.model, self.kv_cache, inputs, token_buckets(config.max_num_batched_tokens))
         piecewise.capture()
         return piecewise
+
+    def _verify_graph_shape(self, config: EngineConfig) -> tuple[int | None, list[int]]:
+        """The verification graphs' tokens per sequence and batch sizes. Only a server started with
+        --speculative-config gets them: q = 1 + its k, which also bounds every prediction's drafts
+        (`Speculator.attach`). Without the flag only chat requests' predictions speculate (their
+        DEFAULT_PREDICTION_TOKENS drafts a step), whose verification steps run eagerly rather
+        than every server paying for graphs few requests use. Under tensor parallelism the
+        workers hold decode graphs only, so verification runs eagerly there."""
+        spec = config.speculative_config
+        if spec is None or self.model.shard.size > 1 or graphs_unavailable(self.model.device, verification=True):
+            return None, []
+        query_len = 1 + spec.num_speculative_tokens
+        largest = min(config.max_num_seqs, VERIFY_GRAPH_MAX_SEQS, config.max_num_batched_tokens // query_len)
+        if largest < 1 or config.max_model_len <= query_len:
+            return None, []
+        return query_len, graph_buckets(largest)
 
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
         """Per scheduled sequence: (sampled token, its logprobs if asked), or None for a prompt
@@ -159,20 +192,18 @@ class ModelRunner:
         # repeated, and the draft each row checks (-1 where none).
         seqs = [batch.seqs[i] for i in sampling_rows for _ in range(1 + len(batch.drafts[i]))]
         draft_ids = [t for i in sampling_rows for t in [*batch.drafts[i], -1]] if batch.num_verifies else None
-        bucket = None  # a pure decode step of a batch size that has a graph replays it
-        if self._graphs is not None and batch.num_decodes == len(batch.seqs) and self.draft_model is None:
-            bucket = self._graphs.bucket_for(len(batch.seqs))
+        key = self._graph_key(batch)  # (bucket, tokens per sequence) of the graph the step replays
         # Other steps replay the pieces between attentions where their token count has them. Not
         # with a draft model (it mirrors the eager batch) nor a layer hook (`nanoserve check`).
         # Prompt scoring, drafts to verify, grammars and prefix-cached prompts all go through: they
         # differ only in the step's rows, its attention and its logits rows, all eager.
         pieces = None
-        if not bucket and self._piecewise is not None and self.draft_model is None and self.model.layer_hook is None:
+        if not key and self._piecewise is not None and self.draft_model is None and self.model.layer_hook is None:
             pieces = self._piecewise.bucket_for(sum(batch.num_new_tokens))
         scoring = None
         self._next_turn()
-        if bucket:
-            self._prepare_graph_decode(batch.seqs, bucket)
+        if key:
+            logits_rows = self._prepare_graph_step(batch, *key)
         else:
             forward_batch = self._prepare(batch, sampling_rows, pieces)
             scoring = _prompt_scoring(batch) if batch.num_decodes < len(batch.seqs) else None
@@ -180,18 +211,20 @@ class ModelRunner:
                 rows = to_device(scoring.rows, torch.int64, forward_batch.logits_indices.device)
                 forward_batch.logits_indices = torch.cat([forward_batch.logits_indices, rows])
         self._end_turn()
-        self._read_unresolved(batch.seqs[: batch.num_decodes], previous)
+        self._read_unresolved(batch.seqs[: batch.num_decodes], previous, key[1] if key else 1)
         if seqs:  # the sampler's host-to-device copies go before the forward pass, not behind it
             self.sampler.prepare(seqs)
         self.token_bitmask.start_fill([seq.grammar for seq in seqs])  # grammar masks: while the model runs
         if self._tensor_parallel is not None:
-            if bucket:
-                self._tensor_parallel.send_graph(bucket, self._graphs.inputs)
+            if key:  # a decode graph: the workers capture no verification graphs
+                self._tensor_parallel.send_graph(key[0], self._graphs.inputs)
             else:
                 self._tensor_parallel.send(forward_batch)
         try:
-            if bucket:
-                logits = self._graphs.replay(bucket, len(batch.seqs))
+            if key:
+                logits = self._graphs.replay(key[0], len(batch.seqs), key[1])
+                if logits_rows is not None:  # a verification step with padding rows
+                    logits = logits.index_select(0, logits_rows)
             elif pieces:
                 logits = self._piecewise.forward(forward_batch, pieces)
             else:
@@ -201,7 +234,10 @@ class ModelRunner:
                 self._tensor_parallel.abandon(err)
             raise
         if self.draft_model is not None:
-            self.draft_model.mirror(forward_batch)
+            if key:
+                self.draft_model.mirror(self._graphs.static_batch(*key), key)
+            else:
+                self.draft_model.mirror(forward_batch)
         if scoring is not None:
             self._score_prompts(logits[len(seqs):], scoring)
             logits = logits[: len(seqs)]
@@ -210,6 +246,24 @@ class ModelRunner:
         sampled = self.sampler.sample(logits, seqs, self.token_bitmask.finish_fill(), draft_ids)
         copy = _HostCopy(sampled.token_ids, sampled.token_logprobs, sampled.top_ids, sampled.top_logprobs)
         return LaunchedStep(batch, sampling_rows, sampled, copy)
+
+    def _graph_key(self, batch: ScheduledBatch) -> tuple[int, int] | None:
+        """The (bucket, tokens per sequence) of the graph that runs the step, or None to run it
+        eagerly. A step of decodes alone replays a decode graph; one of decodes and verifications
+        (no prompt chunk) a verification graph, if every window fits its q tokens and every
+        context holds q + 1 tokens (the padding rows' rule, `cuda_graph.py`)."""
+        graphs, n = self._graphs, len(batch.seqs)
+        if graphs is None or batch.num_decodes + batch.num_verifies != n:
+            return None
+        if not batch.num_verifies:
+            bucket = graphs.bucket_for(n)
+            return (bucket, 1) if bucket else None
+        q = graphs.verify_query_len
+        if q is None or any(num_new > q or seq.num_cached + num_new <= q
+                            for seq, num_new in zip(batch.seqs, batch.num_new_tokens)):
+            return None
+        bucket = graphs.bucket_for(n, q)
+        return (bucket, q) if bucket else None
 
     def _next_turn(self) -> None:
         """On CUDA, the host buffers the copies of the step before last read, once those are done."""
@@ -223,13 +277,15 @@ class ModelRunner:
         if self._copied:
             self._copied[self._turn].record()
 
-    def _read_unresolved(self, decodes: list[Sequence], previous: "LaunchedStep | None") -> None:
+    def _read_unresolved(self, decodes: list[Sequence], previous: "LaunchedStep | None", query_len: int = 1) -> None:
         """The decode rows whose token `previous` sampled take it from its ids on the device (the
         host wrote UNRESOLVED there); the same stream orders this after the inputs' copies. Without
-        a `previous` that sampled, no token is unresolved (the core reads a step back first)."""
+        a `previous` that sampled, no token is unresolved (the core reads a step back first). In a
+        verification graph's step a decode's token is the last of its `query_len` rows."""
         if previous is None or previous.sampled is None:
             return
-        pairs = [(row, seq.unresolved_row) for row, seq in enumerate(decodes) if seq.unresolved_row is not None]
+        pairs = [(row * query_len + query_len - 1, seq.unresolved_row) for row, seq in enumerate(decodes)
+                 if seq.unresolved_row is not None]
         if not pairs:
             return
         token_ids, sampled = self._token_ids.device, previous.sampled.token_ids
@@ -293,19 +349,48 @@ class ModelRunner:
             logits_indices=self._logits_indices.load(len(rows)),
         )
 
-    def _prepare_graph_decode(self, seqs: list[Sequence], bucket: int) -> None:
-        """A decode step's inputs in the graphs' static buffers: the batch's rows, then padding
-        rows up to `bucket` that store nothing (slot -1) and attend to one token of block 0;
-        block tables at their full width, the graphs' fixed shape."""
-        n = len(seqs)
-        self._write_decode_rows(seqs)
-        self._token_ids.np[n:bucket] = 0
-        self._positions.np[n:bucket] = 0
-        self._slot_mapping.np[n:bucket] = -1
-        self._context_lens.np[n:bucket] = 1
-        for buffer in (self._token_ids, self._positions, self._slot_mapping, self._context_lens):
-            buffer.load(bucket)
-        self._load_block_tables(seqs, bucket, self._graphs.inputs.table_width)
+    def _prepare_graph_step(self, batch: ScheduledBatch, bucket: int, query_len: int) -> torch.Tensor | None:
+        """A graph step's inputs in the graphs' static buffers: the batch's sequences on
+        `query_len` rows each, then padding sequences up to `bucket` that store nothing; block
+        tables at their full width, the graphs' fixed shape. Returns the logits rows to sample in
+        the order the sampler takes them, or None when they are the first ones, in order."""
+        seqs, n = batch.seqs, len(batch.seqs)
+        width = self._graphs.inputs.table_width
+        rows = None
+        if query_len == 1:
+            self._write_decode_rows(seqs)
+        else:
+            rows = self._write_verify_rows(batch, query_len)
+        tables = self._block_tables.np[: bucket * width].reshape(bucket, width)
+        write_padding(self._token_ids.np, self._positions.np, self._slot_mapping.np, self._context_lens.np, tables,
+                      n, bucket, query_len, self.block_size)
+        for buffer in (self._token_ids, self._positions, self._slot_mapping):
+            buffer.load(bucket * query_len)
+        self._context_lens.load(bucket)
+        self._load_block_tables(seqs, bucket, width)
+        if rows is None or rows == list(range(len(rows))):
+            return None
+        self._logits_indices.np[: len(rows)] = rows
+        return self._logits_indices.load(len(rows))
+
+    def _write_verify_rows(self, batch: ScheduledBatch, query_len: int) -> list[int]:
+        """Sequence s on rows [s * q, (s + 1) * q): padding rows first (slot -1), then its last
+        token and drafts at their positions, so that they are the last rows of its window as the
+        prefill path places a window at the end of the context. Returns the rows of its tokens."""
+        bs, q = self.block_size, query_len
+        rows = []
+        for s, (seq, num_new, draft) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.drafts)):
+            first, end, context = (s + 1) * q - num_new, (s + 1) * q, seq.num_cached + num_new
+            self._token_ids.np[s * q : first] = 0
+            self._positions.np[s * q : first] = 0
+            self._slot_mapping.np[s * q : first] = -1
+            window = np.arange(seq.num_cached, context)
+            self._token_ids.np[first:end] = seq.token_ids[seq.num_cached : context - len(draft)] + draft
+            self._positions.np[first:end] = window
+            self._slot_mapping.np[first:end] = np.asarray(seq.block_table)[window // bs] * bs + window % bs
+            self._context_lens.np[s] = context
+            rows += range(first, end)
+        return rows
 
     def _write_decode_rows(self, seqs: list[Sequence]) -> None:
         """Rows [0, len(seqs)) of the host buffers: each sequence's newest token, to be stored."""
@@ -320,12 +405,11 @@ class ModelRunner:
         # [rows, width], contiguous; by default one row per sequence, as wide as the longest table
         # in the batch (attention reads whole rows). Entries past a row's end keep whatever earlier
         # steps wrote there: block ids all, hence valid padding, which the model never reads.
-        # Rows past the batch (graph padding) read block 0.
+        # Rows past the batch (graph padding, `write_padding`) read block 0.
         rows, width = rows or len(seqs), width or max(len(seq.block_table) for seq in seqs)
         tables = self._block_tables.np[: rows * width].reshape(rows, width)
         for row, seq in enumerate(seqs):
             tables[row, : len(seq.block_table)] = seq.block_table
-        tables[len(seqs) :, 0] = 0
         return self._block_tables.load(rows * width).view(rows, width)
 
 

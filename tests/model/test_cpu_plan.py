@@ -225,7 +225,7 @@ def test_fp32_models_are_not_offered_fp32_copies(model):
 ])
 def test_held_layouts_are_compared_at_one_row_and_a_full_batch(bf16_tied_model, monkeypatch, one_row, batch, winner):
     monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
-    monkeypatch.setattr(cpu_plan, "_times", lambda weight, rows, plain, held, skipped: one_row if rows == 1 else batch)
+    monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, plain, skipped: one_row if rows == 1 else batch)
     weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
     chosen, cost = cpu_plan._choose_linear(weight, 8, cpu_plan._MemoryBudget(), {})
     assert chosen == winner

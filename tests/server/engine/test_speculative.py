@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from server.engine.cuda_graph import DecodeGraphRunner
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.speculative import SpeculativeConfig
 from tests.server.engine.test_engine import Choice, random_prompts, run
@@ -99,6 +100,49 @@ def test_greedy_with_predictions_equals_plain_decoding(make_engine, config):
     if config:
         assert engine.stats().num_preemptions > 0
     assert engine.stats().kv_blocks_used == 0  # rejected drafts' blocks all came back
+
+
+def record_replays(monkeypatch) -> list[tuple]:
+    """(model, bucket, sequences, tokens per sequence) of every graph replay from now on."""
+    replayed = []
+    replay = DecodeGraphRunner.replay
+    def recorded(self, bucket: int, rows: int, query_len: int = 1):
+        replayed.append((self.model, bucket, rows, query_len))
+        return replay(self, bucket, rows, query_len)
+
+    monkeypatch.setattr(DecodeGraphRunner, "replay", recorded)
+    return replayed
+
+
+@pytest.mark.parametrize(
+    "config", [{}, {"num_kv_blocks": 14, "max_num_batched_tokens": 48}], ids=["normal-cache", "tiny-cache"]
+)
+def test_verification_graphs_give_plain_decodings_tokens(make_engine, config, monkeypatch):
+    """Graphs on (their CPU form) on a server speculating with k = 4: concurrent requests, some
+    with predictions, some with n-gram drafts only (repeating prompts), some with none, so verification
+    steps pad windows of fewer drafts and sequences that bring none, and batches shrink as requests
+    finish (the tiny cache also preempts). Tokens equal eager plain decoding, and verification
+    steps did replay their graphs of 5 tokens a sequence."""
+    rng = random.Random(6)
+    base = random_prompts(6, seed=23, lengths=(6, 30))
+    prompts = [p * 3 if i % 2 else p for i, p in enumerate(base)]
+    max_tokens = [rng.randrange(15, 35) for _ in prompts]
+    plain = gather(make_engine(**config), [req(p, max_tokens=m) for p, m in zip(prompts, max_tokens)])
+    outputs = [r.choices[0].token_ids for r in plain]
+    predictions = [outputs[0], None, edited(outputs[2], rng, 0.3), None, edited(outputs[4], rng, 0.1), None]
+    spec = SpeculativeConfig("ngram", 4, 1, 3, disable_by_batch_size=8)
+    engine = make_engine(speculative_config=spec, enforce_eager=False, **config)
+    assert "verification steps of 5 tokens" in engine.decode_mode
+    replayed = record_replays(monkeypatch)
+    got = gather(engine, [req(p, pred, max_tokens=m) for p, pred, m in zip(prompts, predictions, max_tokens)])
+    assert tokens_of(got) == tokens_of(plain)
+    verifications = [rows for _, _, rows, q in replayed if q == 5]
+    assert len(verifications) > 5 and len(set(verifications)) > 1  # several batch sizes
+    stats = engine._core.speculator.stats
+    assert 0 < stats.accepted_tokens < stats.draft_tokens
+    if config:
+        assert engine.stats().num_preemptions > 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_cached_blocks_hold_only_accepted_tokens(make_engine):
@@ -210,9 +254,12 @@ def other_vocab(tmp_path_factory, demo_dir):
     return directory
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("draft", ["self", pytest.param("other", marks=pytest.mark.slow)])
-def test_a_draft_model_keeps_greedy_tokens(make_engine, demo_dir, request, draft):
-    """The target as its own draft (every draft accepted) and an unrelated small model (few)."""
+def test_a_draft_model_keeps_greedy_tokens(make_engine, demo_dir, request, draft, graphs, monkeypatch):
+    """The target as its own draft (every draft accepted) and an unrelated small model (few); with
+    graphs on (their CPU form), the draft's proposals replay its own decode graphs and its copies of
+    the target's steps replay its decode and verification graphs."""
     rng = random.Random(4)
     prompts = random_prompts(2, seed=81)
     params = [dict(max_tokens=rng.randrange(20, 30), n=n) for n in (2, 1)]
@@ -220,9 +267,15 @@ def test_a_draft_model_keeps_greedy_tokens(make_engine, demo_dir, request, draft
     other = [(request.getfixturevalue("chat_checkpoint"), None)] if draft == "other" else []
     for draft, acceptance in [(demo_dir, 1.0)] if draft == "self" else other:
         engine = make_engine(speculative_config=SpeculativeConfig("draft_model", 4, disable_by_batch_size=8,
-                                                                  model=str(draft)), num_kv_blocks=40)
+                                                                  model=str(draft)), num_kv_blocks=40,
+                             enforce_eager=not graphs)
+        replayed = record_replays(monkeypatch)
         spec = gather(engine, [req(p, **kw) for p, kw in zip(prompts, params)])
         assert tokens_of(spec) == tokens_of(plain)
+        draft_model = engine._core.runner.draft_model.model
+        by_draft = {q for model, _, _, q in replayed if model is draft_model}
+        assert by_draft == ({1, 5} if graphs else set())
+        assert (5 in {q for model, _, _, q in replayed if model is not draft_model}) == graphs
         stats = engine._core.speculator.stats
         assert stats.draft_tokens > 0
         if acceptance is not None:

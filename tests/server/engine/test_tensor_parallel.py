@@ -272,3 +272,39 @@ def test_bench_gpu_reads_the_tensor_parallel_row():
     assert [row.result for row in evaluate(MULTI_GPU_TARGETS, {"tp": report})] == ["pass"]
     assert [row.result for row in evaluate(MULTI_GPU_TARGETS, {"tp": report | {"tp2_ms": 2.7}})] == ["FAIL"]
     assert [row.result for row in evaluate(MULTI_GPU_TARGETS, {"tp": None})] == ["not measured"]
+
+
+def test_a_draft_model_under_tensor_parallelism_keeps_the_one_process_tokens(chat_checkpoint):
+    """The draft model runs whole on rank 0 (its proposals and its copies of every step need no
+    other rank), here with graphs on (their CPU form): the target as its own draft, every draft
+    accepted, the tokens of one process without speculation."""
+    from argparse import Namespace
+    from dataclasses import fields
+
+    from server.engine.async_engine import create_engine
+    from server.engine.speculative import SpeculativeConfig
+
+    prompts = _prompts(2)
+    spec = SpeculativeConfig("draft_model", 3, disable_by_batch_size=4, model=str(chat_checkpoint))
+    flags = {field.name: getattr(EngineConfig(), field.name) for field in fields(EngineConfig)} | dict(
+        max_model_len=512, tensor_parallel_size=2, speculative_config=spec, enforce_eager=False)
+    engine = create_engine(Namespace(model=str(chat_checkpoint), device="cpu", dtype="auto", kernels="auto", **flags))
+    tokenizer = Tokenizer(chat_checkpoint)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    async def one(index: int, prompt: str) -> str:
+        text = ""
+        async for output in engine.generate(GenerationRequest(f"d{index}", tokenizer.encode(prompt), params)):
+            text += output.choices[0].text
+        return text
+
+    async def every() -> list[str]:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    try:
+        texts = asyncio.run(every())
+        stats = engine._core.speculator.stats
+    finally:
+        engine.shutdown()
+    assert texts == _one_process_texts(chat_checkpoint, prompts)
+    assert stats.draft_tokens > 0 and stats.accepted_tokens == stats.draft_tokens
