@@ -67,7 +67,7 @@ from tqdm import tqdm
 from model import batch as batches
 from model.batch import ForwardBatch
 from model.qwen3 import KVCache, Qwen3Model
-from server.engine.cuda_graph import CaptureSummary, _frozen_gc
+from server.engine.cuda_graph import _frozen_gc
 
 logger = logging.getLogger("nanoserve.engine")
 
@@ -92,8 +92,12 @@ class TokenInputs:
 
 
 @dataclass
-class PiecewiseCaptureSummary(CaptureSummary):
-    pieces: int = 0  # graphs per bucket
+class PiecewiseCaptureSummary:
+    buckets: list[int]  # token counts
+    seconds: float
+    memory_bytes: int  # device memory the graphs hold: their pool, the static buffers (0 on CPU)
+    dropped: list[int]  # buckets whose warm-up ran out of memory, smallest first
+    pieces: int  # graphs per bucket
 
     def describe(self, device: torch.device) -> str:
         what = "piecewise CUDA graphs" if device.type == "cuda" else "recorded prompt-step pieces (CPU replay)"
