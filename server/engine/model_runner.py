@@ -155,8 +155,11 @@ class ModelRunner:
     def _capture_piecewise(self, config: EngineConfig) -> PiecewiseGraphRunner | None:
         """The prompt steps' piecewise graphs, where decode has graphs (the same flags choose both),
         over this runner's token buffers as the decode graphs are; none under tensor parallelism,
-        whose prompt steps run eagerly on every rank (the pieces would hold its all-reduces)."""
-        if self._tensor_parallel is not None:
+        whose prompt steps run eagerly on every rank (the pieces would hold its all-reduces), and
+        none beside a draft model, which mirrors every step the target runs through the pieces'
+        eager batch (`launch`)."""
+        spec = config.speculative_config
+        if self._tensor_parallel is not None or (spec is not None and spec.method == "draft_model"):
             return None
         inputs = TokenInputs(self._token_ids.device, self._positions.device, self._slot_mapping.device)
         piecewise = PiecewiseGraphRunner(self.model, self.kv_cache, inputs, token_buckets(config.max_num_batched_tokens))

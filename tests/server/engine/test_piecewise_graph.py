@@ -233,3 +233,19 @@ def test_engine_output_is_the_same_through_pieces_and_eagerly(demo_dir, monkeypa
     assert {bucket for _, bucket in steps} >= {16, 48}
     if speculative:
         assert any(1 < q < 5 for query_lens, _ in steps for q in query_lens), "no verification window went through"
+
+
+def test_no_pieces_beside_a_draft_model(demo_dir):
+    """An engine with a draft model runs its prompt steps eagerly (see `ModelRunner.launch`), so it
+    captures no pieces; the same engine without one, graphs on, has them."""
+    model = load_model(demo_dir, "cpu")
+    sizes = dict(num_kv_blocks=64, max_num_seqs=2, max_num_batched_tokens=32, enforce_eager=False)
+    plain = AsyncEngine(model, Tokenizer(demo_dir), demo_dir, EngineConfig(**sizes))
+    drafted = AsyncEngine(model, Tokenizer(demo_dir), demo_dir, EngineConfig(
+        speculative_config=SpeculativeConfig("draft_model", 2, model=str(demo_dir)), **sizes))
+    try:
+        assert plain._core.runner._piecewise.buckets == [16, 32]
+        assert drafted._core.runner._piecewise is None and "prompt steps" not in drafted.decode_mode
+    finally:
+        plain.shutdown()
+        drafted.shutdown()
