@@ -128,6 +128,17 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, *cache.shape[2:])
 
 
+def _assert_only_written(before: list, after: list, reference: list, written: torch.Tensor, tolerance: float) -> None:
+    """Cache slots `written` hold the reference's K/V (within `tolerance`); every other slot is
+    bit-identical to `before` (padding rows stored nothing)."""
+    untouched = torch.ones(before[0][0].shape[0] * BLOCK_SIZE, dtype=torch.bool, device=written.device)
+    untouched[written] = False
+    for (k0, v0), (k, v), (ke, ve) in zip(before, after, reference):
+        for old, new, expected in ((k0, k, ke), (v0, v, ve)):
+            assert torch.equal(_flat(new)[untouched], _flat(old)[untouched])
+            torch.testing.assert_close(_flat(new)[written], _flat(expected)[written], rtol=tolerance, atol=tolerance)
+
+
 # (logprobs, K/V) tolerances between a replayed and an eager step: fp32 on CPU, bf16 on CUDA, where
 # a padded batch may take another matmul algorithm.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1.6e-2)}
@@ -159,13 +170,7 @@ def test_replayed_decode_equals_eager_and_padding_leaves_the_cache_alone(demo_di
         got = graphs.run(batch)
         _assert_same_step(expected, got, logprob_tolerance)
         written = torch.tensor(_slots(batch), device=device)
-        untouched = torch.ones(before[0][0].shape[0] * BLOCK_SIZE, dtype=torch.bool, device=device)
-        untouched[written] = False
-        for (k0, v0), (k, v), (ke, ve) in zip(before, graphs.kv_cache, eager.kv_cache):
-            for old, new, reference in ((k0, k, ke), (v0, v, ve)):
-                assert torch.equal(_flat(new)[untouched], _flat(old)[untouched])
-                torch.testing.assert_close(_flat(new)[written], _flat(reference)[written], rtol=kv_tolerance,
-                                           atol=kv_tolerance)
+        _assert_only_written(before, graphs.kv_cache, eager.kv_cache, written, kv_tolerance)
         pool.advance(batch, [token for token, _ in got])
 
 
@@ -319,13 +324,7 @@ def test_replayed_verification_equals_eager_and_padding_rows_store_nothing(demo_
             len(r) if isinstance(r, list) else 1 for r in expected]  # the same windows kept
         _assert_same_step(_pairs(expected), _pairs(got), logprob_tolerance)
         written = torch.tensor(_window_slots(batch), device=device)
-        untouched = torch.ones(before[0][0].shape[0] * BLOCK_SIZE, dtype=torch.bool, device=device)
-        untouched[written] = False
-        for (k0, v0), (k, v), (ke, ve) in zip(before, graphs.kv_cache, eager.kv_cache):
-            for old, new, reference in ((k0, k, ke), (v0, v, ve)):
-                assert torch.equal(_flat(new)[untouched], _flat(old)[untouched])
-                torch.testing.assert_close(_flat(new)[written], _flat(reference)[written], rtol=kv_tolerance,
-                                           atol=kv_tolerance)
+        _assert_only_written(before, graphs.kv_cache, eager.kv_cache, written, kv_tolerance)
         expected_key = (graph_buckets(8)[[b >= size for b in graph_buckets(8)].index(True)], 1 + K if
                         batch.num_verifies else 1)
         assert replayed[-1] == (expected_key[0], size, expected_key[1])

@@ -78,6 +78,14 @@ def _one_process_texts(model_dir: Path, prompts: list[str]) -> list[str]:
     """Greedy replies of TP=1 in this process, all requests at once as the server batches them."""
     tokenizer = Tokenizer(model_dir)
     engine = AsyncEngine(load_model(model_dir, "cpu"), tokenizer, model_dir, EngineConfig(max_model_len=512))
+    try:
+        return _greedy_texts(engine, tokenizer, prompts)
+    finally:
+        engine.shutdown()
+
+
+def _greedy_texts(engine, tokenizer: Tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt's greedy reply of MAX_TOKENS tokens (EOS ignored), all requests at once."""
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
     async def one(index: int, prompt: str) -> str:
@@ -89,10 +97,7 @@ def _one_process_texts(model_dir: Path, prompts: list[str]) -> list[str]:
     async def every() -> list[str]:
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
-    try:
-        return asyncio.run(every())
-    finally:
-        engine.shutdown()
+    return asyncio.run(every())
 
 
 def _worker_pid(log: str) -> int:
@@ -290,19 +295,8 @@ def test_a_draft_model_under_tensor_parallelism_keeps_the_one_process_tokens(cha
         max_model_len=512, tensor_parallel_size=2, speculative_config=spec, enforce_eager=False)
     engine = create_engine(Namespace(model=str(chat_checkpoint), device="cpu", dtype="auto", kernels="auto", **flags))
     tokenizer = Tokenizer(chat_checkpoint)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-    async def one(index: int, prompt: str) -> str:
-        text = ""
-        async for output in engine.generate(GenerationRequest(f"d{index}", tokenizer.encode(prompt), params)):
-            text += output.choices[0].text
-        return text
-
-    async def every() -> list[str]:
-        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-
     try:
-        texts = asyncio.run(every())
+        texts = _greedy_texts(engine, tokenizer, prompts)
         stats = engine._core.speculator.stats
     finally:
         engine.shutdown()
