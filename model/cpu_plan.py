@@ -35,8 +35,9 @@ held in another layout, which then serves every batch size (`HELD_LAYOUTS`):
   a shape whose copies would not fit in `MEMORY_SHARE` of the memory available.
 - `int8`, `int8 dynamic` (`--quantization int8` only, and then the only candidates): rows rounded
   to int8 with a scale each, multiplied by one of two kernels (`model.quant`).
-Because a held layout serves every batch, layouts are compared at one row and at a full batch,
-each by its worse ratio to the fastest there (`_choose_linear`). The model then holds the winner
+Because a held layout serves every batch, layouts are compared at one row, at a speculative
+verification step's rows and at a full batch, each by its worst ratio to the fastest there
+(`_choose_linear`). The model then holds the winner
 in place of the plain weight (`Qwen3Model.plan_cpu_ops`), a tied LM head as a copy beside the
 embedding table.
 """
@@ -65,6 +66,11 @@ SHORT_CONTEXT = 128
 # The longest context attention candidates are timed at: longer contexts use the choice made here
 # (the nearest measured point). Timing at a 40,960-token context would take seconds and gigabytes.
 LONG_CONTEXT = 2048
+# The rows of a speculative verification step of one sequence: its token and 8 drafts (a chat
+# prediction's default window). Held layouts are timed at this size too: on an AMD EPYC (AVX-512)
+# fp32 `F.linear` of the plain weight took 3-8x as long for 9 rows as for 1, where a packed
+# weight took 1.5-2x, so a plan timed at 1 row alone made verification cost twice a decode step.
+VERIFY_ROWS = 9
 MEMORY_SHARE = 0.5  # of the memory available at load time, what held fp32 copies may take
 MAX_COPIES = 16  # of one operand, rotated through while timing (see `_copies`)
 # A candidate's result may differ from the fp32 computation by this much, relative to its largest
@@ -312,14 +318,15 @@ def _holding_cost(weight: PlannedWeight, layout: str, dtype: torch.dtype) -> int
     return weight.replaced * (held - plain) + weight.copied * held
 
 
-def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget, skipped: dict[str, str],
+def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _MemoryBudget, skipped: dict[str, str],
                    quantization: str | None = None) -> tuple[str, int]:
     """The winner for this weight shape (a one-row function of the plain weight, or a held layout)
     and the bytes it adds.
 
-    A held layout serves every batch size, so layouts are compared at one row and at `max_batch`
-    rows, each by its worse ratio to the fastest at either size: neither batch-1 decode nor a full
-    batch may pay much for the other's gain. With a `quantization`, only its layouts compete."""
+    A held layout serves every batch size, so layouts are compared at each of `row_counts` (one
+    row first, then the step sizes to serve: a verification window, a full batch), each by its
+    worst ratio to the fastest at any of them: neither batch-1 decode, a verification step nor a
+    full batch may pay much for another's gain. With a `quantization`, only its layouts compete."""
     sample = weight.sample
     plain_linears = {} if quantization else ONE_ROW_LINEARS
     held: dict[str, torch.Tensor] = {}
@@ -340,17 +347,19 @@ def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget,
         raise RuntimeError(f"no matmul runs on this CPU for a {tuple(sample.shape)} {sample.dtype} weight: "
                            + "; ".join(skipped.values()))
     plain_one_row = _pick(plain_fns) if plain_fns else None
-    # Per option: (one-row seconds, full-batch seconds); the plain weight runs F.linear for a batch.
-    batch = _times(sample, max_batch, {"linear": _linear} if plain_linears else {}, held, skipped) if max_batch > 1 else {}
-    options: dict[str, tuple[float, float]] = {}
-    if plain_one_row is not None and (max_batch == 1 or "linear" in batch):
-        options[PLAIN] = (one_row[plain_one_row], batch.get("linear", 0.0))
-    options |= {layout: (one_row[layout], batch.get(layout, 0.0)) for layout in held
-                if max_batch == 1 or layout in batch}
-    if not options:
-        raise RuntimeError(f"no matmul runs on this CPU for {max_batch} rows of a {tuple(sample.shape)} weight: "
-                           + "; ".join(skipped.values()))
-    fastest_at = [min(times[i] for times in options.values()) for i in (0, 1)]
+    # Per option: seconds at each row count; the plain weight runs F.linear for several rows.
+    options: dict[str, list[float]] = {}
+    if plain_one_row is not None:
+        options[PLAIN] = [one_row[plain_one_row]]
+    options |= {layout: [one_row[layout]] for layout in held}
+    for rows in sorted(set(row_counts) - {1}):
+        times = _times(sample, rows, {"linear": _linear} if plain_linears else {}, held, skipped)
+        times[PLAIN] = times.pop("linear", None)
+        options = {name: [*seconds, times[name]] for name, seconds in options.items() if times.get(name) is not None}
+        if not options:
+            raise RuntimeError(f"no matmul runs on this CPU for {rows} rows of a {tuple(sample.shape)} weight: "
+                               + "; ".join(skipped.values()))
+    fastest_at = [min(column) for column in zip(*options.values())]
     worst_ratio = {name: max(t / best if best else 1.0 for t, best in zip(times, fastest_at))
                    for name, times in options.items()}
     winner = _pick(worst_ratio)
@@ -385,10 +394,11 @@ def _times(weight: torch.Tensor, rows: int, plain: dict[str, LinearFn], held: di
 @torch.inference_mode()
 def measure_cpu_plan(
     weights: list[PlannedWeight], dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-    max_batch: int, max_context: int, quantization: str | None = None,
+    max_batch: int, max_context: int, quantization: str | None = None, verify_rows: int = VERIFY_ROWS,
 ) -> CpuPlan:
-    """Time the candidates on `weights` (one per weight shape) and on decode attention over scratch
-    caches at batch 1 and `max_batch`, contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
+    """Time the candidates on `weights` (one per weight shape) at one row, `verify_rows` and
+    `max_batch` rows, and on decode attention over scratch caches at batch 1 and `max_batch`,
+    contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
     started = time.perf_counter()
     one_row: dict[tuple[int, int], str] = {}
     skipped: dict[str, str] = {}
@@ -400,7 +410,7 @@ def measure_cpu_plan(
             one_row[shape] = held
             extra_bytes += _holding_cost(weight, held, dtype)
             continue
-        one_row[shape], cost = _choose_linear(weight, max_batch, budget, skipped, quantization)
+        one_row[shape], cost = _choose_linear(weight, [1, verify_rows, max_batch], budget, skipped, quantization)
         extra_bytes += cost
     attention = []
     long_context = min(max_context, LONG_CONTEXT)

@@ -227,6 +227,28 @@ def test_held_layouts_are_compared_at_one_row_and_a_full_batch(bf16_tied_model, 
     monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
     monkeypatch.setattr(cpu_plan, "_times", lambda weight, rows, plain, held, skipped: one_row if rows == 1 else batch)
     weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
-    chosen, cost = cpu_plan._choose_linear(weight, 8, cpu_plan._MemoryBudget(), {})
+    chosen, cost = cpu_plan._choose_linear(weight, [1, 8], cpu_plan._MemoryBudget(), {})
     assert chosen == winner
     assert cost == (2 * weight.sample.numel() * 2 if winner == FP32 else 0)
+
+
+def test_held_layouts_are_compared_at_a_verification_steps_rows_too(bf16_tied_model, monkeypatch):
+    # The plain weight wins at one row and at a full batch but takes 4x as long as the held copy
+    # for a verification window of 9 rows: the held copy's worst ratio (1.2x) is the smaller.
+    seconds = {1: {"linear": 1.0, "mv": 1.0, FP32: 1.2}, 9: {"linear": 4.0, FP32: 1.0}, 16: {"linear": 2.0, FP32: 2.0}}
+    monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
+    monkeypatch.setattr(cpu_plan, "_times", lambda weight, rows, plain, held, skipped: dict(seconds[rows]))
+    weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
+    assert cpu_plan._choose_linear(weight, [1, 16], cpu_plan._MemoryBudget(), {})[0] == "linear"
+    assert cpu_plan._choose_linear(weight, [1, 9, 16], cpu_plan._MemoryBudget(), {})[0] == FP32
+
+
+def test_the_plan_times_matmuls_at_one_row_a_verification_window_and_a_full_batch(model, monkeypatch):
+    timed_rows = []
+    times = cpu_plan._times
+    monkeypatch.setattr(cpu_plan, "_times", lambda weight, rows, *rest: timed_rows.append(rows) or times(weight, rows, *rest))
+    try:
+        model.plan_cpu_ops(max_batch=4, max_context=64)
+    finally:
+        model.cpu_plan = None
+    assert set(timed_rows) == {1, 4, cpu_plan.VERIFY_ROWS}
