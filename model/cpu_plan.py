@@ -13,8 +13,11 @@ shapes inside a guard, and its result checked against a plain fp32 computation. 
 computes something else is dropped and named in the startup line, so nothing the plan keeps can
 fail later, and availability is never read from build or ISA flags.
 
-Timing is interleaved (every round runs each candidate once) and the median of each is compared;
-a candidate replaces the default only when it is faster by `MARGIN`, so noise keeps the default.
+Timing is interleaved (every round runs each candidate once) and the fastest round of each is
+compared: on a machine shared with other work, that work only ever adds time, and medians of 7
+rounds on a 2-core EPYC shared by four sessions swung 2-3x between two plans of the same weight
+(so one plan chose plain fp32 weights that took 4x the packed layout's time for 9 rows). A
+candidate replaces the default only when it is faster by `MARGIN`, so noise keeps the default.
 Each timed call reads its operands from memory, as a decode step does (it reads every layer's
 weights once): the calls rotate over copies of the weight (and of the attention's caches) that
 together exceed twice the last-level cache. Timing one weight again and again measured a
@@ -54,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
+from kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
 from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, int8_linear
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -123,6 +127,15 @@ DECODE_ATTENTIONS: dict[str, AttentionFn] = {
     "grouped": paged_decode_attention_grouped,
 }
 
+# Attention of a few new tokens over a cached context (a verification window): timed at VERIFY_ROWS
+# new tokens, used for steps whose prompt chunks are all at most MAX_WINDOW_ROWS tokens (the
+# longest window: 1 + 32 drafts); longer chunks take the kernels' prefill attention.
+WINDOW_ATTENTIONS: dict[str, AttentionFn] = {
+    "sdpa": paged_prefill_attention_reference,
+    "grouped": paged_prefill_attention_grouped,
+}
+MAX_WINDOW_ROWS = 33
+
 
 def held_layouts(dtype: torch.dtype, quantization: str | None = None) -> list[str]:
     """The layouts a weight of `dtype` may be offered in (whether they run here is found by running them)."""
@@ -171,6 +184,8 @@ class CpuPlan:
     seconds: float  # what measuring took
     extra_bytes: int = 0  # memory the held layouts add (fp32 copies, a tied LM head's copy)
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was dropped (the first reason)
+    # measured points of a verification window's attention (`batch`: its new tokens); none: the kernels' op
+    window_attention: list[AttentionChoice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._one_row = {shape: ONE_ROW_LINEARS[name] for shape, name in self.one_row_linear.items()
@@ -192,12 +207,24 @@ class CpuPlan:
         nearest = min(self.decode_attention, key=lambda c: abs(math.log(c.batch / batch)) + abs(math.log(c.context / context)))
         return DECODE_ATTENTIONS[nearest.name]
 
+    def window_attention_for(self, max_query_len: int, context: int) -> AttentionFn | None:
+        """The prefill attention for a step whose prompt chunks bring at most `max_query_len` new
+        tokens each: the winner at the nearest measured context, or None (the kernels' op) for
+        chunks longer than a verification window, or when none was measured."""
+        if max_query_len > MAX_WINDOW_ROWS or not self.window_attention:
+            return None
+        nearest = min(self.window_attention, key=lambda c: abs(math.log(c.context / max(context, 1))))
+        return WINDOW_ATTENTIONS[nearest.name]
+
     def describe(self) -> str:
         linears = ", ".join(f"{o}x{i} {name}" for (o, i), name in self.one_row_linear.items())
         attention = ", ".join(f"B={c.batch} L={c.context} {c.name}" for c in self.decode_attention)
         text = (f"CPU ops chosen by timing them here ({self.seconds:.1f} s, {torch.get_num_threads()} threads, "
                 f"ATen {torch.backends.cpu.get_cpu_capability()}): "
                 f"one-row matmul: {linears}; decode attention: {attention}")
+        if self.window_attention:
+            text += "; verification window attention: " + ", ".join(
+                f"Q={c.batch} L={c.context} {c.name}" for c in self.window_attention)
         if self.extra_bytes:
             change = "add" if self.extra_bytes > 0 else "save"
             text += f"; held weights {change} {abs(self.extra_bytes) / 2**20:.0f} MiB"
@@ -206,7 +233,7 @@ class CpuPlan:
         return text
 
 
-def _median_seconds(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def _fastest_seconds(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():  # warm-up: first-call allocations and dispatch caches
         fn()
@@ -215,12 +242,12 @@ def _median_seconds(candidates: dict[str, Callable[[], object]], rounds: int) ->
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: sorted(samples)[len(samples) // 2] for name, samples in times.items()}
+    return {name: min(samples) for name, samples in times.items()}
 
 
 def fastest(candidates: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> str:
-    """The candidate with the lowest median time, if it beats the first (the default) by MARGIN."""
-    return _pick(_median_seconds(candidates, rounds))
+    """The candidate with the lowest time (fastest round), if it beats the first (the default) by MARGIN."""
+    return _pick(_fastest_seconds(candidates, rounds))
 
 
 def _pick(costs: dict[str, float]) -> str:
@@ -372,7 +399,7 @@ def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _Memory
 
 def _times(weight: torch.Tensor, rows: int, plain: dict[str, LinearFn], held: dict[str, torch.Tensor],
            skipped: dict[str, str]) -> dict[str, float]:
-    """Median seconds of `rows` random rows through each plain function of `weight` and each held
+    """Seconds (fastest round) of `rows` random rows through each plain function of `weight` and each held
     copy of it, for those that run and give the right result (the others go into `skipped`)."""
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
     clones = [weight.clone() for _ in range(_copies(weight.numel() * weight.element_size()) - 1)]
@@ -388,7 +415,7 @@ def _times(weight: torch.Tensor, rows: int, plain: dict[str, LinearFn], held: di
         if copy.dtype == torch.int8:
             candidates |= runnable({layout: _rotating(held_linear, (x, copy), held_copies(layout))},
                                    _reference_linear(x, dequantize(copy)), weight.dtype, skipped, INT8_TOLERANCE)
-    return _median_seconds(candidates, ROUNDS) if candidates else {}
+    return _fastest_seconds(candidates, ROUNDS) if candidates else {}
 
 
 @torch.inference_mode()
@@ -418,7 +445,10 @@ def measure_cpu_plan(
         for context in sorted({min(SHORT_CONTEXT, long_context), long_context}):
             attention.append(AttentionChoice(batch, context, _choose_attention(
                 _attention_inputs(batch, context, num_heads, num_kv_heads, head_dim, dtype), skipped)))
-    return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped)
+    window = [AttentionChoice(verify_rows, context, _choose_window_attention(
+                  _window_inputs(verify_rows, context, num_heads, num_kv_heads, head_dim, dtype), skipped))
+              for context in sorted({min(SHORT_CONTEXT, long_context), long_context})]
+    return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped, window)
 
 
 def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:
@@ -431,6 +461,46 @@ def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:
     if not candidates:
         raise RuntimeError("no decode attention runs on this CPU: " + "; ".join(skipped.values()))
     return fastest(candidates) if len(candidates) > 1 else next(iter(candidates))
+
+
+def _choose_window_attention(args: tuple, skipped: dict[str, str]) -> str:
+    q, k, v, k_cache, v_cache = args[:5]
+    reference = _window_reference(*args)
+    others = [(q, k, v, k_cache.clone(), v_cache.clone(), *args[5:])
+              for _ in range(_copies(2 * k_cache.numel() * k_cache.element_size()) - 1)]
+    candidates = {name: _rotating(fn, args, others) for name, fn in WINDOW_ATTENTIONS.items()}
+    dropped: dict[str, str] = {}
+    candidates = runnable(candidates, reference, q.dtype, dropped)
+    for name, reason in dropped.items():
+        skipped.setdefault(f"window {name}", f"window attention {reason}")
+    if not candidates:
+        raise RuntimeError("no verification-window attention runs on this CPU: " + "; ".join(dropped.values()))
+    return fastest(candidates) if len(candidates) > 1 else next(iter(candidates))
+
+
+def _window_reference(q, k, v, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len,
+                      scale) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its context in fp32, written out plainly."""
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    group = q.shape[1] // kv_heads
+    context, num_new = int(context_lens[0]), q.shape[0]
+    blocks = block_tables[0, : -(-context // block_size)].long()
+    keys = k_cache[blocks].reshape(-1, kv_heads, head_dim)[:context].float().repeat_interleave(group, 1)
+    values = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:context].float().repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,lhd->hql", q.float(), keys) * scale
+    future = torch.arange(context)[None, :] > torch.arange(context - num_new, context)[:, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return torch.einsum("hql,lhd->qhd", probs, values)
+
+
+def _window_inputs(num_new: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """Random prefill-attention arguments: one sequence of `num_new` new tokens over a `context`-token
+    context (theirs included) in a shuffled cache."""
+    q, k_cache, v_cache, block_tables, context_lens, scale = _attention_inputs(
+        1, context, num_heads, num_kv_heads, head_dim, dtype)
+    q = torch.randn(num_new, num_heads, head_dim, dtype=dtype)
+    query_start_loc = torch.tensor([0, num_new], dtype=torch.int32)
+    return q, None, None, k_cache, v_cache, block_tables, query_start_loc, context_lens, num_new, scale
 
 
 def _attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:

@@ -137,6 +137,17 @@ class Qwen3Model(nn.Module):
             return paged_decode_attention
         return self.cpu_plan.attention_for(max(batch.num_decodes, 1), batch.block_tables.shape[1] * k_cache.shape[1])
 
+    def _prefill_attention(self, batch: ForwardBatch, k_cache: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """The step's prefill attention: the kernels' op, or on CPU for chunks as short as a
+        speculative verification window what the plan measured fastest."""
+        if self.cpu_plan is None or use_triton(k_cache, "prefill_attention") or "prefill_attention" in PLUGINS:
+            return paged_prefill_attention
+        d = batch.num_decodes
+        if d == len(batch.query_lens):
+            return paged_prefill_attention  # a pure decode step has no prompt chunk
+        window = self.cpu_plan.window_attention_for(max(batch.query_lens[d:]), batch.block_tables.shape[1] * k_cache.shape[1])
+        return window or paged_prefill_attention
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.config
         shape = (num_blocks, block_size, self.shard.num_kv_heads, c.head_dim)
@@ -151,7 +162,7 @@ class Qwen3Model(nn.Module):
         if batches.CHECK_BATCHES and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             batches.check_batch(batch, *kv_cache[0][0].shape[:2])
         eps = self.config.rms_norm_eps
-        decode_attention = self._decode_attention(batch, kv_cache[0][0])
+        attention = (self._decode_attention(batch, kv_cache[0][0]), self._prefill_attention(batch, kv_cache[0][0]))
         hidden = self._embed(batch.token_ids)
         residual = None
         for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
@@ -160,7 +171,7 @@ class Qwen3Model(nn.Module):
                 x = rms_norm(hidden, layer.input_norm, eps)
             else:
                 x, residual = fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self._all_reduce(self._attention(layer, x, batch, k_cache, v_cache, decode_attention))
+            hidden = self._all_reduce(self._attention(layer, x, batch, k_cache, v_cache, *attention))
             x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
             hidden = self._all_reduce(self._mlp(layer, x))
             if self.layer_hook is not None:
@@ -202,14 +213,14 @@ class Qwen3Model(nn.Module):
 
     def _attention(
         self, layer: Qwen3Layer, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        decode_attention: AttentionFn,
+        decode_attention: AttentionFn, prefill_attention: AttentionFn = paged_prefill_attention,
     ) -> torch.Tensor:
         c = self.config
         # k and v come back only where the unfused references ran (on CPU); the fused kernel
         # writes them into the cache alone, and attention reads them from there.
         q, k, v = attention_frontend(self._linear(x, layer.qkv_proj), layer.q_norm, layer.k_norm, c.rms_norm_eps,
                                      batch.positions, self.cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
-        out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention)
+        out = _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention, prefill_attention)
         return self._linear(out.reshape(x.shape[0], self.shard.num_heads * c.head_dim), layer.o_proj)
 
     def _mlp(self, layer: Qwen3Layer, x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +231,7 @@ class Qwen3Model(nn.Module):
 def _paged_attention(
     q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, batch: ForwardBatch, k_cache: torch.Tensor,
     v_cache: torch.Tensor, scale: float, decode_attention: AttentionFn,
+    prefill_attention: AttentionFn = paged_prefill_attention,
 ) -> torch.Tensor:
     """Attention of the batch's new tokens over their cached context: decode attention for the
     leading one-token sequences, prefill attention for the prompt chunks after them. `k`/`v`, the
@@ -230,9 +242,9 @@ def _paged_attention(
     prefill_args = (k_cache, v_cache, batch.block_tables[d:], batch.prefill_query_start_loc, batch.context_lens[d:],
                     batch.max_query_len, scale)
     if d == 0:
-        return paged_prefill_attention(q, k, v, *prefill_args)
+        return prefill_attention(q, k, v, *prefill_args)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     out[:d] = decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d], scale)
     new_kv = (None, None) if k is None else (k[d:], v[d:])
-    out[d:] = paged_prefill_attention(q[d:], *new_kv, *prefill_args)
+    out[d:] = prefill_attention(q[d:], *new_kv, *prefill_args)
     return out

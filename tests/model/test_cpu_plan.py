@@ -14,6 +14,8 @@ from model.cpu_plan import (
     FP32,
     ONE_ROW_LINEARS,
     PACKED,
+    MAX_WINDOW_ROWS,
+    WINDOW_ATTENTIONS,
     AttentionChoice,
     CpuPlan,
     fastest,
@@ -252,3 +254,49 @@ def test_the_plan_times_matmuls_at_one_row_a_verification_window_and_a_full_batc
     finally:
         model.cpu_plan = None
     assert set(timed_rows) == {1, 4, cpu_plan.VERIFY_ROWS}
+
+
+def test_plan_takes_its_window_attention_only_for_chunks_as_short_as_a_verification_window():
+    plan = CpuPlan({}, [AttentionChoice(1, 128, "sdpa")], 0.0,
+                   window_attention=[AttentionChoice(9, 128, "grouped"), AttentionChoice(9, 2048, "sdpa")])
+    assert plan.window_attention_for(9, 100) is WINDOW_ATTENTIONS["grouped"]
+    assert plan.window_attention_for(MAX_WINDOW_ROWS, 1500) is WINDOW_ATTENTIONS["sdpa"]
+    assert plan.window_attention_for(MAX_WINDOW_ROWS + 1, 100) is None  # a prompt chunk: the kernels' op
+    assert CpuPlan({}, [AttentionChoice(1, 128, "sdpa")], 0.0).window_attention_for(9, 100) is None
+
+
+@pytest.mark.parametrize("window", list(WINDOW_ATTENTIONS))
+def test_verification_windows_give_the_kernels_logits(model, window):
+    # Two sequences with cached prompts: one decodes, one brings a window of 5 tokens, as a
+    # speculative verification step does; every row's logits as without a plan.
+    rng = random.Random(4)
+    block_size, width = 8, 6
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (13, 9)]
+    tables = [range(i * width, (i + 1) * width) for i in range(2)]
+    window_tokens = [rng.randrange(VOCAB) for _ in range(5)]
+
+    def logits() -> torch.Tensor:
+        cache = model.allocate_kv_cache(2 * width, block_size)
+        model.forward(make_batch([SequenceStep(p, 0, t) for p, t in zip(prompts, tables)], block_size, "cpu"), cache)
+        steps = [SequenceStep([7], len(prompts[0]), tables[0]), SequenceStep(window_tokens, len(prompts[1]), tables[1])]
+        return model.forward(make_batch(steps, block_size, "cpu", all_logits=True), cache)
+
+    model.cpu_plan = None
+    expected = logits()
+    model.cpu_plan = CpuPlan({}, [AttentionChoice(1, 64, "sdpa")], 0.0, window_attention=[AttentionChoice(9, 64, window)])
+    try:
+        got = logits()
+    finally:
+        model.cpu_plan = None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+def test_the_plan_measures_window_attention_and_names_it(model):
+    try:
+        plan = model.plan_cpu_ops(max_batch=2, max_context=64)
+    finally:
+        model.cpu_plan = None
+    assert [(c.batch, c.context) for c in plan.window_attention] == [(cpu_plan.VERIFY_ROWS, 64)]
+    assert all(c.name in WINDOW_ATTENTIONS for c in plan.window_attention)
+    assert "verification window attention: Q=9 L=64" in plan.describe()
