@@ -10,7 +10,8 @@ prefix cache registers blocks only of accepted tokens.
 
 Never slower: each sequence tracks how many drafts its steps accept; a window rejected at its first
 draft makes the next one a single draft (on a 2-core AMD EPYC, fp32 Qwen3-0.6B, verifying 2 tokens
-cost 1.24 decode steps, 9 tokens 1.91), and each window accepted whole doubles the next, up to k; one whose drafts stop paying
+cost 1.24 decode steps, 9 tokens 1.91), a single draft rejected too starts a pause at once, and
+each window accepted whole doubles the next, up to k; one whose drafts stop paying
 decodes plainly for a while (twice as long after each failed retry, up to MAX_BACKOFF steps), and
 no n-gram drafts are made while more sequences decode than `disable_by_batch_size` (a large batch
 is no longer bound by reading the weights, so verifying drafts costs what it saves; measured at
@@ -200,12 +201,13 @@ class Speculator:
         if state.draft_from_prediction:
             state.accepted_prediction_tokens += num_accepted
             state.rejected_prediction_tokens += num_draft - num_accepted
-        if num_accepted == 0:  # wrong at once: the next window is one draft, nearly free to verify
+        probe_failed = num_accepted == 0 and state.window == 1  # a single draft, wrong too
+        if num_accepted == 0:  # wrong at once: the next window is one draft, cheap to verify
             state.window = 1
         elif num_accepted == num_draft:
             state.window = min(2 * state.window, self._max_window())
         state.accepted_average = ACCEPTANCE_DECAY * state.accepted_average + (1 - ACCEPTANCE_DECAY) * num_accepted
-        if state.accepted_average < MIN_ACCEPTED:  # not paying: decode plainly for a while
+        if state.accepted_average < MIN_ACCEPTED or probe_failed:  # not paying: decode plainly for a while
             state.skip, state.backoff = state.backoff, min(2 * state.backoff, MAX_BACKOFF)
             state.accepted_average = MIN_ACCEPTED  # the retry gets one step to show it pays
         elif num_accepted:
