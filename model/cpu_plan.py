@@ -447,7 +447,8 @@ def measure_cpu_plan(
                 _attention_inputs(batch, context, num_heads, num_kv_heads, head_dim, dtype), skipped)))
     window = [AttentionChoice(verify_rows, context, _choose_window_attention(
                   _window_inputs(verify_rows, context, num_heads, num_kv_heads, head_dim, dtype), skipped))
-              for context in sorted({min(SHORT_CONTEXT, long_context), long_context})]
+              # a window's context holds at least its own tokens
+              for context in sorted({max(min(SHORT_CONTEXT, long_context), verify_rows), max(long_context, verify_rows)})]
     return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped, window)
 
 

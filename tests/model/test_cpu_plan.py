@@ -300,3 +300,11 @@ def test_the_plan_measures_window_attention_and_names_it(model):
     assert [(c.batch, c.context) for c in plan.window_attention] == [(cpu_plan.VERIFY_ROWS, 64)]
     assert all(c.name in WINDOW_ATTENTIONS for c in plan.window_attention)
     assert "verification window attention: Q=9 L=64" in plan.describe()
+
+
+def test_a_context_shorter_than_a_window_is_timed_at_the_windows_length(model):
+    try:
+        plan = model.plan_cpu_ops(max_batch=1, max_context=4)
+    finally:
+        model.cpu_plan = None
+    assert [(c.batch, c.context) for c in plan.window_attention] == [(cpu_plan.VERIFY_ROWS, cpu_plan.VERIFY_ROWS)]
