@@ -40,9 +40,11 @@ held in another layout, which then serves every batch size (`HELD_LAYOUTS`):
   to int8 with a scale each, multiplied by one of two kernels (`model.quant`).
 Because a held layout serves every batch, layouts are compared at one row, at a speculative
 verification step's rows and at a full batch, each by its worst ratio to the fastest there
-(`_choose_linear`). The model then holds the winner
-in place of the plain weight (`Qwen3Model.plan_cpu_ops`), a tied LM head as a copy beside the
-embedding table.
+(`_choose_linear`). The model then holds the winner in place of the plain weight
+(`Qwen3Model.plan_cpu_ops`), a tied LM head as a copy beside the embedding table.
+
+A verification window's attention (a few new tokens over a cached context) is timed the same way,
+the SDPA reference against grouped matmuls (`WINDOW_ATTENTIONS`), at VERIFY_ROWS new tokens.
 """
 
 import itertools
