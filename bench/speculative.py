@@ -8,6 +8,11 @@ ignored, `--new-tokens` each):
 - `prediction exact`: a chat-style `prediction` equal to the output, taken from a first plain run;
 - `prediction 10%` / `prediction 50%`: the same with that share of its lines replaced by other
   tokens (a "line" is `--line-tokens` tokens: random weights write no newlines);
+- `prediction none`: every line replaced, a prediction that never matches (nothing accepted: what
+  speculation costs when it never pays, once its first window fails);
+- `prediction wrong`: each output token followed by a random one, so the prediction re-aligns after
+  every token and drafts a full window every step that is rejected at its first token: nothing
+  accepted, drafts every step (what the acceptance tracking's fallback must make cheap);
 - `ngram repetitive` / `ngram random`: `--speculative-config` n-gram prompt lookup on prompts made
   of one random stretch repeated, and on random prompts.
 "off" is the same requests without speculation on an engine without the flag. Tokens/s counts
@@ -30,8 +35,9 @@ from bench.report import comma_ints, run_and_report
 from bench.timing import on_own_thread
 from server.engine.request import GenerationRequest, SamplingParams
 
-WORKLOADS = ("prediction exact", "prediction 10%", "prediction 50%", "ngram repetitive", "ngram random")
-CHANGED_LINES = {"prediction exact": 0.0, "prediction 10%": 0.1, "prediction 50%": 0.5}
+WORKLOADS = ("prediction exact", "prediction 10%", "prediction 50%", "prediction none", "prediction wrong",
+             "ngram repetitive", "ngram random")
+CHANGED_LINES = {"prediction exact": 0.0, "prediction 10%": 0.1, "prediction 50%": 0.5, "prediction none": 1.0}
 
 
 @dataclass
@@ -50,6 +56,12 @@ def changed_lines(tokens: list[int], share: float, line_tokens: int, rng: random
     for index in rng.sample(range(len(lines)), count):
         lines[index] = [rng.randrange(151643) for _ in lines[index]]
     return [t for line in lines for t in line]
+
+
+def interleaved(tokens: list[int], rng: random.Random) -> list[int]:
+    """Each of `tokens` followed by a random other token: a prediction that re-aligns after every
+    output token and whose next token is always wrong."""
+    return [t for token in tokens for t in (token, (token + 1 + rng.randrange(151642)) % 151643)]
 
 
 def make_prompts(count: int, length: int, repetitive: bool, rng: random.Random) -> list[list[int]]:
@@ -180,8 +192,9 @@ def run(args: argparse.Namespace) -> dict:
             repetitive_prompts = make_prompts(batch, args.prompt_len, True, rng)
             _, outputs = timed(off, random_prompts)()  # also the warm-up
             for workload in args.workloads:
-                if workload in CHANGED_LINES:
-                    predictions = [changed_lines(o, CHANGED_LINES[workload], args.line_tokens, rng) for o in outputs]
+                if workload in CHANGED_LINES or workload == "prediction wrong":
+                    predictions = [interleaved(o, rng) if workload == "prediction wrong"
+                                   else changed_lines(o, CHANGED_LINES[workload], args.line_tokens, rng) for o in outputs]
                     # predictions speculate on any engine: the same one, with and without them
                     sides = timed(off, random_prompts), timed(off, random_prompts, predictions)
                 else:

@@ -13,8 +13,11 @@ shapes inside a guard, and its result checked against a plain fp32 computation. 
 computes something else is dropped and named in the startup line, so nothing the plan keeps can
 fail later, and availability is never read from build or ISA flags.
 
-Timing is interleaved (every round runs each candidate once) and the median of each is compared;
-a candidate replaces the default only when it is faster by `MARGIN`, so noise keeps the default.
+Timing is interleaved (every round runs each candidate once) and the fastest round of each is
+compared: on a machine shared with other work, that work only ever adds time, and medians of 7
+rounds on a 2-core EPYC shared by four sessions swung 2-3x between two plans of the same weight
+(so one plan chose plain fp32 weights that took 4x the packed layout's time for 9 rows). A
+candidate replaces the default only when it is faster by `MARGIN`, so noise keeps the default.
 Each timed call reads its operands from memory, as a decode step does (it reads every layer's
 weights once): the calls rotate over copies of the weight (and of the attention's caches) that
 together exceed twice the last-level cache. Timing one weight again and again measured a
@@ -35,10 +38,13 @@ held in another layout, which then serves every batch size (`HELD_LAYOUTS`):
   a shape whose copies would not fit in `MEMORY_SHARE` of the memory available.
 - `int8`, `int8 dynamic` (`--quantization int8` only, and then the only candidates): rows rounded
   to int8 with a scale each, multiplied by one of two kernels (`model.quant`).
-Because a held layout serves every batch, layouts are compared at one row and at a full batch,
-each by its worse ratio to the fastest there (`_choose_linear`). The model then holds the winner
-in place of the plain weight (`Qwen3Model.plan_cpu_ops`), a tied LM head as a copy beside the
-embedding table.
+Because a held layout serves every batch, layouts are compared at one row, at a speculative
+verification step's rows and at a full batch, each by its worst ratio to the fastest there
+(`_choose_linear`). The model then holds the winner in place of the plain weight
+(`Qwen3Model.plan_cpu_ops`), a tied LM head as a copy beside the embedding table.
+
+A verification window's attention (a few new tokens over a cached context) is timed the same way,
+the SDPA reference against grouped matmuls (`WINDOW_ATTENTIONS`), at VERIFY_ROWS new tokens.
 """
 
 import itertools
@@ -53,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
+from kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
 from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, int8_linear
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,6 +72,11 @@ SHORT_CONTEXT = 128
 # The longest context attention candidates are timed at: longer contexts use the choice made here
 # (the nearest measured point). Timing at a 40,960-token context would take seconds and gigabytes.
 LONG_CONTEXT = 2048
+# The rows of a speculative verification step of one sequence: its token and 8 drafts (a chat
+# prediction's default window). Held layouts are timed at this size too: on an AMD EPYC (AVX-512)
+# fp32 `F.linear` of the plain weight took 3-8x as long for 9 rows as for 1, where a packed
+# weight took 1.5-2x, so a plan timed at 1 row alone made verification cost twice a decode step.
+VERIFY_ROWS = 9
 MEMORY_SHARE = 0.5  # of the memory available at load time, what held fp32 copies may take
 MAX_COPIES = 16  # of one operand, rotated through while timing (see `_copies`)
 # A candidate's result may differ from the fp32 computation by this much, relative to its largest
@@ -117,6 +129,15 @@ DECODE_ATTENTIONS: dict[str, AttentionFn] = {
     "grouped": paged_decode_attention_grouped,
 }
 
+# Attention of a few new tokens over a cached context (a verification window): timed at VERIFY_ROWS
+# new tokens, used for steps whose prompt chunks are all at most MAX_WINDOW_ROWS tokens (the
+# longest window: 1 + 32 drafts); longer chunks take the kernels' prefill attention.
+WINDOW_ATTENTIONS: dict[str, AttentionFn] = {
+    "sdpa": paged_prefill_attention_reference,
+    "grouped": paged_prefill_attention_grouped,
+}
+MAX_WINDOW_ROWS = 33
+
 
 def held_layouts(dtype: torch.dtype, quantization: str | None = None) -> list[str]:
     """The layouts a weight of `dtype` may be offered in (whether they run here is found by running them)."""
@@ -165,6 +186,8 @@ class CpuPlan:
     seconds: float  # what measuring took
     extra_bytes: int = 0  # memory the held layouts add (fp32 copies, a tied LM head's copy)
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was dropped (the first reason)
+    # measured points of a verification window's attention (`batch`: its new tokens); none: the kernels' op
+    window_attention: list[AttentionChoice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._one_row = {shape: ONE_ROW_LINEARS[name] for shape, name in self.one_row_linear.items()
@@ -186,12 +209,24 @@ class CpuPlan:
         nearest = min(self.decode_attention, key=lambda c: abs(math.log(c.batch / batch)) + abs(math.log(c.context / context)))
         return DECODE_ATTENTIONS[nearest.name]
 
+    def window_attention_for(self, max_query_len: int, context: int) -> AttentionFn | None:
+        """The prefill attention for a step whose prompt chunks bring at most `max_query_len` new
+        tokens each: the winner at the nearest measured context, or None (the kernels' op) for
+        chunks longer than a verification window, or when none was measured."""
+        if max_query_len > MAX_WINDOW_ROWS or not self.window_attention:
+            return None
+        nearest = min(self.window_attention, key=lambda c: abs(math.log(c.context / max(context, 1))))
+        return WINDOW_ATTENTIONS[nearest.name]
+
     def describe(self) -> str:
         linears = ", ".join(f"{o}x{i} {name}" for (o, i), name in self.one_row_linear.items())
         attention = ", ".join(f"B={c.batch} L={c.context} {c.name}" for c in self.decode_attention)
         text = (f"CPU ops chosen by timing them here ({self.seconds:.1f} s, {torch.get_num_threads()} threads, "
                 f"ATen {torch.backends.cpu.get_cpu_capability()}): "
                 f"one-row matmul: {linears}; decode attention: {attention}")
+        if self.window_attention:
+            text += "; verification window attention: " + ", ".join(
+                f"Q={c.batch} L={c.context} {c.name}" for c in self.window_attention)
         if self.extra_bytes:
             change = "add" if self.extra_bytes > 0 else "save"
             text += f"; held weights {change} {abs(self.extra_bytes) / 2**20:.0f} MiB"
@@ -200,7 +235,7 @@ class CpuPlan:
         return text
 
 
-def _median_seconds(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def _fastest_seconds(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():  # warm-up: first-call allocations and dispatch caches
         fn()
@@ -209,12 +244,12 @@ def _median_seconds(candidates: dict[str, Callable[[], object]], rounds: int) ->
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: sorted(samples)[len(samples) // 2] for name, samples in times.items()}
+    return {name: min(samples) for name, samples in times.items()}
 
 
 def fastest(candidates: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> str:
-    """The candidate with the lowest median time, if it beats the first (the default) by MARGIN."""
-    return _pick(_median_seconds(candidates, rounds))
+    """The candidate with the lowest time (fastest round), if it beats the first (the default) by MARGIN."""
+    return _pick(_fastest_seconds(candidates, rounds))
 
 
 def _pick(costs: dict[str, float]) -> str:
@@ -312,14 +347,15 @@ def _holding_cost(weight: PlannedWeight, layout: str, dtype: torch.dtype) -> int
     return weight.replaced * (held - plain) + weight.copied * held
 
 
-def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget, skipped: dict[str, str],
+def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _MemoryBudget, skipped: dict[str, str],
                    quantization: str | None = None) -> tuple[str, int]:
     """The winner for this weight shape (a one-row function of the plain weight, or a held layout)
     and the bytes it adds.
 
-    A held layout serves every batch size, so layouts are compared at one row and at `max_batch`
-    rows, each by its worse ratio to the fastest at either size: neither batch-1 decode nor a full
-    batch may pay much for the other's gain. With a `quantization`, only its layouts compete."""
+    A held layout serves every batch size, so layouts are compared at each of `row_counts` (one
+    row first, then the step sizes to serve: a verification window, a full batch), each by its
+    worst ratio to the fastest at any of them: neither batch-1 decode, a verification step nor a
+    full batch may pay much for another's gain. With a `quantization`, only its layouts compete."""
     sample = weight.sample
     plain_linears = {} if quantization else ONE_ROW_LINEARS
     held: dict[str, torch.Tensor] = {}
@@ -342,17 +378,19 @@ def _choose_linear(weight: PlannedWeight, max_batch: int, budget: _MemoryBudget,
         raise RuntimeError(f"no matmul runs on this CPU for a {tuple(sample.shape)} {sample.dtype} weight: "
                            + "; ".join(skipped.values()))
     plain_one_row = _pick(plain_fns) if plain_fns else None
-    # Per option: (one-row seconds, full-batch seconds); the plain weight runs F.linear for a batch.
-    batch = _times(operands, max_batch, {"linear": _linear} if plain_linears else {}, skipped) if max_batch > 1 else {}
-    options: dict[str, tuple[float, float]] = {}
-    if plain_one_row is not None and (max_batch == 1 or "linear" in batch):
-        options[PLAIN] = (one_row[plain_one_row], batch.get("linear", 0.0))
-    options |= {layout: (one_row[layout], batch.get(layout, 0.0)) for layout in held
-                if max_batch == 1 or layout in batch}
-    if not options:
-        raise RuntimeError(f"no matmul runs on this CPU for {max_batch} rows of a {tuple(sample.shape)} weight: "
-                           + "; ".join(skipped.values()))
-    fastest_at = [min(times[i] for times in options.values()) for i in (0, 1)]
+    # Per option: seconds at each row count; the plain weight runs F.linear for several rows.
+    options: dict[str, list[float]] = {}
+    if plain_one_row is not None:
+        options[PLAIN] = [one_row[plain_one_row]]
+    options |= {layout: [one_row[layout]] for layout in held}
+    for rows in sorted(set(row_counts) - {1}):
+        times = _times(operands, rows, {"linear": _linear} if plain_linears else {}, skipped)
+        times[PLAIN] = times.pop("linear", None)
+        options = {name: [*seconds, times[name]] for name, seconds in options.items() if times.get(name) is not None}
+        if not options:
+            raise RuntimeError(f"no matmul runs on this CPU for {rows} rows of a {tuple(sample.shape)} weight: "
+                               + "; ".join(skipped.values()))
+    fastest_at = [min(column) for column in zip(*options.values())]
     worst_ratio = {name: max(t / best if best else 1.0 for t, best in zip(times, fastest_at))
                    for name, times in options.items()}
     winner = _pick(worst_ratio)
@@ -380,7 +418,7 @@ class _Operands:
 
 
 def _times(operands: _Operands, rows: int, plain: dict[str, LinearFn], skipped: dict[str, str]) -> dict[str, float]:
-    """Median seconds of `rows` random rows through each plain function of the weight and each held
+    """Seconds (fastest round) of `rows` random rows through each plain function of the weight and each held
     copy of it, for those that run and give the right result (the others go into `skipped`)."""
     weight = operands.weight
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
@@ -398,16 +436,17 @@ def _times(operands: _Operands, rows: int, plain: dict[str, LinearFn], skipped: 
         if copies[0].dtype == torch.int8:
             candidates |= runnable({layout: rotating_held(layout)}, _reference_linear(x, dequantize(copies[0])),
                                    weight.dtype, skipped, INT8_TOLERANCE)
-    return _median_seconds(candidates, ROUNDS) if candidates else {}
+    return _fastest_seconds(candidates, ROUNDS) if candidates else {}
 
 
 @torch.inference_mode()
 def measure_cpu_plan(
     weights: list[PlannedWeight], dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-    max_batch: int, max_context: int, quantization: str | None = None,
+    max_batch: int, max_context: int, quantization: str | None = None, verify_rows: int = VERIFY_ROWS,
 ) -> CpuPlan:
-    """Time the candidates on `weights` (one per weight shape) and on decode attention over scratch
-    caches at batch 1 and `max_batch`, contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
+    """Time the candidates on `weights` (one per weight shape) at one row, `verify_rows` and
+    `max_batch` rows, and on decode attention over scratch caches at batch 1 and `max_batch`,
+    contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
     started = time.perf_counter()
     one_row: dict[tuple[int, int], str] = {}
     skipped: dict[str, str] = {}
@@ -419,7 +458,7 @@ def measure_cpu_plan(
             one_row[shape] = held
             extra_bytes += _holding_cost(weight, held, dtype)
             continue
-        one_row[shape], cost = _choose_linear(weight, max_batch, budget, skipped, quantization)
+        one_row[shape], cost = _choose_linear(weight, [1, verify_rows, max_batch], budget, skipped, quantization)
         extra_bytes += cost
     attention = []
     long_context = min(max_context, LONG_CONTEXT)
@@ -427,7 +466,11 @@ def measure_cpu_plan(
         for context in sorted({min(SHORT_CONTEXT, long_context), long_context}):
             attention.append(AttentionChoice(batch, context, _choose_attention(
                 _attention_inputs(batch, context, num_heads, num_kv_heads, head_dim, dtype), skipped)))
-    return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped)
+    window = [AttentionChoice(verify_rows, context, _choose_window_attention(
+                  _window_inputs(verify_rows, context, num_heads, num_kv_heads, head_dim, dtype), skipped))
+              # a window's context holds at least its own tokens
+              for context in sorted({max(min(SHORT_CONTEXT, long_context), verify_rows), max(long_context, verify_rows)})]
+    return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped, window)
 
 
 def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:
@@ -440,6 +483,46 @@ def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:
     if not candidates:
         raise RuntimeError("no decode attention runs on this CPU: " + "; ".join(skipped.values()))
     return fastest(candidates) if len(candidates) > 1 else next(iter(candidates))
+
+
+def _choose_window_attention(args: tuple, skipped: dict[str, str]) -> str:
+    q, k, v, k_cache, v_cache = args[:5]
+    reference = _window_reference(*args)
+    others = [(q, k, v, k_cache.clone(), v_cache.clone(), *args[5:])
+              for _ in range(_copies(2 * k_cache.numel() * k_cache.element_size()) - 1)]
+    candidates = {name: _rotating(fn, args, others) for name, fn in WINDOW_ATTENTIONS.items()}
+    dropped: dict[str, str] = {}
+    candidates = runnable(candidates, reference, q.dtype, dropped)
+    for name, reason in dropped.items():
+        skipped.setdefault(f"window {name}", f"window attention {reason}")
+    if not candidates:
+        raise RuntimeError("no verification-window attention runs on this CPU: " + "; ".join(dropped.values()))
+    return fastest(candidates) if len(candidates) > 1 else next(iter(candidates))
+
+
+def _window_reference(q, k, v, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len,
+                      scale) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its context in fp32, written out plainly."""
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    group = q.shape[1] // kv_heads
+    context, num_new = int(context_lens[0]), q.shape[0]
+    blocks = block_tables[0, : -(-context // block_size)].long()
+    keys = k_cache[blocks].reshape(-1, kv_heads, head_dim)[:context].float().repeat_interleave(group, 1)
+    values = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:context].float().repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,lhd->hql", q.float(), keys) * scale
+    future = torch.arange(context)[None, :] > torch.arange(context - num_new, context)[:, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return torch.einsum("hql,lhd->qhd", probs, values)
+
+
+def _window_inputs(num_new: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """Random prefill-attention arguments: one sequence of `num_new` new tokens over a `context`-token
+    context (theirs included) in a shuffled cache."""
+    q, k_cache, v_cache, block_tables, context_lens, scale = _attention_inputs(
+        1, context, num_heads, num_kv_heads, head_dim, dtype)
+    q = torch.randn(num_new, num_heads, head_dim, dtype=dtype)
+    query_start_loc = torch.tensor([0, num_new], dtype=torch.int32)
+    return q, None, None, k_cache, v_cache, block_tables, query_start_loc, context_lens, num_new, scale
 
 
 def _attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:

@@ -131,11 +131,26 @@ class Qwen3Model(nn.Module):
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)
 
+    def attention_for(self, batch: ForwardBatch, k_cache: torch.Tensor) -> tuple[AttentionFn, AttentionFn]:
+        """The step's (decode attention, prefill attention), chosen once for all its layers."""
+        return self.decode_attention_for(batch, k_cache), self.prefill_attention_for(batch, k_cache)
+
     def decode_attention_for(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
         """The step's decode attention: the kernels' op, or on CPU what the plan measured fastest."""
         if self.cpu_plan is None or use_triton(k_cache, "decode_attention") or "decode_attention" in PLUGINS:
             return paged_decode_attention
         return self.cpu_plan.attention_for(max(batch.num_decodes, 1), batch.block_tables.shape[1] * k_cache.shape[1])
+
+    def prefill_attention_for(self, batch: ForwardBatch, k_cache: torch.Tensor) -> AttentionFn:
+        """The step's prefill attention: the kernels' op, or on CPU for chunks as short as a
+        speculative verification window what the plan measured fastest."""
+        if self.cpu_plan is None or use_triton(k_cache, "prefill_attention") or "prefill_attention" in PLUGINS:
+            return paged_prefill_attention
+        d = batch.num_decodes
+        if d == len(batch.query_lens):
+            return paged_prefill_attention  # a pure decode step has no prompt chunk
+        window = self.cpu_plan.window_attention_for(max(batch.query_lens[d:]), batch.block_tables.shape[1] * k_cache.shape[1])
+        return window or paged_prefill_attention
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.config
@@ -150,12 +165,12 @@ class Qwen3Model(nn.Module):
         """Stores the batch's K/V in `kv_cache` and returns fp32 logits [N, vocab] for `logits_indices`."""
         if batches.CHECK_BATCHES and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             batches.check_batch(batch, *kv_cache[0][0].shape[:2])
-        decode_attention = self.decode_attention_for(batch, kv_cache[0][0])
+        attention = self.attention_for(batch, kv_cache[0][0])
         hidden, residual = self.embed(batch.token_ids), None
         for index in range(len(self.layers)):
             q, k, v, residual = self.attention_input(index, hidden, residual, batch.positions, batch.slot_mapping,
                                                      kv_cache)
-            out = self.attention(index, q, k, v, batch, kv_cache, decode_attention)
+            out = self.attention(index, q, k, v, batch, kv_cache, *attention)
             hidden, residual = self.attention_output(index, out, residual)
         return self.final_logits(hidden, residual, batch.logits_indices)
 
@@ -184,12 +199,13 @@ class Qwen3Model(nn.Module):
         return q, k, v, residual
 
     def attention(self, index: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                  batch: ForwardBatch, kv_cache: KVCache, decode_attention: AttentionFn) -> torch.Tensor:
+                  batch: ForwardBatch, kv_cache: KVCache, decode_attention: AttentionFn,
+                  prefill_attention: AttentionFn = paged_prefill_attention) -> torch.Tensor:
         """Layer `index`'s attention [T, Hq, D] of the batch's q over the cache, which already holds
         the batch's own k and v (`attention_input` stored them; given here, or None, they are read
         from the cache)."""
         k_cache, v_cache = kv_cache[index]
-        return _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention)
+        return _paged_attention(q, k, v, batch, k_cache, v_cache, self.scale, decode_attention, prefill_attention)
 
     def attention_output(self, index: int, out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index` after its attention `out` [T, Hq, D]: o_proj, the post-attention norm and
@@ -245,6 +261,7 @@ class Qwen3Model(nn.Module):
 def _paged_attention(
     q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, batch: ForwardBatch, k_cache: torch.Tensor,
     v_cache: torch.Tensor, scale: float, decode_attention: AttentionFn,
+    prefill_attention: AttentionFn = paged_prefill_attention,
 ) -> torch.Tensor:
     """Attention of the batch's new tokens over their cached context: decode attention for the
     leading one-token sequences, prefill attention for the prompt chunks after them. `k`/`v`, the
@@ -255,9 +272,9 @@ def _paged_attention(
     prefill_args = (k_cache, v_cache, batch.block_tables[d:], batch.prefill_query_start_loc, batch.context_lens[d:],
                     batch.max_query_len, scale)
     if d == 0:
-        return paged_prefill_attention(q, k, v, *prefill_args)
+        return prefill_attention(q, k, v, *prefill_args)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     out[:d] = decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d], scale)
     new_kv = (None, None) if k is None else (k[d:], v[d:])
-    out[d:] = paged_prefill_attention(q[d:], *new_kv, *prefill_args)
+    out[d:] = prefill_attention(q[d:], *new_kv, *prefill_args)
     return out

@@ -156,11 +156,11 @@ class PiecewiseGraphRunner:
         if batches.CHECK_BATCHES:
             batches.check_batch(batch, *kv_cache[0][0].shape[:2])
             assert bool((self.inputs.slot_mapping[tokens:bucket] == -1).all()), "a padding row would store K/V"
-        decode_attention = model.decode_attention_for(batch, kv_cache[0][0])
+        attention = model.attention_for(batch, kv_cache[0][0])
         for index, piece in enumerate(self._steps[bucket]):
             piece()
             if index < len(model.layers):
-                out = model.attention(index, self._q[:tokens], None, None, batch, kv_cache, decode_attention)
+                out = model.attention(index, self._q[:tokens], None, None, batch, kv_cache, *attention)
                 self._attention_out[:tokens].copy_(out)
         return model.final_logits(self._hidden, self._residual, batch.logits_indices)
 

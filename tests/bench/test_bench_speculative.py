@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from bench.speculative import changed_lines, make_prompts, parse_args, print_table, summarise
+from bench.speculative import changed_lines, interleaved, make_prompts, parse_args, print_table, summarise
+from server.engine.proposers import PredictionProposer
 
 
 def test_the_table_is_rates_ratios_and_acceptance(capsys):
@@ -39,6 +40,16 @@ def test_lines_are_changed_in_the_share_asked():
     assert changed_lines(tokens, 0.01, 8, rng) != tokens  # at least one line
     repetitive = make_prompts(2, 40, True, rng)
     assert all(p[:16] == p[16:32] and len(p) == 40 for p in repetitive)
+
+
+def test_a_wrong_prediction_drafts_every_step_and_is_wrong_at_once():
+    rng = random.Random(1)
+    output = [rng.randrange(151643) for _ in range(30)]
+    proposer = PredictionProposer(interleaved(output, rng), 8)
+    assert changed_lines(output, 1.0, 8, rng) != output
+    for done in range(1, 30):
+        draft = proposer.propose(output[:done])
+        assert len(draft) == min(8, 61 - 2 * done) and draft[0] != output[done]  # rejected at its first token
 
 
 def test_a_bad_workload_is_refused(capsys):

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from kernels import paged_prefill_attention
+from kernels.prefill_attention import paged_prefill_attention_grouped
 from tests.kernels.common import DTYPE_IDS, DTYPES, assert_close, kernel_backend, randn
 
 # How the tests call the op: the torch reference with the new tokens' k/v and without them (read
-# from the cache), and the Triton kernel (which reads everything from the cache).
-IMPLS = {"reference": ("torch", True), "reference-no-kv": ("torch", False), "triton": ("triton", False)}
+# from the cache), the Triton kernel (which reads everything from the cache), and the grouped-matmul
+# form the CPU plan may choose for verification windows, both ways.
+IMPLS = {"reference": ("torch", True), "reference-no-kv": ("torch", False), "triton": ("triton", False),
+         "grouped": ("grouped", True), "grouped-no-kv": ("grouped", False)}
 
 
 def _expected(q, keys, values, num_cached, scale):
@@ -62,6 +65,8 @@ def _case(query_lens, cached_lens, q_heads, kv_heads, head_dim, block_size, dtyp
 def _run(impl: str, args: tuple) -> torch.Tensor:
     backend, with_kv = IMPLS[impl]
     q, k, v, *rest = args
+    if backend == "grouped":
+        return paged_prefill_attention_grouped(q, k if with_kv else None, v if with_kv else None, *rest)
     with kernel_backend(backend):
         return paged_prefill_attention(q, k if with_kv else None, v if with_kv else None, *rest)
 

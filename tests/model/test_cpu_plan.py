@@ -14,6 +14,8 @@ from model.cpu_plan import (
     FP32,
     ONE_ROW_LINEARS,
     PACKED,
+    MAX_WINDOW_ROWS,
+    WINDOW_ATTENTIONS,
     AttentionChoice,
     CpuPlan,
     fastest,
@@ -227,6 +229,82 @@ def test_held_layouts_are_compared_at_one_row_and_a_full_batch(bf16_tied_model, 
     monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
     monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, plain, skipped: one_row if rows == 1 else batch)
     weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
-    chosen, cost = cpu_plan._choose_linear(weight, 8, cpu_plan._MemoryBudget(), {})
+    chosen, cost = cpu_plan._choose_linear(weight, [1, 8], cpu_plan._MemoryBudget(), {})
     assert chosen == winner
     assert cost == (2 * weight.sample.numel() * 2 if winner == FP32 else 0)
+
+
+def test_held_layouts_are_compared_at_a_verification_steps_rows_too(bf16_tied_model, monkeypatch):
+    # The plain weight wins at one row and at a full batch but takes 4x as long as the held copy
+    # for a verification window of 9 rows: the held copy's worst ratio (1.2x) is the smaller.
+    seconds = {1: {"linear": 1.0, "mv": 1.0, FP32: 1.2}, 9: {"linear": 4.0, FP32: 1.0}, 16: {"linear": 2.0, FP32: 2.0}}
+    monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
+    monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, plain, skipped: dict(seconds[rows]))
+    weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
+    assert cpu_plan._choose_linear(weight, [1, 16], cpu_plan._MemoryBudget(), {})[0] == "linear"
+    assert cpu_plan._choose_linear(weight, [1, 9, 16], cpu_plan._MemoryBudget(), {})[0] == FP32
+
+
+def test_the_plan_times_matmuls_at_one_row_a_verification_window_and_a_full_batch(model, monkeypatch):
+    timed_rows = []
+    times = cpu_plan._times
+    monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, *rest: timed_rows.append(rows) or times(operands, rows, *rest))
+    try:
+        model.plan_cpu_ops(max_batch=4, max_context=64)
+    finally:
+        model.cpu_plan = None
+    assert set(timed_rows) == {1, 4, cpu_plan.VERIFY_ROWS}
+
+
+def test_plan_takes_its_window_attention_only_for_chunks_as_short_as_a_verification_window():
+    plan = CpuPlan({}, [AttentionChoice(1, 128, "sdpa")], 0.0,
+                   window_attention=[AttentionChoice(9, 128, "grouped"), AttentionChoice(9, 2048, "sdpa")])
+    assert plan.window_attention_for(9, 100) is WINDOW_ATTENTIONS["grouped"]
+    assert plan.window_attention_for(MAX_WINDOW_ROWS, 1500) is WINDOW_ATTENTIONS["sdpa"]
+    assert plan.window_attention_for(MAX_WINDOW_ROWS + 1, 100) is None  # a prompt chunk: the kernels' op
+    assert CpuPlan({}, [AttentionChoice(1, 128, "sdpa")], 0.0).window_attention_for(9, 100) is None
+
+
+@pytest.mark.parametrize("window", list(WINDOW_ATTENTIONS))
+def test_verification_windows_give_the_kernels_logits(model, window):
+    # Two sequences with cached prompts: one decodes, one brings a window of 5 tokens, as a
+    # speculative verification step does; every row's logits as without a plan.
+    rng = random.Random(4)
+    block_size, width = 8, 6
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (13, 9)]
+    tables = [range(i * width, (i + 1) * width) for i in range(2)]
+    window_tokens = [rng.randrange(VOCAB) for _ in range(5)]
+
+    def logits() -> torch.Tensor:
+        cache = model.allocate_kv_cache(2 * width, block_size)
+        model.forward(make_batch([SequenceStep(p, 0, t) for p, t in zip(prompts, tables)], block_size, "cpu"), cache)
+        steps = [SequenceStep([7], len(prompts[0]), tables[0]), SequenceStep(window_tokens, len(prompts[1]), tables[1])]
+        return model.forward(make_batch(steps, block_size, "cpu", all_logits=True), cache)
+
+    model.cpu_plan = None
+    expected = logits()
+    model.cpu_plan = CpuPlan({}, [AttentionChoice(1, 64, "sdpa")], 0.0, window_attention=[AttentionChoice(9, 64, window)])
+    try:
+        got = logits()
+    finally:
+        model.cpu_plan = None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+def test_the_plan_measures_window_attention_and_names_it(model):
+    try:
+        plan = model.plan_cpu_ops(max_batch=2, max_context=64)
+    finally:
+        model.cpu_plan = None
+    assert [(c.batch, c.context) for c in plan.window_attention] == [(cpu_plan.VERIFY_ROWS, 64)]
+    assert all(c.name in WINDOW_ATTENTIONS for c in plan.window_attention)
+    assert "verification window attention: Q=9 L=64" in plan.describe()
+
+
+def test_a_context_shorter_than_a_window_is_timed_at_the_windows_length(model):
+    try:
+        plan = model.plan_cpu_ops(max_batch=1, max_context=4)
+    finally:
+        model.cpu_plan = None
+    assert [(c.batch, c.context) for c in plan.window_attention] == [(cpu_plan.VERIFY_ROWS, cpu_plan.VERIFY_ROWS)]

@@ -94,6 +94,32 @@ def test_drafts_that_stop_paying_back_off_and_retry():
     assert speculator.propose(seq, 1) == [1]  # capped by the limit
 
 
+def test_a_window_wrong_at_once_is_followed_by_one_draft_and_grows_back():
+    speculator = Speculator(None)  # a prediction's window: 8 drafts
+    seq = make_seq([1, 2, 3])
+    speculator.attach(seq, list(range(100, 200)))
+    assert len(speculator.propose(seq, 10)) == 8
+    speculator.record(seq, 8, 0)  # rejected at its first draft
+    sizes = []
+    for accepted_whole in (True, True, True, True):
+        draft = speculator.propose(seq, 10)
+        sizes.append(len(draft))
+        speculator.record(seq, len(draft), len(draft) if accepted_whole else 0)
+    assert sizes == [1, 2, 4, 8]  # doubled after each window accepted whole, up to k
+    speculator.record(seq, 8, 3)  # a partial window keeps the size
+    assert len(speculator.propose(seq, 10)) == 8
+
+
+def test_a_rejected_single_draft_pauses_speculation_at_once():
+    speculator = Speculator(None)
+    seq = make_seq([1, 2, 3])
+    speculator.attach(seq, list(range(100, 200)))
+    speculator.record(seq, len(speculator.propose(seq, 10)), 0)  # a window of 8 wrong at once
+    assert speculator.propose(seq, 10) == [100]  # a single draft
+    speculator.record(seq, 1, 0)  # wrong too: plain decoding for a step, then one draft again
+    assert speculator.propose(seq, 10) == [] and speculator.propose(seq, 10) == [100]
+
+
 def test_rejected_drafts_give_their_blocks_back():
     manager = BlockManager(8, 4)
     seq = make_seq([1, 2, 3, 4, 5])  # 2 blocks
