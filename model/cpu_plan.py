@@ -373,7 +373,6 @@ def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _Memory
     one_row = _times(operands, 1, plain_linears, skipped)
     plain_fns = {name: one_row[name] for name in plain_linears if name in one_row}
     operands.held = {layout: copies for layout, copies in operands.held.items() if layout in one_row}
-    held = {layout: copies[0] for layout, copies in operands.held.items()}
     if not one_row:
         raise RuntimeError(f"no matmul runs on this CPU for a {tuple(sample.shape)} {sample.dtype} weight: "
                            + "; ".join(skipped.values()))
@@ -382,7 +381,7 @@ def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _Memory
     options: dict[str, list[float]] = {}
     if plain_one_row is not None:
         options[PLAIN] = [one_row[plain_one_row]]
-    options |= {layout: [one_row[layout]] for layout in held}
+    options |= {layout: [one_row[layout]] for layout in operands.held}
     for rows in sorted(set(row_counts) - {1}):
         times = _times(operands, rows, {"linear": _linear} if plain_linears else {}, skipped)
         times[PLAIN] = times.pop("linear", None)

@@ -77,15 +77,20 @@ def padding_context_len(query_len: int) -> int:
     return 1 if query_len == 1 else query_len + 1
 
 
+def pad_tokens(token_ids, positions, slot_mapping, rows: slice) -> None:
+    """`rows` of a step's per-token inputs (host numpy or device buffers alike) as padding tokens:
+    token 0 at position 0, stored nowhere (slot -1)."""
+    token_ids[rows] = 0
+    positions[rows] = 0
+    slot_mapping[rows] = -1
+
+
 def write_padding(token_ids, positions, slot_mapping, context_lens, block_tables, first: int, bucket: int,
                   query_len: int, block_size: int) -> None:
     """Sequences [first, bucket) of a graph step as padding, in host (numpy) or device buffers
     alike: `query_len` rows each that store nothing, over `padding_context_len` tokens of block 0.
     `block_tables` is the step's [bucket, width] view."""
-    rows = slice(first * query_len, bucket * query_len)
-    token_ids[rows] = 0
-    positions[rows] = 0
-    slot_mapping[rows] = -1
+    pad_tokens(token_ids, positions, slot_mapping, slice(first * query_len, bucket * query_len))
     context = padding_context_len(query_len)
     context_lens[first:bucket] = context
     block_tables[first:bucket, : -(-context // block_size)] = 0
@@ -132,7 +137,7 @@ class CaptureSummary:
 
 
 @contextlib.contextmanager
-def _frozen_gc() -> Iterator[None]:
+def frozen_gc() -> Iterator[None]:
     """The garbage collector kept off the objects alive now, for the block's length. A capture
     allocates many small objects, each collection then walks every object the process holds (the
     model, the tokenizer), and a collection started during a capture would pause it for that
@@ -215,7 +220,7 @@ class DecodeGraphRunner:
         """Record every graph's step (CPU), or warm up and capture it (CUDA), most rows first, into
         `pool` (a `torch.cuda.graph_pool_handle`; a new one by default)."""
         self.pool = pool
-        with _frozen_gc():
+        with frozen_gc():
             return self._capture()
 
     def _capture(self) -> CaptureSummary:

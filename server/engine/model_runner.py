@@ -27,7 +27,8 @@ from kernels.backend import use_triton
 from model.batch import ForwardBatch, SequenceStep, make_batch, to_device
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
-from server.engine.cuda_graph import DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable, write_padding
+from server.engine.cuda_graph import (DecodeGraphRunner, StaticInputs, graph_buckets, graphs_unavailable, pad_tokens,
+                                      write_padding)
 from server.engine.distributed import StepSender
 from server.engine.draft_model import DraftModel
 from server.engine.piecewise_graph import PiecewiseGraphRunner, TokenInputs, token_buckets
@@ -338,9 +339,7 @@ class ModelRunner:
         rows = [row for i in sampling_rows for row in range(ends[i] - 1 - len(batch.drafts[i]), ends[i])]
         self._logits_indices.np[: len(rows)] = rows
         padded = pad_to or start
-        self._token_ids.np[start:padded] = 0
-        self._positions.np[start:padded] = 0
-        self._slot_mapping.np[start:padded] = -1
+        self._pad_tokens(slice(start, padded))
         return ForwardBatch(
             token_ids=self._token_ids.load(padded)[:start],
             positions=self._positions.load(padded)[:start],
@@ -384,9 +383,7 @@ class ModelRunner:
         rows = []
         for s, (seq, num_new, draft) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.drafts)):
             first, end, context = (s + 1) * q - num_new, (s + 1) * q, seq.num_cached + num_new
-            self._token_ids.np[s * q : first] = 0
-            self._positions.np[s * q : first] = 0
-            self._slot_mapping.np[s * q : first] = -1
+            self._pad_tokens(slice(s * q, first))
             window = np.arange(seq.num_cached, context)
             self._token_ids.np[first:end] = seq.token_ids[seq.num_cached : context - len(draft)] + draft
             self._positions.np[first:end] = window
@@ -394,6 +391,9 @@ class ModelRunner:
             self._context_lens.np[s] = context
             rows += range(first, end)
         return rows
+
+    def _pad_tokens(self, rows: slice) -> None:
+        pad_tokens(self._token_ids.np, self._positions.np, self._slot_mapping.np, rows)
 
     def _write_decode_rows(self, seqs: list[Sequence]) -> None:
         """Rows [0, len(seqs)) of the host buffers: each sequence's newest token, to be stored."""

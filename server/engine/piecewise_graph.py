@@ -67,7 +67,7 @@ from tqdm import tqdm
 from model import batch as batches
 from model.batch import ForwardBatch
 from model.qwen3 import KVCache, Qwen3Model
-from server.engine.cuda_graph import _frozen_gc
+from server.engine.cuda_graph import frozen_gc, pad_tokens
 
 logger = logging.getLogger("nanoserve.engine")
 
@@ -194,7 +194,7 @@ class PiecewiseGraphRunner:
 
     def capture(self) -> PiecewiseCaptureSummary:
         """Record every bucket's pieces (CPU), or warm up and capture them (CUDA), largest first."""
-        with _frozen_gc():
+        with frozen_gc():
             return self._capture()
 
     def _capture(self) -> PiecewiseCaptureSummary:
@@ -241,6 +241,4 @@ class PiecewiseGraphRunner:
 
     def _fill_padding(self) -> None:
         """Every row a padding row, so that warm-ups and captures store nothing in the cache."""
-        self.inputs.token_ids.zero_()
-        self.inputs.positions.zero_()
-        self.inputs.slot_mapping.fill_(-1)
+        pad_tokens(self.inputs.token_ids, self.inputs.positions, self.inputs.slot_mapping, slice(None))
