@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="default %(default)s (greedy tokens equal with and without speculation)")
     p.add_argument("--batches", default="1,4,16", help="comma-separated concurrent requests (default %(default)s)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of: " + ", ".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of: " + ", ".join(WORKLOADS).replace("%", "%%"))  # argparse formats help with %
     p.add_argument("--prompt-len", type=int, default=64, help="default %(default)s")
     p.add_argument("--new-tokens", type=int, default=64, help="per request (default %(default)s)")
     p.add_argument("--k", type=int, default=8, help="draft tokens per step, n-gram (default %(default)s)")

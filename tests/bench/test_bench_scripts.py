@@ -1,8 +1,10 @@
 """The benchmark scripts run and report what they measured; the GPU ones say plainly they need one."""
 
 import json
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,20 @@ def test_gpu_benchmarks_say_they_need_cuda(module, tmp_path):
     assert result.returncode == 2
     assert f"bench.{module} needs a CUDA GPU" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+BENCHES_WITH_A_CLI = sorted(path.stem for path in (Path(__file__).parents[2] / "bench").glob("*.py")
+                            if 'if __name__ == "__main__"' in path.read_text())
+
+
+@pytest.mark.parametrize("module", BENCHES_WITH_A_CLI)
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-running an imported module
+def test_every_bench_prints_its_help(module, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"bench.{module}", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module(f"bench.{module}", run_name="__main__")
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
 
 
 def test_generate_bench_compares_hf_graphs_and_eager_on_the_demo_shape(tmp_path, nanoserve_cache):
