@@ -8,14 +8,19 @@ yields at least the token plain decoding would, and what the user sees is what t
 gives. The K/V of rejected drafts is dropped (their slots go back, `BlockManager.trim`), and the
 prefix cache registers blocks only of accepted tokens.
 
-Never slower: each sequence tracks how many drafts its steps accept; a window rejected at its first
-draft makes the next one a single draft (on a 2-core AMD EPYC, fp32 Qwen3-0.6B, verifying 2 tokens
-cost 1.24 decode steps, 9 tokens 1.91), a single draft rejected too starts a pause at once, and
-each window accepted whole doubles the next, up to k; one whose drafts stop paying
-decodes plainly for a while (twice as long after each failed retry, up to MAX_BACKOFF steps), and
-no n-gram drafts are made while more sequences decode than `disable_by_batch_size` (a large batch
-is no longer bound by reading the weights, so verifying drafts costs what it saves; measured at
-load by default, `spec_cutoff.py`). A client's prediction is not held to that limit: it asked.
+Never slower: each sequence tracks how many drafts its steps accept. A proposer not yet proven
+right (no draft of the sequence accepted so far) starts with a window of FIRST_WINDOW drafts, not k
+(on a 2-core AMD EPYC, fp32 Qwen3-0.6B, verifying 2 tokens cost 1.24 decode steps, 5 tokens 1.51,
+9 tokens 1.91: a rejected window of 4 costs half of one of 8, and one accepted whole doubles to k
+at once); when it is rejected at once the sequence decodes plainly at once, for UNPROVEN_PAUSE
+steps, four times longer after each failed single-draft retry, so a prediction that never matches
+costs about one decode step over a reply. Once a draft was accepted, a window rejected at its first
+draft makes the next one a single draft, a single draft rejected too starts a pause at once, and
+each window accepted whole doubles the next, up to k; one whose drafts stop paying decodes plainly
+for a while (twice as long after each failed retry, up to MAX_BACKOFF steps). No n-gram drafts are
+made while more sequences decode than `disable_by_batch_size` (a large batch is no longer bound by
+reading the weights, so verifying drafts costs what it saves; measured at load by default,
+`spec_cutoff.py`). A client's prediction is not held to that limit: it asked.
 
 `--speculative-config '<json>'` takes vLLM's field names:
 `{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}`.
@@ -43,6 +48,8 @@ MAX_SPECULATIVE_TOKENS = 32
 ACCEPTANCE_DECAY = 0.5
 MIN_ACCEPTED = 0.5
 MAX_BACKOFF = 64
+FIRST_WINDOW = 4  # drafts in the first window of a proposer not yet proven right (k if smaller)
+UNPROVEN_PAUSE = 4  # plain steps after an unproven proposer's first rejected window (x4 after each retry)
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class SpeculationState:
     window: int  # drafts the next step may bring: k, or fewer after a window failed at once
     skip: int = 0  # steps to decode plainly before proposing again
     backoff: int = 1  # the next pause's length
+    proven: bool = False  # a draft of this sequence was accepted
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
     draft_from_prediction: bool = False  # where the draft in flight came from
@@ -135,7 +143,7 @@ class Speculator:
             ngram = NgramProposer(k, self.config.prompt_lookup_min, self.config.prompt_lookup_max)
         if predicted is not None or ngram is not None or self.draft_model is not None:
             seq.speculation = SpeculationState(predicted, ngram, self.draft_model is not None, accepted_average=k / 2,
-                                               window=k)
+                                               window=min(k, FIRST_WINDOW), backoff=UNPROVEN_PAUSE)
 
     def may_propose(self, seq: "Sequence") -> bool:
         """Whether the sequence could bring drafts: only ones whose next tokens do not depend on
@@ -206,6 +214,12 @@ class Speculator:
             state.window = 1
         elif num_accepted == num_draft:
             state.window = min(2 * state.window, self._max_window())
+        if not state.proven:  # one kept draft proves the proposer; none pauses it at once
+            if num_accepted:
+                state.proven, state.backoff = True, 1
+            else:
+                state.skip, state.backoff = state.backoff, min(4 * state.backoff, MAX_BACKOFF)
+            return
         state.accepted_average = ACCEPTANCE_DECAY * state.accepted_average + (1 - ACCEPTANCE_DECAY) * num_accepted
         if state.accepted_average < MIN_ACCEPTED or probe_failed:  # not paying: decode plainly for a while
             state.skip, state.backoff = state.backoff, min(2 * state.backoff, MAX_BACKOFF)

@@ -13,7 +13,14 @@ from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.sampler import Sampler, apply_top_k, apply_top_k_top_p
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
-from server.engine.speculative import MAX_BACKOFF, SpeculativeConfig, Speculator, parse_speculative_config
+from server.engine.speculative import (
+    FIRST_WINDOW,
+    MAX_BACKOFF,
+    UNPROVEN_PAUSE,
+    SpeculativeConfig,
+    Speculator,
+    parse_speculative_config,
+)
 
 _ids = itertools.count()
 
@@ -75,22 +82,52 @@ def test_a_prediction_realigns_after_a_mismatch():
     assert repeated.propose([1, 2, 3, 7, 1, 2]) == [4]  # the later "1 2", after the point reached
 
 
+def _windows_until_paused(speculator: Speculator, seq: Sequence, steps: int) -> list[int]:
+    """The step indices, over `steps` steps, at which the sequence brought drafts, each rejected at once."""
+    at = []
+    for step in range(steps):
+        draft = speculator.propose(seq, 10)
+        if draft:
+            at.append(step)
+            speculator.record(seq, len(draft), 0)
+    return at
+
+
+def _proven(speculator: Speculator, seq: Sequence) -> None:
+    """Give the sequence one accepted draft, so its proposer counts as proven right."""
+    speculator.record(seq, len(speculator.propose(seq, 10)), 1)
+
+
+def test_an_unproven_proposer_starts_small_and_pauses_at_once_when_wrong():
+    speculator = Speculator(None)  # a prediction's window: 8 drafts
+    seq = make_seq([1, 2, 3])
+    speculator.attach(seq, list(range(100, 200)))
+    assert len(speculator.propose(seq, 10)) == FIRST_WINDOW == 4
+    speculator.record(seq, 4, 0)  # rejected at its first draft: plain decoding at once
+    assert [len(speculator.propose(seq, 10)) for _ in range(UNPROVEN_PAUSE + 1)] == [0] * UNPROVEN_PAUSE + [1]
+    speculator.record(seq, 1, 0)
+    # each failed single-draft retry pauses four times longer, up to MAX_BACKOFF
+    assert _windows_until_paused(speculator, seq, 200) == [16, 16 + 65, 16 + 2 * 65]
+    # one that is right grows at once: a first window accepted whole doubles to k
+    right = make_seq([1, 2, 3])
+    speculator.attach(right, list(range(100, 200)))
+    speculator.record(right, len(speculator.propose(right, 10)), FIRST_WINDOW)
+    assert len(speculator.propose(right, 10)) == 8
+
+
 def test_drafts_that_stop_paying_back_off_and_retry():
     speculator = Speculator(SpeculativeConfig("ngram", 4, 1, 2))
     seq = make_seq([1, 2, 1, 2, 1, 2])
     speculator.attach(seq, None)
-    windows = 0
-    for _ in range(200):
-        if speculator.propose(seq, 10):
-            windows += 1
-            speculator.record(seq, 4, 0)
+    _proven(speculator, seq)
+    windows = len(_windows_until_paused(speculator, seq, 200))
     assert 5 < windows < 15  # pauses of 1, 2, 4, ... 64 steps
     assert seq.speculation.backoff == MAX_BACKOFF
     while not speculator.propose(seq, 10):
         pass
     speculator.record(seq, 4, 3)
     assert seq.speculation.backoff == 1 and speculator.propose(seq, 10)
-    assert speculator.stats.accepted_per_position == [1, 1, 1, 0]
+    assert speculator.stats.accepted_per_position[:4] == [2, 1, 1, 0]
     assert speculator.propose(seq, 1) == [1]  # capped by the limit
 
 
@@ -98,6 +135,7 @@ def test_a_window_wrong_at_once_is_followed_by_one_draft_and_grows_back():
     speculator = Speculator(None)  # a prediction's window: 8 drafts
     seq = make_seq([1, 2, 3])
     speculator.attach(seq, list(range(100, 200)))
+    speculator.record(seq, len(speculator.propose(seq, 10)), FIRST_WINDOW)  # accepted whole: 8 next
     assert len(speculator.propose(seq, 10)) == 8
     speculator.record(seq, 8, 0)  # rejected at its first draft
     sizes = []
@@ -114,7 +152,8 @@ def test_a_rejected_single_draft_pauses_speculation_at_once():
     speculator = Speculator(None)
     seq = make_seq([1, 2, 3])
     speculator.attach(seq, list(range(100, 200)))
-    speculator.record(seq, len(speculator.propose(seq, 10)), 0)  # a window of 8 wrong at once
+    _proven(speculator, seq)
+    speculator.record(seq, len(speculator.propose(seq, 10)), 0)  # a window wrong at once
     assert speculator.propose(seq, 10) == [100]  # a single draft
     speculator.record(seq, 1, 0)  # wrong too: plain decoding for a step, then one draft again
     assert speculator.propose(seq, 10) == [] and speculator.propose(seq, 10) == [100]
