@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
 from kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
+from model import cpu_memory
 from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, int8_linear
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -188,6 +189,7 @@ class CpuPlan:
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was dropped (the first reason)
     # measured points of a verification window's attention (`batch`: its new tokens); none: the kernels' op
     window_attention: list[AttentionChoice] = field(default_factory=list)
+    freed_memory: str = ""  # whether freed memory stays in the process, or why not (`model.cpu_memory`)
 
     def __post_init__(self) -> None:
         self._one_row = {shape: ONE_ROW_LINEARS[name] for shape, name in self.one_row_linear.items()
@@ -227,6 +229,8 @@ class CpuPlan:
         if self.window_attention:
             text += "; verification window attention: " + ", ".join(
                 f"Q={c.batch} L={c.context} {c.name}" for c in self.window_attention)
+        if self.freed_memory:
+            text += f"; freed memory {self.freed_memory}"
         if self.extra_bytes:
             change = "add" if self.extra_bytes > 0 else "save"
             text += f"; held weights {change} {abs(self.extra_bytes) / 2**20:.0f} MiB"
@@ -447,6 +451,9 @@ def measure_cpu_plan(
     `max_batch` rows, and on decode attention over scratch caches at batch 1 and `max_batch`,
     contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
     started = time.perf_counter()
+    long_context = min(max_context, LONG_CONTEXT)
+    # first, so that every timing below runs under the allocator settings the model will run under
+    freed_memory = cpu_memory.keep_freed_memory_if_possible(available_memory_bytes())
     one_row: dict[tuple[int, int], str] = {}
     skipped: dict[str, str] = {}
     budget = _MemoryBudget()
@@ -460,7 +467,6 @@ def measure_cpu_plan(
         one_row[shape], cost = _choose_linear(weight, [1, verify_rows, max_batch], budget, skipped, quantization)
         extra_bytes += cost
     attention = []
-    long_context = min(max_context, LONG_CONTEXT)
     for batch in sorted({1, max_batch}):
         for context in sorted({min(SHORT_CONTEXT, long_context), long_context}):
             attention.append(AttentionChoice(batch, context, _choose_attention(
@@ -469,7 +475,7 @@ def measure_cpu_plan(
                   _window_inputs(verify_rows, context, num_heads, num_kv_heads, head_dim, dtype), skipped))
               # a window's context holds at least its own tokens
               for context in sorted({max(min(SHORT_CONTEXT, long_context), verify_rows), max(long_context, verify_rows)})]
-    return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped, window)
+    return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped, window, freed_memory)
 
 
 def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:
