@@ -8,13 +8,13 @@ way the next step's tensors land on fresh pages, and the first touch of every 4 
 that the kernel serves by zeroing it. On a 2-core AMD EPYC (AVX-512), bf16, 28 layers of decode
 attention over 512 cached tokens took 31-38 ms a step with glibc's defaults and 5.6-6.4 ms with both
 thresholds raised (medians of 30); a whole batch-1 decode step of the Qwen3-0.6B shape, 67 against
-53 ms (`bench/RESULTS.md`).
+50 ms (`bench/RESULTS.md`).
 
 This is not timed at load as the CPU plan's op choices are: raising a threshold cannot be undone
 (glibc stops adapting one set by hand, so "as before" cannot be restored after trying), and page
-faults only ever add time. What
-it costs is memory: what a step freed stays in the process, so its resident size no longer shrinks
-after a long prompt (by at most one step's activations plus 1 GiB of free heap). So it is applied
+faults only ever add time. What it costs is memory: what a step freed stays in the process, so its
+resident size no longer shrinks after a long prompt (by at most one step's activations plus 1 GiB
+of free heap). So it is applied
 when glibc is the C library, the environment sets none of glibc's malloc variables (they are the
 way to keep glibc's behaviour, e.g. `MALLOC_TRIM_THRESHOLD_=131072`), and at least MIN_AVAILABLE of
 memory is available; the CPU plan's startup line says which (`freed memory kept` / `returned (why)`).
