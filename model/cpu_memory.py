@@ -14,10 +14,10 @@ This is not timed at load as the CPU plan's op choices are: raising a threshold 
 (glibc stops adapting one set by hand, so "as before" cannot be restored after trying), and page
 faults only ever add time. What it costs is memory: what a step freed stays in the process, so its
 resident size no longer shrinks after a long prompt (by at most one step's activations plus 1 GiB
-of free heap). So it is applied
-when glibc is the C library, the environment sets none of glibc's malloc variables (they are the
-way to keep glibc's behaviour, e.g. `MALLOC_TRIM_THRESHOLD_=131072`), and at least MIN_AVAILABLE of
-memory is available; the CPU plan's startup line says which (`freed memory kept` / `returned (why)`).
+of free heap). So it is applied when glibc is the C library, the environment sets none of glibc's
+malloc variables (they are the way to keep glibc's behaviour, e.g. `MALLOC_TRIM_THRESHOLD_=131072`),
+and at least MIN_AVAILABLE of memory is available; the CPU plan's startup line says which
+(`freed memory kept` / `returned (why)`).
 """
 
 import ctypes
@@ -27,7 +27,6 @@ import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 KEPT = {M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 2**30}
-GLIBC_DEFAULTS = {M_MMAP_THRESHOLD: 128 * 2**10, M_TRIM_THRESHOLD: 128 * 2**10}
 MIN_AVAILABLE = 4 * 2**30  # memory available at load below which freed memory goes back
 GLIBC_MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
@@ -70,14 +69,6 @@ def keep_freed_memory() -> None:
     global _kept
     _set(KEPT)
     _kept = True
-
-
-def restore_defaults() -> None:
-    """glibc's starting thresholds, fixed from now on (glibc stops raising a threshold set by hand):
-    for tests that compare both, not for serving."""
-    global _kept
-    _set(GLIBC_DEFAULTS)
-    _kept = False
 
 
 def keep_freed_memory_if_possible(available_bytes: int) -> str:
