@@ -35,7 +35,7 @@ from kernels.backend import PLUGINS, use_triton
 from model import batch as batches
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
-from model.cpu_plan import HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
+from model.cpu_plan import BATCHED_COPY, HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
 from model.parallel import Collectives, Shard, shard_of
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), each [blocks, block_size, Hk, D]
@@ -120,13 +120,17 @@ class Qwen3Model(nn.Module):
 
     def _hold_weights(self, plan: CpuPlan) -> None:
         """Hold the weights of the shapes the plan holds in another layout (packed, fp32) in place
-        of the plain ones; a tied LM head gets a copy, the embedding keeps its table."""
+        of the plain ones; a tied LM head gets a copy, the embedding keeps its table. A shape the
+        plan splits keeps its plain weight, with the copy for several rows as its `BATCHED_COPY`."""
         for owner, name in self._matmul_weights():
             weight = getattr(owner, name)
             layout = plan.held_layout(tuple(weight.shape))
             if layout is not None and layout_of(weight, self.dtype) is None:
                 held = HELD_LAYOUTS[layout](weight.detach())  # int8 ones come as Parameters that carry their scales
                 setattr(owner, name, held if isinstance(held, nn.Parameter) else nn.Parameter(held, requires_grad=False))
+            split = plan.batched_layout.get(tuple(weight.shape))
+            if split is not None and getattr(weight, BATCHED_COPY, None) is None:  # a tied head: once, on the table
+                setattr(weight, BATCHED_COPY, HELD_LAYOUTS[split](weight.detach()))
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight) if self.cpu_plan is None else self.cpu_plan.linear(x, weight)

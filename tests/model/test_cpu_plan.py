@@ -10,6 +10,7 @@ import torch
 from model.batch import SequenceStep, make_batch
 import model.cpu_plan as cpu_plan
 from model.cpu_plan import (
+    BATCHED_COPY,
     DECODE_ATTENTIONS,
     FP32,
     ONE_ROW_LINEARS,
@@ -220,30 +221,72 @@ def test_fp32_models_are_not_offered_fp32_copies(model):
     assert all(p.dtype == torch.float32 for p in model.parameters() if not p.is_mkldnn)
 
 
-@pytest.mark.parametrize("one_row,batch,winner", [
-    # (seconds per option at one row, at a full batch) -> the option whose worse ratio to the fastest is least
-    ({"linear": 1.0, "mv": 0.9, FP32: 1.1}, {"linear": 10.0, FP32: 1.0}, FP32),  # 1.22x at one row, 10x better at 8
-    ({"linear": 1.0, "mv": 0.5, FP32: 1.1}, {"linear": 1.0, FP32: 0.9}, "mv"),  # held 2.2x slower for one row
-    ({"linear": 1.0, "mv": 1.0, FP32: 0.98}, {"linear": 1.0, FP32: 0.98}, "linear"),  # within the margin: the default
+@pytest.mark.parametrize("one_row,batch,winner,split", [
+    # (seconds per option at one row, at a full batch) -> the option whose worse ratio to the fastest
+    # is least, or the plain weight for one row with a held copy for several (a split)
+    ({"linear": 1.0, "mv": 0.9, FP32: 1.1}, {"linear": 10.0, FP32: 1.0}, "mv", FP32),  # each side its fastest
+    ({"linear": 1.0, "mv": 0.5, FP32: 1.1}, {"linear": 1.0, FP32: 1.0}, "mv", None),  # held 2.2x slower for one row
+    ({"linear": 1.0, "mv": 1.0, FP32: 0.98}, {"linear": 1.0, FP32: 0.98}, "linear", None),  # within the margin: the default
+    ({"linear": 1.0, "mv": 1.0, FP32: 1.02}, {"linear": 10.0, FP32: 1.0}, FP32, None),  # a split gains < MARGIN: one copy
 ])
-def test_held_layouts_are_compared_at_one_row_and_a_full_batch(bf16_tied_model, monkeypatch, one_row, batch, winner):
+def test_held_layouts_are_compared_at_one_row_and_a_full_batch(bf16_tied_model, monkeypatch, one_row, batch, winner,
+                                                               split):
     monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
     monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, plain, skipped: one_row if rows == 1 else batch)
     weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
-    chosen, cost = cpu_plan._choose_linear(weight, [1, 8], cpu_plan._MemoryBudget(), {})
-    assert chosen == winner
-    assert cost == (2 * weight.sample.numel() * 2 if winner == FP32 else 0)
+    assert cpu_plan._choose_linear(weight, [1, 8], cpu_plan._MemoryBudget(), {}) == (winner, split, {
+        FP32: 2 * weight.sample.numel() * 2,  # bf16 -> fp32 in place: 2 more bytes an element
+        "split": 2 * weight.sample.numel() * 4,  # an fp32 copy beside each bf16 weight
+    }.get("split" if split else winner, 0))
+
+
+def test_a_split_that_would_not_fit_falls_back_to_one_layout(bf16_tied_model, monkeypatch):
+    monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
+    monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, plain, skipped:
+                        {"linear": 1.0, "mv": 0.9, FP32: 1.1} if rows == 1 else {"linear": 10.0, FP32: 1.0})
+    weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
+    budget = cpu_plan._MemoryBudget()
+    budget.left = 2 * weight.sample.numel() * 4 - 1  # room for the fp32 weights in place, not beside the bf16 ones
+    assert cpu_plan._choose_linear(weight, [1, 8], budget, {}) == (FP32, None, 2 * weight.sample.numel() * 2)
 
 
 def test_held_layouts_are_compared_at_a_verification_steps_rows_too(bf16_tied_model, monkeypatch):
     # The plain weight wins at one row and at a full batch but takes 4x as long as the held copy
-    # for a verification window of 9 rows: the held copy's worst ratio (1.2x) is the smaller.
+    # for a verification window of 9 rows: timed at 9 rows too, the plan keeps a copy for several rows.
     seconds = {1: {"linear": 1.0, "mv": 1.0, FP32: 1.2}, 9: {"linear": 4.0, FP32: 1.0}, 16: {"linear": 2.0, FP32: 2.0}}
     monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
     monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, plain, skipped: dict(seconds[rows]))
     weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
-    assert cpu_plan._choose_linear(weight, [1, 16], cpu_plan._MemoryBudget(), {})[0] == "linear"
-    assert cpu_plan._choose_linear(weight, [1, 9, 16], cpu_plan._MemoryBudget(), {})[0] == FP32
+    assert cpu_plan._choose_linear(weight, [1, 16], cpu_plan._MemoryBudget(), {})[:2] == ("linear", None)
+    assert cpu_plan._choose_linear(weight, [1, 9, 16], cpu_plan._MemoryBudget(), {})[:2] == ("linear", FP32)
+
+
+def test_a_split_plan_keeps_the_plain_weights_and_gives_the_models_tokens(bf16_tied_model):
+    model = bf16_tied_model
+    rng = random.Random(11)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (7, 12, 3)]
+    expected = _greedy(model, prompts, 16)  # prefill and decode of three sequences: several rows every step
+    table = model.embed_tokens.detach().clone()
+    shapes = _projection_shapes(model)
+    plan = CpuPlan({shape: "linear" for shape in shapes}, [AttentionChoice(1, 64, "sdpa")], 0.0,
+                   batched_layout={shape: FP32 for shape in shapes})
+    model._hold_weights(plan)
+    model.cpu_plan = plan
+    try:
+        weights = [getattr(layer, name) for layer in model.layers for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+        assert all(w.dtype == torch.bfloat16 and getattr(w, BATCHED_COPY).dtype == torch.float32 for w in weights)
+        assert model.lm_head is model.embed_tokens and getattr(model.lm_head, BATCHED_COPY).dtype == torch.float32
+        torch.testing.assert_close(model.embed_tokens, table, rtol=0, atol=0)
+        assert _greedy(model, prompts, 16) == expected
+        assert _greedy(model, prompts[:1], 16) == expected[:1]  # one sequence: one row, the plain weights
+        assert "(several rows: fp32)" in plan.describe()
+        again = model.plan_cpu_ops(max_batch=4, max_context=64)  # a second plan keeps the split
+        assert again.batched_layout == plan.batched_layout
+        assert again.extra_bytes == sum(w.numel() for w in weights) * 4 + VOCAB * 64 * 4
+    finally:
+        model.cpu_plan = None
+        for w in [*weights, model.embed_tokens]:
+            delattr(w, BATCHED_COPY)
 
 
 def test_the_plan_times_matmuls_at_one_row_a_verification_window_and_a_full_batch(model, monkeypatch):
