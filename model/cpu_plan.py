@@ -25,8 +25,13 @@ cache-resident matmul instead: on an AVX2-only EPYC (32 MiB L3) the plan so chos
 weights for shapes that fit in L3, which then ran 8-row decode at 0.4 GB/s, a third of the
 packed layout's speed.
 
-Besides computing from the plain weight (`F.linear`; `torch.mv` for one row), a weight can be
-held in another layout, which then serves every batch size (`HELD_LAYOUTS`):
+The plain weight has functions for one row (`ONE_ROW_LINEARS`: `F.linear`, `torch.mv`) and for
+several (`SEVERAL_ROW_LINEARS`: `F.linear`), and for bf16 weights both have the project's AVX2
+kernel (`gemv`, `model.cpu_gemv`): on an AVX2-only EPYC it ran one row 1.15-1.4x, 8 rows 3.6-4x
+and a 128-row prompt chunk 4-5x faster than ATen's bf16 `F.linear`. The several-row function is
+chosen by its worst ratio at the timed row counts and at a prompt chunk's PREFILL_ROWS, for it
+serves prompts too. Besides, a weight can be held in another layout, which then serves every
+batch size (`HELD_LAYOUTS`):
 - `packed`: prepacked once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`),
   which `F.linear` otherwise works from the plain layout on every call. For bf16 on an AVX-512
   EPYC it served one row 15-28% faster than `F.linear`, and 8 and 128 rows faster too; for fp32
@@ -60,6 +65,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +73,7 @@ import torch.nn.functional as F
 from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
 from kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
 from model import cpu_memory
+from model.cpu_gemv import gemv_linear
 from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, int8_linear
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -120,8 +127,17 @@ def held_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-# The first candidate is the default.
-ONE_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, "mv": _mv}
+# Functions of the plain weight, for one row and for several; the first of each is the default.
+# `gemv`: the project's AVX2 kernel (`model.cpu_gemv`), bf16 only, timed only for bf16 weights.
+GEMV = "gemv"
+ONE_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, "mv": _mv, GEMV: gemv_linear}
+SEVERAL_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, GEMV: gemv_linear}
+# A prompt chunk's rows: the plain several-row functions are timed here too (not the held layouts,
+# nor the LM head, which sees only the rows sampled from), for a function chosen at a few rows
+# serves prefill as well. On an AVX2-only EPYC ATen's bf16 `F.linear` ran 128 rows at 20 GFLOP/s,
+# the AVX2 kernel at 80-110; on a processor with native bf16 matmuls the order may be the reverse.
+PREFILL_ROWS = 128
+PREFILL_ROUNDS = 2  # each ATen call there took 40-80 ms on an AVX2-only EPYC
 PLAIN, PACKED, FP32, FP32_PACKED = "plain", "packed", "fp32", "fp32 packed"
 HELD_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     PACKED: pack_weight,
@@ -146,6 +162,11 @@ WINDOW_ATTENTIONS: dict[str, AttentionFn] = {
     "grouped": paged_prefill_attention_grouped,
 }
 MAX_WINDOW_ROWS = 33
+
+
+def plain_linears(candidates: dict[str, LinearFn], dtype: torch.dtype) -> dict[str, LinearFn]:
+    """The functions of `candidates` offered for a plain weight of `dtype` (whether they run is found by running them)."""
+    return {name: fn for name, fn in candidates.items() if name != GEMV or dtype == torch.bfloat16}
 
 
 def held_layouts(dtype: torch.dtype, quantization: str | None = None) -> list[str]:
@@ -179,6 +200,16 @@ class PlannedWeight:
     sample: torch.Tensor  # a weight of this shape (plain, or held by an earlier plan)
     replaced: int  # weights of this shape that a held layout replaces
     copied: int = 0  # weights of this shape that stay plain beside a held copy (a tied LM head's table)
+    prefill: bool = True  # whether prompt chunks' rows go through it (not the LM head's: it sees sampled rows)
+
+
+class LinearChoice(NamedTuple):
+    """The plan for one weight shape (see `_choose_linear`)."""
+
+    one_row: str  # a one-row function of the plain weight, or the held layout that serves every row count
+    split: str | None  # the held layout of a copy for several rows, beside the plain weight for one
+    cost: int  # bytes that holding adds
+    several_rows: str = "linear"  # the plain weight's function for several rows (without a split copy)
 
 
 @dataclass
@@ -200,10 +231,13 @@ class CpuPlan:
     freed_memory: str = ""  # whether freed memory stays in the process, or why not (`model.cpu_memory`)
     # weight shape -> the held layout of a copy that serves several rows, where the plain weight stays for one
     batched_layout: dict[tuple[int, int], str] = field(default_factory=dict)
+    # weight shape -> the plain weight's function for several rows, where not F.linear
+    several_rows_linear: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._one_row = {shape: ONE_ROW_LINEARS[name] for shape, name in self.one_row_linear.items()
                          if name in ONE_ROW_LINEARS}
+        self._several = {shape: SEVERAL_ROW_LINEARS[name] for shape, name in self.several_rows_linear.items()}
 
     def held_layout(self, shape: tuple[int, int]) -> str | None:
         name = self.one_row_linear.get(shape)
@@ -215,7 +249,7 @@ class CpuPlan:
         if x.shape[0] == 1:
             return self._one_row.get(weight.shape, _linear)(x, weight)
         batched = getattr(weight, BATCHED_COPY, None)
-        return F.linear(x, weight) if batched is None else held_linear(x, batched)
+        return self._several.get(weight.shape, _linear)(x, weight) if batched is None else held_linear(x, batched)
 
     def attention_for(self, batch: int, context: int) -> AttentionFn:
         """The winner at the measured point nearest to (batch, context), on log scales."""
@@ -232,9 +266,11 @@ class CpuPlan:
         return WINDOW_ATTENTIONS[nearest.name]
 
     def describe(self) -> str:
-        linears = ", ".join(f"{o}x{i} {name}" + (f" (several rows: {self.batched_layout[o, i]})"
-                                                  if (o, i) in self.batched_layout else "")
-                            for (o, i), name in self.one_row_linear.items())
+        def several(shape: tuple[int, int]) -> str:
+            name = self.batched_layout.get(shape) or self.several_rows_linear.get(shape)
+            return f" (several rows: {name})" if name else ""
+
+        linears = ", ".join(f"{o}x{i} {name}{several((o, i))}" for (o, i), name in self.one_row_linear.items())
         attention = ", ".join(f"B={c.batch} L={c.context} {c.name}" for c in self.decode_attention)
         text = (f"CPU ops chosen by timing them here ({self.seconds:.1f} s, {torch.get_num_threads()} threads, "
                 f"ATen {torch.backends.cpu.get_cpu_capability()}): "
@@ -371,18 +407,21 @@ def _split_cost(weight: PlannedWeight, layout: str, dtype: torch.dtype) -> int:
 
 
 def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _MemoryBudget, skipped: dict[str, str],
-                   quantization: str | None = None) -> tuple[str, str | None, int]:
+                   quantization: str | None = None) -> LinearChoice:
     """The winner for this weight shape (a one-row function of the plain weight, or a held layout),
-    the held layout of a copy for several rows when the plain weight stays for one (a split), and
-    the bytes it adds.
+    the held layout of a copy for several rows when the plain weight stays for one (a split), the
+    bytes it adds, and the plain weight's function for several rows.
 
     A held layout serves every batch size, so layouts are compared at each of `row_counts` (one
     row first, then the step sizes to serve: a verification window, a full batch), each by its
     worst ratio to the fastest at any of them: neither batch-1 decode, a verification step nor a
-    full batch may pay much for another's gain. A split is compared the same way and taken when
-    it beats the best single layout by MARGIN. With a `quantization`, only its layouts compete."""
+    full batch may pay much for another's gain. The plain weight's several-row function is chosen
+    the same way among its candidates, at those row counts and at a prompt chunk's (PREFILL_ROWS).
+    A split is compared like a layout and taken when it beats the best single layout by MARGIN.
+    With a `quantization`, only its layouts compete."""
     sample = weight.sample
-    plain_linears = {} if quantization else ONE_ROW_LINEARS
+    one_row_fns = {} if quantization else plain_linears(ONE_ROW_LINEARS, sample.dtype)
+    several_fns = {} if quantization else plain_linears(SEVERAL_ROW_LINEARS, sample.dtype)
     held: dict[str, torch.Tensor] = {}
     for layout in held_layouts(sample.dtype, quantization):
         cost = _holding_cost(weight, layout, sample.dtype)
@@ -395,45 +434,57 @@ def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _Memory
         except Exception as err:
             skipped.setdefault(layout, f"{layout}: unavailable here ({str(err).strip().splitlines()[0][:160]})")
     operands = _Operands.of(sample, held)
-    one_row = _times(operands, 1, plain_linears, skipped)
-    plain_fns = {name: one_row[name] for name in plain_linears if name in one_row}
+    one_row = _times(operands, 1, one_row_fns, skipped)
     operands.held = {layout: copies for layout, copies in operands.held.items() if layout in one_row}
     if not one_row:
         raise RuntimeError(f"no matmul runs on this CPU for a {tuple(sample.shape)} {sample.dtype} weight: "
                            + "; ".join(skipped.values()))
+    plain_fns = {name: one_row[name] for name in one_row_fns if name in one_row}
     plain_one_row = _pick(plain_fns) if plain_fns else None
-    # Per option: seconds at each row count; the plain weight runs F.linear for several rows.
-    options: dict[str, list[float]] = {}
-    if plain_one_row is not None:
-        options[PLAIN] = [one_row[plain_one_row]]
-    options |= {layout: [one_row[layout]] for layout in operands.held}
+    # Per option (a held layout; each plain several-row function): seconds at each row count.
+    options: dict[str, list[float]] = {layout: [one_row[layout]] for layout in operands.held}
+    plain_several: dict[str, list[float]] = {name: [] for name in several_fns}
     for rows in sorted(set(row_counts) - {1}):
-        times = _times(operands, rows, {"linear": _linear} if plain_linears else {}, skipped)
-        times[PLAIN] = times.pop("linear", None)
-        options = {name: [*seconds, times[name]] for name, seconds in options.items() if times.get(name) is not None}
-        if not options:
-            raise RuntimeError(f"no matmul runs on this CPU for {rows} rows of a {tuple(sample.shape)} weight: "
-                               + "; ".join(skipped.values()))
-    fastest_at = [min(column) for column in zip(*options.values())]
-
-    def worst_ratio(times: list[float]) -> float:
-        return max(t / best if best else 1.0 for t, best in zip(times, fastest_at))
-
-    singles = {name: worst_ratio(times) for name, times in options.items()}
+        times = _times(operands, rows, several_fns, skipped)
+        plain_several = {name: [*seconds, times[name]] for name, seconds in plain_several.items() if name in times}
+        options = {name: [*seconds, times[name]] for name, seconds in options.items() if name in times}
+    if len(plain_several) > 1 and weight.prefill:
+        prefill = _times(_Operands(sample, operands.clones, {}), PREFILL_ROWS, dict(several_fns), skipped, PREFILL_ROUNDS)
+        with_prefill = {name: [*seconds, prefill[name]] for name, seconds in plain_several.items() if name in prefill}
+        several_rows = _pick(worst_ratios(with_prefill)) if with_prefill else None
+    else:
+        several_rows = _pick(worst_ratios(plain_several)) if plain_several else None
+    if plain_one_row is not None and (several_rows is not None or len(row_counts) == 1):
+        options = {PLAIN: [one_row[plain_one_row], *plain_several.get(several_rows, [])]} | options
+    if not options:
+        raise RuntimeError(f"no matmul runs on this CPU for {max(row_counts)} rows of a {tuple(sample.shape)} weight: "
+                           + "; ".join(skipped.values()))
+    singles = worst_ratios(options)
     winner = _pick(singles)
     # The plain weight for one row and a held copy for several: the plain one-row time, the copy's others.
-    splits = {layout: worst_ratio([options[PLAIN][0], *times[1:]]) for layout, times in options.items()
+    fastest_at = [min(column) for column in zip(*options.values())]
+    splits = {layout: _worst_ratio([options[PLAIN][0], *times[1:]], fastest_at) for layout, times in options.items()
               if PLAIN in options and layout != PLAIN and len(times) > 1
               and budget.fits(_split_cost(weight, layout, sample.dtype))}
     if splits and (split := min(splits, key=splits.get)) and splits[split] < singles[winner] * (1 - MARGIN):
         cost = _split_cost(weight, split, sample.dtype)
         budget.left -= cost
-        return plain_one_row, split, cost
+        return LinearChoice(plain_one_row, split, cost)
     if winner == PLAIN:
-        return plain_one_row, None, 0
+        return LinearChoice(plain_one_row, None, 0, several_rows or "linear")
     cost = _holding_cost(weight, winner, sample.dtype)
     budget.left -= cost
-    return winner, None, cost
+    return LinearChoice(winner, None, cost)
+
+
+def _worst_ratio(times: list[float], fastest_at: list[float]) -> float:
+    return max(t / best if best else 1.0 for t, best in zip(times, fastest_at))
+
+
+def worst_ratios(options: dict[str, list[float]]) -> dict[str, float]:
+    """Per option, its worst ratio to the fastest option at any of the row counts (columns) they were timed at."""
+    fastest_at = [min(column) for column in zip(*options.values())]
+    return {name: _worst_ratio(times, fastest_at) for name, times in options.items()}
 
 
 @dataclass
@@ -452,7 +503,8 @@ class _Operands:
                                     for layout, copy in held.items()})
 
 
-def _times(operands: _Operands, rows: int, plain: dict[str, LinearFn], skipped: dict[str, str]) -> dict[str, float]:
+def _times(operands: _Operands, rows: int, plain: dict[str, LinearFn], skipped: dict[str, str],
+           rounds: int = ROUNDS) -> dict[str, float]:
     """Seconds (fastest round) of `rows` random rows through each plain function of the weight and each held
     copy of it, for those that run and give the right result (the others go into `skipped`)."""
     weight = operands.weight
@@ -471,7 +523,7 @@ def _times(operands: _Operands, rows: int, plain: dict[str, LinearFn], skipped: 
         if copies[0].dtype == torch.int8:
             candidates |= runnable({layout: rotating_held(layout)}, _reference_linear(x, dequantize(copies[0])),
                                    weight.dtype, skipped, INT8_TOLERANCE)
-    return _fastest_seconds(candidates, ROUNDS) if candidates else {}
+    return _fastest_seconds(candidates, rounds) if candidates else {}
 
 
 @torch.inference_mode()
@@ -488,6 +540,7 @@ def measure_cpu_plan(
     freed_memory = cpu_memory.keep_freed_memory_if_possible(available_memory_bytes())
     one_row: dict[tuple[int, int], str] = {}
     batched: dict[tuple[int, int], str] = {}
+    several: dict[tuple[int, int], str] = {}
     skipped: dict[str, str] = {}
     budget = _MemoryBudget()
     extra_bytes = 0
@@ -499,13 +552,17 @@ def measure_cpu_plan(
             continue
         if (copy := getattr(weight.sample, BATCHED_COPY, None)) is not None:  # split by an earlier plan: it stays so
             batched[shape] = layout_of(copy, dtype)
-            one_row[shape] = _pick(_times(_Operands.of(weight.sample, {}), 1, ONE_ROW_LINEARS, skipped) or {"linear": 0.0})
+            one_row[shape] = _pick(_times(_Operands.of(weight.sample, {}), 1, plain_linears(ONE_ROW_LINEARS, dtype),
+                                          skipped) or {"linear": 0.0})
             extra_bytes += _split_cost(weight, batched[shape], dtype)
             continue
-        one_row[shape], split, cost = _choose_linear(weight, [1, verify_rows, max_batch], budget, skipped, quantization)
-        if split is not None:
-            batched[shape] = split
-        extra_bytes += cost
+        choice = _choose_linear(weight, [1, verify_rows, max_batch], budget, skipped, quantization)
+        one_row[shape] = choice.one_row
+        if choice.split is not None:
+            batched[shape] = choice.split
+        if choice.several_rows != "linear":
+            several[shape] = choice.several_rows
+        extra_bytes += choice.cost
     attention = []
     for batch in sorted({1, max_batch}):
         for context in sorted({min(SHORT_CONTEXT, long_context), long_context}):
@@ -516,7 +573,7 @@ def measure_cpu_plan(
               # a window's context holds at least its own tokens
               for context in sorted({max(min(SHORT_CONTEXT, long_context), verify_rows), max(long_context, verify_rows)})]
     return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped, window, freed_memory,
-                   batched)
+                   batched, several)
 
 
 def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:

@@ -111,7 +111,7 @@ class Qwen3Model(nn.Module):
         planned: dict[tuple[int, ...], PlannedWeight] = {}
         for owner, name in self._matmul_weights():
             weight = getattr(owner, name)
-            entry = planned.setdefault(tuple(weight.shape), PlannedWeight(weight, 0))
+            entry = planned.setdefault(tuple(weight.shape), PlannedWeight(weight, 0, prefill=name != "lm_head"))
             if name == "lm_head" and self.config.tie_word_embeddings:
                 entry.copied += 1
             else:

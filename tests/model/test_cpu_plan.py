@@ -234,7 +234,7 @@ def test_held_layouts_are_compared_at_one_row_and_a_full_batch(bf16_tied_model, 
     monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
     monkeypatch.setattr(cpu_plan, "_times", lambda operands, rows, plain, skipped: one_row if rows == 1 else batch)
     weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
-    assert cpu_plan._choose_linear(weight, [1, 8], cpu_plan._MemoryBudget(), {}) == (winner, split, {
+    assert cpu_plan._choose_linear(weight, [1, 8], cpu_plan._MemoryBudget(), {})[:3] == (winner, split, {
         FP32: 2 * weight.sample.numel() * 2,  # bf16 -> fp32 in place: 2 more bytes an element
         "split": 2 * weight.sample.numel() * 4,  # an fp32 copy beside each bf16 weight
     }.get("split" if split else winner, 0))
@@ -247,7 +247,7 @@ def test_a_split_that_would_not_fit_falls_back_to_one_layout(bf16_tied_model, mo
     weight = cpu_plan.PlannedWeight(bf16_tied_model.layers[0].o_proj, replaced=2)
     budget = cpu_plan._MemoryBudget()
     budget.left = 2 * weight.sample.numel() * 4 - 1  # room for the fp32 weights in place, not beside the bf16 ones
-    assert cpu_plan._choose_linear(weight, [1, 8], budget, {}) == (FP32, None, 2 * weight.sample.numel() * 2)
+    assert cpu_plan._choose_linear(weight, [1, 8], budget, {})[:3] == (FP32, None, 2 * weight.sample.numel() * 2)
 
 
 def test_held_layouts_are_compared_at_a_verification_steps_rows_too(bf16_tied_model, monkeypatch):

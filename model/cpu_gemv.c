@@ -1,0 +1,132 @@
+/* bf16 weights times a few bf16 rows on CPUs with AVX2 and FMA: y[m, n] = x[m, k] @ w[n, k]^T.
+ *
+ * Loaded by model/cpu_gemv.py (ctypes), timed by the CPU plan against ATen's kernels. Decode reads
+ * each weight once per step, so the speed limit is memory bandwidth; ATen's bf16 kernels on a
+ * processor without native bf16 dot products stay well below it (one row at ~18 GB/s on an
+ * AVX2-only EPYC that streams 26 GB/s here, 8 rows at 4x the time of one).
+ *
+ * How: the activations are upcast to fp32 once per call; a weight chunk of 8 bf16 values becomes 8
+ * fp32 values by widening to 32 bits and shifting left by 16 (bf16 is the top half of an fp32), then
+ * one FMA per row it meets. One row: 4 weight rows at a time, two accumulators each (two FMA chains
+ * in flight per row), and the next 4 rows prefetched a cache line at a time. Several rows: 2 weight
+ * rows against 4 activation rows, so each converted weight chunk serves 4 rows from registers
+ * (8 accumulators, 2 weight and 4 activation vectors: 14 of the 16 ymm registers). Sums are fp32
+ * in a fixed order; results are rounded to bf16 to nearest even, as torch rounds.
+ *
+ * Every function that may run AVX2 instructions carries the `AVX2` target attribute and the file is
+ * compiled without -mavx2, so `nanoserve_gemv_supported` (plain x86-64) can ask the processor first.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+int nanoserve_gemv_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t u; float f; } bits = {(uint32_t)v << 16};
+    return bits.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } bits = {f};
+    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u);  /* NaN stays NaN */
+    return (uint16_t)((bits.u + 0x7fffu + ((bits.u >> 16) & 1u)) >> 16);
+}
+
+static inline AVX2 __m256 load8(const uint16_t* p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static inline AVX2 float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The k % 8 tail of a dot product, in plain fp32. */
+static inline float tail_dot(const uint16_t* w, const float* x, int64_t from, int64_t k) {
+    float sum = 0.0f;
+    for (int64_t c = from; c < k; c++) sum += bf16_to_float(w[c]) * x[c];
+    return sum;
+}
+
+/* One activation row against weight rows [r, r + rows), rows <= 4 (fewer only at the end). */
+static inline AVX2 void one_row_block(const uint16_t* w, const float* x, uint16_t* y, int64_t r, int rows,
+                                      int64_t n, int64_t k) {
+    const uint16_t* row[4];
+    for (int j = 0; j < 4; j++) row[j] = w + (r + (j < rows ? j : 0)) * k;
+    const char* ahead = (const char*)(w + (r + 4 < n ? r + 4 : r) * k);  /* the next block's rows, contiguous */
+    __m256 a[4][2];
+    for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+        if (c % 32 == 0)
+            for (int j = 0; j < 4; j++) _mm_prefetch(ahead + 2 * (j * k + c), _MM_HINT_T0);
+        __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+        for (int j = 0; j < 4; j++) {
+            a[j][0] = _mm256_fmadd_ps(load8(row[j] + c), x0, a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(load8(row[j] + c + 8), x1, a[j][1]);
+        }
+    }
+    for (; c + 8 <= k; c += 8) {
+        __m256 x0 = _mm256_loadu_ps(x + c);
+        for (int j = 0; j < 4; j++) a[j][0] = _mm256_fmadd_ps(load8(row[j] + c), x0, a[j][0]);
+    }
+    for (int j = 0; j < rows; j++) y[r + j] = float_to_bf16(hsum(_mm256_add_ps(a[j][0], a[j][1])) + tail_dot(row[j], x, c, k));
+}
+
+/* Activation rows [i, i + count), count <= 4, against weight rows r and r + 1 (r alone when r + 1 == n). */
+static inline AVX2 void rows_block(const uint16_t* w, const float* x, uint16_t* y, int64_t r, int64_t i, int count,
+                                   int64_t n, int64_t k) {
+    const uint16_t* w0 = w + r * k;
+    const uint16_t* w1 = r + 1 < n ? w0 + k : w0;
+    const float* xs[4];
+    for (int j = 0; j < 4; j++) xs[j] = x + (i + (j < count ? j : 0)) * k;
+    __m256 a0[4], a1[4];
+    for (int j = 0; j < 4; j++) a0[j] = a1[j] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= k; c += 8) {
+        __m256 v0 = load8(w0 + c), v1 = load8(w1 + c);
+        for (int j = 0; j < 4; j++) {
+            __m256 xv = _mm256_loadu_ps(xs[j] + c);
+            a0[j] = _mm256_fmadd_ps(v0, xv, a0[j]);
+            a1[j] = _mm256_fmadd_ps(v1, xv, a1[j]);
+        }
+    }
+    for (int j = 0; j < count; j++) {
+        y[(i + j) * n + r] = float_to_bf16(hsum(a0[j]) + tail_dot(w0, xs[j], c, k));
+        if (r + 1 < n) y[(i + j) * n + r + 1] = float_to_bf16(hsum(a1[j]) + tail_dot(w1, xs[j], c, k));
+    }
+}
+
+static AVX2 void gemv(const uint16_t* w, const float* x, uint16_t* y, int64_t m, int64_t n, int64_t k, int threads) {
+    if (m == 1) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < n; r += 4) one_row_block(w, x, y, r, n - r < 4 ? (int)(n - r) : 4, n, k);
+    } else {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < n; r += 2)
+            for (int64_t i = 0; i < m; i += 4) rows_block(w, x, y, r, i, m - i < 4 ? (int)(m - i) : 4, n, k);
+    }
+}
+
+/* y = x @ w^T for contiguous bf16 w [n, k], x [m, k], y [m, n], on `threads` OpenMP threads.
+ * Returns 0, or 1 when the processor lacks AVX2/FMA (checked before any AVX2 instruction runs),
+ * 2 when scratch memory cannot be had. */
+int nanoserve_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t m, int64_t n, int64_t k,
+                        int threads) {
+    if (!nanoserve_gemv_supported()) return 1;
+    float* xf = malloc((size_t)(m * k > 0 ? m * k : 1) * sizeof(float));
+    if (xf == NULL) return 2;
+    for (int64_t e = 0; e < m * k; e++) xf[e] = bf16_to_float(x[e]);
+    gemv(w, xf, y, m, n, k, threads);
+    free(xf);
+    return 0;
+}

@@ -1,0 +1,197 @@
+"""The AVX2 bf16 kernel (`model.cpu_gemv`): its products are the fp32 products rounded to bf16 at
+every shape (tails of rows and columns included), a model planned onto it gives Hugging Face's
+greedy tokens, the plan chooses it by timing (a prompt chunk's rows included), and where it
+cannot be built or run the plan names why and runs without it."""
+
+import random
+
+import pytest
+import torch
+from transformers import Qwen3ForCausalLM
+
+import model.cpu_gemv as cpu_gemv
+import model.cpu_plan as cpu_plan
+from model.batch import SequenceStep, make_batch
+from model.cpu_plan import FP32, GEMV, AttentionChoice, CpuPlan, PlannedWeight
+from model.demo import write_checkpoint
+from model.load import load_model
+
+REASON = cpu_gemv.unavailable_reason()
+needs_gemv = pytest.mark.skipif(REASON is not None, reason=f"the AVX2 kernel cannot run here: {REASON}")
+VOCAB = 384
+
+
+@pytest.fixture
+def unbuildable(monkeypatch, tmp_path):
+    """The kernel as on a machine whose C compiler fails: a fresh process's view (the result is per process)."""
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: no usable compiler here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    monkeypatch.setenv("NANOSERVE_CACHE", str(tmp_path / "cache"))
+    cpu_gemv._load.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu_gemv._load.cache_clear()
+
+
+@needs_gemv
+@pytest.mark.parametrize("rows,out,inner", [(1, 384, 64), (1, 7, 13), (1, 1030, 200), (2, 5, 24), (4, 64, 64),
+                                            (5, 131, 72), (9, 258, 1032), (33, 96, 160), (128, 67, 96)])
+def test_products_are_the_fp32_products_rounded_to_bf16(rows, out, inner):
+    gen = torch.Generator().manual_seed(rows * 1000 + out + inner)
+    x = torch.randn(rows, inner, generator=gen).bfloat16()
+    weight = torch.randn(out, inner, generator=gen).bfloat16()
+    exact = x.double() @ weight.double().T
+    result = cpu_gemv.gemv_linear(x, weight)
+    assert result.dtype == torch.bfloat16 and result.shape == (rows, out)
+    # fp32 sums in another order than float64's may cross a bf16 rounding boundary, rarely; never by more
+    torch.testing.assert_close(result.double(), exact, rtol=2**-8, atol=1e-6 * inner)
+    assert (result == exact.bfloat16()).double().mean() >= 0.99
+
+
+@needs_gemv
+def test_strided_inputs_and_nans_are_handled():
+    x = torch.randn(6, 64).bfloat16()[::2]  # rows 0, 2, 4: not contiguous
+    weight = torch.randn(12, 64).bfloat16()
+    weight[3, 5] = float("nan")
+    result = cpu_gemv.gemv_linear(x, weight).float()
+    assert result[:, 3].isnan().all() and not result[:, [0, 1, 2, 4]].isnan().any()
+    torch.testing.assert_close(result[:, 4], (x.float() @ weight.float().T)[:, 4], rtol=2**-8, atol=1e-3)
+
+
+def test_other_dtypes_and_mismatched_shapes_are_refused():
+    with pytest.raises(cpu_gemv.GemvUnavailable, match="bf16 matrices only"):
+        cpu_gemv.gemv_linear(torch.randn(1, 8), torch.randn(4, 8))
+    if REASON is None:
+        with pytest.raises(ValueError, match="cannot be multiplied"):
+            cpu_gemv.gemv_linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 16).bfloat16())
+
+
+@needs_gemv
+def test_a_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOSERVE_CACHE", str(tmp_path))
+    compiler = cpu_gemv._compiler()
+    first = cpu_gemv._build(compiler)
+    built_at = first.stat().st_mtime_ns
+    assert cpu_gemv._build(compiler) == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial files left behind
+
+
+def test_without_a_working_compiler_it_is_unavailable_and_says_why(unbuildable):
+    reason = cpu_gemv.unavailable_reason()
+    assert reason is not None
+    with pytest.raises(cpu_gemv.GemvUnavailable):
+        cpu_gemv.gemv_linear(torch.randn(1, 16).bfloat16(), torch.randn(4, 16).bfloat16())
+    if cpu_gemv.platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert "could not build cpu_gemv.c: cc: error: no usable compiler here" in reason
+
+
+@pytest.fixture
+def bf16_model(tmp_path_factory):
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, dtype="bfloat16")
+    directory = write_checkpoint(tmp_path_factory.mktemp("gemv"), shape, seed=9, with_tokenizer=False)
+    return directory, load_model(directory, "cpu", "bfloat16")
+
+
+def _shapes(model) -> set[tuple[int, int]]:
+    return {tuple(getattr(owner, name).shape) for owner, name in model._matmul_weights()}
+
+
+def _greedy(model, prompt: list[int], steps: int) -> list[int]:
+    cache = model.allocate_kv_cache(8, 16)
+    tokens, step = list(prompt), SequenceStep(prompt, 0, range(8))
+    for _ in range(steps):
+        token = int(model.forward(make_batch([step], 16, "cpu"), cache)[-1].argmax())
+        step = SequenceStep([token], len(tokens), range(8))
+        tokens.append(token)
+    return tokens[len(prompt):]
+
+
+@needs_gemv
+def test_a_model_on_the_kernel_gives_hfs_greedy_tokens(bf16_model):
+    directory, model = bf16_model
+    prompt = [random.Random(5).randrange(VOCAB) for _ in range(21)]
+    hf = Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    shapes = _shapes(model)
+    # the prompt's 21 rows and every decode row through the kernel
+    model.cpu_plan = CpuPlan({shape: GEMV for shape in shapes}, [AttentionChoice(1, 64, "sdpa")], 0.0,
+                             several_rows_linear={shape: GEMV for shape in shapes})
+    assert _greedy(model, prompt, 16) == expected
+    assert "(several rows: gemv)" in model.cpu_plan.describe()
+
+
+def test_the_plan_offers_the_kernel_for_bf16_weights_only():
+    assert GEMV in cpu_plan.plain_linears(cpu_plan.ONE_ROW_LINEARS, torch.bfloat16)
+    assert GEMV in cpu_plan.plain_linears(cpu_plan.SEVERAL_ROW_LINEARS, torch.bfloat16)
+    for dtype in (torch.float32, torch.float16):
+        assert GEMV not in cpu_plan.plain_linears(cpu_plan.ONE_ROW_LINEARS, dtype)
+        assert GEMV not in cpu_plan.plain_linears(cpu_plan.SEVERAL_ROW_LINEARS, dtype)
+
+
+def _timed(seconds: dict[int, dict[str, float]], calls: list[int]):
+    def times(operands, rows, plain, skipped, rounds=cpu_plan.ROUNDS):
+        calls.append(rows)
+        return {name: t for name, t in seconds[rows].items() if name in plain or name in operands.held}
+    return times
+
+
+@pytest.mark.parametrize("prefill,several", [
+    ({"linear": 5.0, GEMV: 1.0}, GEMV),  # the kernel wins at every row count
+    ({"linear": 1.0, GEMV: 5.0}, "linear"),  # ATen's F.linear wins a prompt chunk by 5x: it keeps several rows
+])
+def test_the_several_row_function_is_chosen_at_decode_and_prompt_rows(bf16_model, monkeypatch, prefill, several):
+    _, model = bf16_model
+    seconds = {1: {"linear": 1.0, "mv": 1.0, GEMV: 0.7, FP32: 1.4}, 8: {"linear": 4.0, GEMV: 1.0, FP32: 1.5},
+               cpu_plan.PREFILL_ROWS: prefill}
+    calls: list[int] = []
+    monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [FP32])
+    monkeypatch.setattr(cpu_plan, "_times", _timed(seconds, calls))
+    weight = PlannedWeight(model.layers[0].o_proj, replaced=2)
+    choice = cpu_plan._choose_linear(weight, [1, 8], cpu_plan._MemoryBudget(), {})
+    assert calls == [1, 8, cpu_plan.PREFILL_ROWS]
+    if several == GEMV:
+        assert choice == (GEMV, None, 0, GEMV)  # the plain weight, no copy: nothing added
+    else:  # plain at one row (the kernel), 4x slower for 8 rows than the fp32 copy's 1.5: a split, the copy for several
+        assert choice[:2] == (GEMV, FP32)
+
+
+def test_the_lm_head_is_not_timed_at_a_prompt_chunks_rows(bf16_model, monkeypatch):
+    _, model = bf16_model
+    calls: list[int] = []
+    seconds = {1: {"linear": 1.0, "mv": 1.0, GEMV: 0.7}, 8: {"linear": 4.0, GEMV: 1.0}}
+    monkeypatch.setattr(cpu_plan, "held_layouts", lambda dtype, quantization=None: [])
+    monkeypatch.setattr(cpu_plan, "_times", _timed(seconds, calls))
+    head = PlannedWeight(model.lm_head, replaced=0, copied=1, prefill=False)
+    assert cpu_plan._choose_linear(head, [1, 8], cpu_plan._MemoryBudget(), {}) == (GEMV, None, 0, GEMV)
+    assert calls == [1, 8]
+    assert [w.prefill for w in model._planned_weights() if w.sample is model.lm_head] == [False]
+
+
+@needs_gemv
+def test_a_measured_bf16_plan_runs_the_models_tokens(bf16_model):
+    _, model = bf16_model
+    prompt = [random.Random(8).randrange(VOCAB) for _ in range(9)]
+    expected = _greedy(model, prompt, 12)
+    try:
+        plan = model.plan_cpu_ops(max_batch=4, max_context=64)
+        assert not any(reason.startswith("gemv:") for reason in plan.skipped.values())
+        assert _greedy(model, prompt, 12) == expected
+    finally:
+        model.cpu_plan = None
+
+
+def test_a_plan_without_the_kernel_names_it_and_runs(unbuildable, bf16_model):
+    _, model = bf16_model
+    prompt = [random.Random(6).randrange(VOCAB) for _ in range(9)]
+    expected = _greedy(model, prompt, 12)
+    try:
+        plan = model.plan_cpu_ops(max_batch=4, max_context=64)
+        assert GEMV not in plan.one_row_linear.values() and GEMV not in plan.several_rows_linear.values()
+        assert f"gemv: unavailable here ({cpu_gemv.unavailable_reason()[:100]}" in plan.describe()
+        assert _greedy(model, prompt, 12) == expected
+    finally:
+        model.cpu_plan = None
