@@ -27,7 +27,7 @@ packed layout's speed.
 
 The plain weight has functions for one row (`ONE_ROW_LINEARS`: `F.linear`, `torch.mv`) and for
 several (`SEVERAL_ROW_LINEARS`: `F.linear`), and for bf16 weights both have the project's AVX2
-kernel (`gemv`, `model.cpu_gemv`): on an AVX2-only EPYC it ran one row 1.15-1.4x, 8 rows 3.6-4x
+kernel (`gemv`, `model.cpu_avx2`): on an AVX2-only EPYC it ran one row 1.15-1.4x, 8 rows 3.6-4x
 and a 128-row prompt chunk 4-5x faster than ATen's bf16 `F.linear`. The several-row function is
 chosen by its worst ratio at the timed row counts and at a prompt chunk's PREFILL_ROWS, for it
 serves prompts too. Besides, a weight can be held in another layout, which then serves every
@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
 from kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
 from model import cpu_memory
-from model.cpu_gemv import gemv_linear
+from model.cpu_avx2 import decode_attention as avx2_decode_attention, gemv_linear
 from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, int8_linear
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -128,7 +128,7 @@ def held_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # Functions of the plain weight, for one row and for several; the first of each is the default.
-# `gemv`: the project's AVX2 kernel (`model.cpu_gemv`), bf16 only, timed only for bf16 weights.
+# `gemv`: the project's AVX2 kernel (`model.cpu_avx2`), bf16 only, timed only for bf16 weights.
 GEMV = "gemv"
 ONE_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, "mv": _mv, GEMV: gemv_linear}
 SEVERAL_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, GEMV: gemv_linear}
@@ -152,6 +152,8 @@ BATCHED_COPY = "batched_copy"
 DECODE_ATTENTIONS: dict[str, AttentionFn] = {
     "sdpa": paged_decode_attention_reference,
     "grouped": paged_decode_attention_grouped,
+    # the project's AVX2 kernel (`model.cpu_avx2`): reads K/V in place from their blocks, once
+    "avx2": avx2_decode_attention,
 }
 
 # Attention of a few new tokens over a cached context (a verification window): timed at VERIFY_ROWS

@@ -196,7 +196,7 @@ def test_a_candidate_that_raises_or_computes_wrongly_is_dropped_and_named(model,
     finally:
         model.cpu_plan = None
     assert "mv" not in plan.one_row_linear.values()
-    assert {a.name for a in plan.decode_attention} == {"sdpa"}
+    assert {a.name for a in plan.decode_attention} <= {"sdpa", "avx2"}  # avx2 where it runs
     assert plan.skipped["mv"] == "mv: unavailable here (this processor lacks the instructions)"
     assert plan.skipped["grouped"].startswith("grouped: gives wrong results here (max |difference| ")
     line = plan.describe()

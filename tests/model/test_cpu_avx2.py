@@ -1,7 +1,8 @@
-"""The AVX2 bf16 kernel (`model.cpu_gemv`): its products are the fp32 products rounded to bf16 at
-every shape (tails of rows and columns included), a model planned onto it gives Hugging Face's
-greedy tokens, the plan chooses it by timing (a prompt chunk's rows included), and where it
-cannot be built or run the plan names why and runs without it."""
+"""The project's AVX2 kernels (`model.cpu_avx2`): the bf16 matmul's products are the fp32 products
+rounded to bf16 at every shape (tails of rows and columns included), decode attention over the
+paged cache is the fp32 reference's, a model planned onto them gives Hugging Face's greedy
+tokens, the plan chooses them by timing (a prompt chunk's rows included), and where they cannot
+be built or run the plan names why and runs without them."""
 
 import random
 
@@ -9,14 +10,14 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-import model.cpu_gemv as cpu_gemv
+import model.cpu_avx2 as cpu_avx2
 import model.cpu_plan as cpu_plan
 from model.batch import SequenceStep, make_batch
-from model.cpu_plan import FP32, GEMV, AttentionChoice, CpuPlan, PlannedWeight
+from model.cpu_plan import FP32, GEMV, AttentionChoice, CpuPlan, PlannedWeight, _attention_inputs, _attention_reference
 from model.demo import write_checkpoint
 from model.load import load_model
 
-REASON = cpu_gemv.unavailable_reason()
+REASON = cpu_avx2.unavailable_reason()
 needs_gemv = pytest.mark.skipif(REASON is not None, reason=f"the AVX2 kernel cannot run here: {REASON}")
 VOCAB = 384
 
@@ -29,10 +30,10 @@ def unbuildable(monkeypatch, tmp_path):
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
     monkeypatch.setenv("NANOSERVE_CACHE", str(tmp_path / "cache"))
-    cpu_gemv._load.cache_clear()
+    cpu_avx2._load.cache_clear()
     yield
     monkeypatch.undo()
-    cpu_gemv._load.cache_clear()
+    cpu_avx2._load.cache_clear()
 
 
 @needs_gemv
@@ -43,7 +44,7 @@ def test_products_are_the_fp32_products_rounded_to_bf16(rows, out, inner):
     x = torch.randn(rows, inner, generator=gen).bfloat16()
     weight = torch.randn(out, inner, generator=gen).bfloat16()
     exact = x.double() @ weight.double().T
-    result = cpu_gemv.gemv_linear(x, weight)
+    result = cpu_avx2.gemv_linear(x, weight)
     assert result.dtype == torch.bfloat16 and result.shape == (rows, out)
     # fp32 sums in another order than float64's may cross a bf16 rounding boundary, rarely; never by more
     torch.testing.assert_close(result.double(), exact, rtol=2**-8, atol=1e-6 * inner)
@@ -55,36 +56,51 @@ def test_strided_inputs_and_nans_are_handled():
     x = torch.randn(6, 64).bfloat16()[::2]  # rows 0, 2, 4: not contiguous
     weight = torch.randn(12, 64).bfloat16()
     weight[3, 5] = float("nan")
-    result = cpu_gemv.gemv_linear(x, weight).float()
+    result = cpu_avx2.gemv_linear(x, weight).float()
     assert result[:, 3].isnan().all() and not result[:, [0, 1, 2, 4]].isnan().any()
     torch.testing.assert_close(result[:, 4], (x.float() @ weight.float().T)[:, 4], rtol=2**-8, atol=1e-3)
 
 
+@needs_gemv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,context,heads,kv_heads,head_dim", [(1, 128, 16, 8, 128), (3, 37, 8, 2, 64),
+                                                                   (4, 300, 8, 1, 64), (2, 5, 4, 4, 64)])
+def test_decode_attention_is_the_references(dtype, batch, context, heads, kv_heads, head_dim):
+    torch.manual_seed(batch * context + heads)
+    q, k_cache, v_cache, tables, lens, scale = _attention_inputs(batch, context, heads, kv_heads, head_dim, dtype)
+    lens[0] = max(1, context - 7)  # ragged: the first sequence ends inside a block the others fill
+    reference = _attention_reference(q, k_cache, v_cache, tables, lens, scale)
+    out = cpu_avx2.decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    error = (out.float() - reference).abs().max() / reference.abs().max()
+    assert error <= (2e-6 if dtype == torch.float32 else 2**-8)
+
+
 def test_other_dtypes_and_mismatched_shapes_are_refused():
-    with pytest.raises(cpu_gemv.GemvUnavailable, match="bf16 matrices only"):
-        cpu_gemv.gemv_linear(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(cpu_avx2.Avx2Unavailable, match="bf16 matrices only"):
+        cpu_avx2.gemv_linear(torch.randn(1, 8), torch.randn(4, 8))
     if REASON is None:
         with pytest.raises(ValueError, match="cannot be multiplied"):
-            cpu_gemv.gemv_linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 16).bfloat16())
+            cpu_avx2.gemv_linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 16).bfloat16())
 
 
 @needs_gemv
 def test_a_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOSERVE_CACHE", str(tmp_path))
-    compiler = cpu_gemv._compiler()
-    first = cpu_gemv._build(compiler)
+    compiler = cpu_avx2._compiler()
+    first = cpu_avx2._build(compiler)
     built_at = first.stat().st_mtime_ns
-    assert cpu_gemv._build(compiler) == first and first.stat().st_mtime_ns == built_at
+    assert cpu_avx2._build(compiler) == first and first.stat().st_mtime_ns == built_at
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial files left behind
 
 
 def test_without_a_working_compiler_it_is_unavailable_and_says_why(unbuildable):
-    reason = cpu_gemv.unavailable_reason()
+    reason = cpu_avx2.unavailable_reason()
     assert reason is not None
-    with pytest.raises(cpu_gemv.GemvUnavailable):
-        cpu_gemv.gemv_linear(torch.randn(1, 16).bfloat16(), torch.randn(4, 16).bfloat16())
-    if cpu_gemv.platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-        assert "could not build cpu_gemv.c: cc: error: no usable compiler here" in reason
+    with pytest.raises(cpu_avx2.Avx2Unavailable):
+        cpu_avx2.gemv_linear(torch.randn(1, 16).bfloat16(), torch.randn(4, 16).bfloat16())
+    if cpu_avx2.platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert "could not build cpu_avx2.c: cc: error: no usable compiler here" in reason
 
 
 @pytest.fixture
@@ -110,15 +126,15 @@ def _greedy(model, prompt: list[int], steps: int) -> list[int]:
 
 
 @needs_gemv
-def test_a_model_on_the_kernel_gives_hfs_greedy_tokens(bf16_model):
+def test_a_model_on_the_kernels_gives_hfs_greedy_tokens(bf16_model):
     directory, model = bf16_model
     prompt = [random.Random(5).randrange(VOCAB) for _ in range(21)]
     hf = Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
     shapes = _shapes(model)
-    # the prompt's 21 rows and every decode row through the kernel
-    model.cpu_plan = CpuPlan({shape: GEMV for shape in shapes}, [AttentionChoice(1, 64, "sdpa")], 0.0,
+    # the prompt's 21 rows and every decode row through the matmul kernel, every decode step's attention through its own
+    model.cpu_plan = CpuPlan({shape: GEMV for shape in shapes}, [AttentionChoice(1, 64, "avx2")], 0.0,
                              several_rows_linear={shape: GEMV for shape in shapes})
     assert _greedy(model, prompt, 16) == expected
     assert "(several rows: gemv)" in model.cpu_plan.describe()
@@ -178,7 +194,7 @@ def test_a_measured_bf16_plan_runs_the_models_tokens(bf16_model):
     expected = _greedy(model, prompt, 12)
     try:
         plan = model.plan_cpu_ops(max_batch=4, max_context=64)
-        assert not any(reason.startswith("gemv:") for reason in plan.skipped.values())
+        assert not any(reason.startswith(("gemv:", "avx2:")) for reason in plan.skipped.values())
         assert _greedy(model, prompt, 12) == expected
     finally:
         model.cpu_plan = None
@@ -191,7 +207,9 @@ def test_a_plan_without_the_kernel_names_it_and_runs(unbuildable, bf16_model):
     try:
         plan = model.plan_cpu_ops(max_batch=4, max_context=64)
         assert GEMV not in plan.one_row_linear.values() and GEMV not in plan.several_rows_linear.values()
-        assert f"gemv: unavailable here ({cpu_gemv.unavailable_reason()[:100]}" in plan.describe()
+        assert all(choice.name != "avx2" for choice in plan.decode_attention)
+        for name in (GEMV, "avx2"):
+            assert f"{name}: unavailable here ({cpu_avx2.unavailable_reason()[:100]}" in plan.describe()
         assert _greedy(model, prompt, 12) == expected
     finally:
         model.cpu_plan = None
