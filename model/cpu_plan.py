@@ -28,7 +28,7 @@ packed layout's speed.
 The plain weight has functions for one row (`ONE_ROW_LINEARS`: `F.linear`, `torch.mv`) and for
 several (`SEVERAL_ROW_LINEARS`: `F.linear`), and for bf16 weights both have the project's AVX2
 kernel (`gemv`, `model.cpu_avx2`): on an AVX2-only EPYC it ran one row 1.15-1.4x, 8 rows 3.6-4x
-and a 128-row prompt chunk 4-5x faster than ATen's bf16 `F.linear`. The several-row function is
+and a 128-row prompt chunk about 6x faster than ATen's bf16 `F.linear`. The several-row function is
 chosen by its worst ratio at the timed row counts and at a prompt chunk's PREFILL_ROWS, for it
 serves prompts too. Besides, a weight can be held in another layout, which then serves every
 batch size (`HELD_LAYOUTS`):
@@ -135,7 +135,7 @@ SEVERAL_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, GEMV: gemv_linear
 # A prompt chunk's rows: the plain several-row functions are timed here too (not the held layouts,
 # nor the LM head, which sees only the rows sampled from), for a function chosen at a few rows
 # serves prefill as well. On an AVX2-only EPYC ATen's bf16 `F.linear` ran 128 rows at 20 GFLOP/s,
-# the AVX2 kernel at 80-110; on a processor with native bf16 matmuls the order may be the reverse.
+# the AVX2 kernel at ~120; on a processor with native bf16 matmuls the order may be the reverse.
 PREFILL_ROWS = 128
 PREFILL_ROUNDS = 2  # each ATen call there took 40-80 ms on an AVX2-only EPYC
 PLAIN, PACKED, FP32, FP32_PACKED = "plain", "packed", "fp32", "fp32 packed"
