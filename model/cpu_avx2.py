@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from model.demo import cache_dir
+
 SOURCE = Path(__file__).with_name("cpu_avx2.c")
 # Tried in order: with OpenMP, then (a compiler without an OpenMP runtime) on one thread.
 FLAG_SETS = (["-O3", "-fopenmp", "-shared", "-fPIC"], ["-O3", "-shared", "-fPIC"])
@@ -50,15 +52,11 @@ def _compiler() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("NANOSERVE_CACHE") or Path.home() / ".cache" / "nanoserve") / "cpu_avx2"
-
-
 def _build(compiler: str) -> Path:
     """The compiled library for this source and compiler, built now unless an earlier build is cached."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    library = _cache_dir() / f"cpu_avx2-{key}.so"
+    library = cache_dir() / "cpu_avx2" / f"cpu_avx2-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)

@@ -450,18 +450,17 @@ def _choose_linear(weight: PlannedWeight, row_counts: list[int], budget: _Memory
         times = _times(operands, rows, several_fns, skipped)
         plain_several = {name: [*seconds, times[name]] for name, seconds in plain_several.items() if name in times}
         options = {name: [*seconds, times[name]] for name, seconds in options.items() if name in times}
-    if len(plain_several) > 1 and weight.prefill:
-        prefill = _times(_Operands(sample, operands.clones, {}), PREFILL_ROWS, dict(several_fns), skipped, PREFILL_ROUNDS)
-        with_prefill = {name: [*seconds, prefill[name]] for name, seconds in plain_several.items() if name in prefill}
-        several_rows = _pick(worst_ratios(with_prefill)) if with_prefill else None
-    else:
-        several_rows = _pick(worst_ratios(plain_several)) if plain_several else None
+    several_timed = plain_several
+    if len(plain_several) > 1 and weight.prefill:  # a choice to make, for prompts too
+        prefill = _times(_Operands(sample, operands.clones, {}), PREFILL_ROWS, several_fns, skipped, PREFILL_ROUNDS)
+        several_timed = {name: [*seconds, prefill[name]] for name, seconds in plain_several.items() if name in prefill}
+    several_rows = _pick(_worst_ratios(several_timed)) if several_timed else None
     if plain_one_row is not None and (several_rows is not None or len(row_counts) == 1):
         options = {PLAIN: [one_row[plain_one_row], *plain_several.get(several_rows, [])]} | options
     if not options:
         raise RuntimeError(f"no matmul runs on this CPU for {max(row_counts)} rows of a {tuple(sample.shape)} weight: "
                            + "; ".join(skipped.values()))
-    singles = worst_ratios(options)
+    singles = _worst_ratios(options)
     winner = _pick(singles)
     # The plain weight for one row and a held copy for several: the plain one-row time, the copy's others.
     fastest_at = [min(column) for column in zip(*options.values())]
@@ -483,7 +482,7 @@ def _worst_ratio(times: list[float], fastest_at: list[float]) -> float:
     return max(t / best if best else 1.0 for t, best in zip(times, fastest_at))
 
 
-def worst_ratios(options: dict[str, list[float]]) -> dict[str, float]:
+def _worst_ratios(options: dict[str, list[float]]) -> dict[str, float]:
     """Per option, its worst ratio to the fastest option at any of the row counts (columns) they were timed at."""
     fastest_at = [min(column) for column in zip(*options.values())]
     return {name: _worst_ratio(times, fastest_at) for name, times in options.items()}
