@@ -1,21 +1,28 @@
-/* The CPU plan's kernels for x86-64 with AVX2 and FMA: a bf16 matmul of a few rows (first) and decode
+/* The CPU plan's kernels for x86-64 with AVX2 and FMA: a matmul of a few rows (first) and decode
  * attention over the paged KV cache (at the end).
  *
- * The matmul: bf16 weights times a few bf16 rows, y[m, n] = x[m, k] @ w[n, k]^T.
+ * The matmul: y[m, n] = x[m, k] @ w[n, k]^T for weights in bf16, fp32 or int8 with a scale per row
+ * (`--quantization int8`: y[., r] = scale[r] * sum_c x[., c] * q[r, c]), activations and results in
+ * bf16 or fp32.
  *
  * Loaded by model/cpu_avx2.py (ctypes), timed by the CPU plan against ATen's kernels. Decode reads
  * each weight once per step, so the speed limit is memory bandwidth; ATen's bf16 kernels on a
  * processor without native bf16 dot products stay well below it (one row at ~18 GB/s on an
- * AVX2-only EPYC that streams 26 GB/s here, 8 rows at 4x the time of one).
+ * AVX2-only EPYC that streams 26 GB/s here, 8 rows at 4x the time of one), and its weight-only int8
+ * kernel is scalar code below AVX-512.
  *
- * How: the activations are upcast to fp32 once per call; a weight chunk of 8 bf16 values becomes 8
- * fp32 values by widening to 32 bits and shifting left by 16 (bf16 is the top half of an fp32), then
- * one FMA per row it meets. One row: 4 weight rows at a time, two accumulators each (two FMA chains
- * in flight per row), and the next 4 rows prefetched a cache line at a time. Several rows: 3 weight
- * rows against 4 activation rows, so each converted weight chunk serves 4 rows from registers
- * (12 accumulators, 3 weight vectors and one activation vector: all 16 ymm registers; 7 loads per
- * 12 FMAs, where 2 x 4 took 6 per 8 and ran 128 rows 1.16-1.46x slower on an AVX2-only EPYC). Sums are fp32
- * in a fixed order; results are rounded to bf16 to nearest even, as torch rounds.
+ * How: the activations are upcast to fp32 once per call; a weight chunk of 8 values becomes 8 fp32
+ * values (bf16: widened to 32 bits and shifted left by 16, bf16 being the top half of an fp32; int8:
+ * sign-extended to 32 bits and converted), then one FMA per row it meets. One row: 4 weight rows at a
+ * time, two accumulators each (two FMA chains in flight per row), and the next 4 rows prefetched a
+ * cache line at a time. Several rows: 3 weight rows against 4 activation rows, so each converted
+ * weight chunk serves 4 rows from registers (12 accumulators, 3 weight vectors and one activation
+ * vector: all 16 ymm registers; 7 loads per 12 FMAs, where 2 x 4 took 6 per 8 and ran 128 rows
+ * 1.16-1.46x slower on an AVX2-only EPYC). Sums are fp32 in a fixed order, an int8 row's scale
+ * applied to its sum; bf16 results are rounded to nearest even, as torch rounds.
+ *
+ * The weight's type is a compile-time constant of each specialised copy (`always_inline` bodies
+ * called with a literal), so the inner loops carry no branch on it.
  *
  * Every function that may run AVX2 instructions carries the `AVX2` target attribute and the file is
  * compiled without -mavx2, so `nanoserve_avx2_supported` (plain x86-64) can ask the processor first.
@@ -26,6 +33,10 @@
 #include <stdlib.h>
 
 #define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* Weight element types, as model/cpu_avx2.py passes them. */
+enum { W_BF16 = 0, W_F32 = 1, W_I8 = 2 };
 
 int nanoserve_avx2_supported(void) {
     __builtin_cpu_init();
@@ -55,50 +66,75 @@ static inline AVX2 float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+INLINE int64_t weight_bytes(int kind) { return kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1; }
+
+/* Weight elements [c, c + 8) of the row at `row`, as fp32. */
+INLINE AVX2 __m256 load_weights(const char* row, int64_t c, int kind) {
+    if (kind == W_BF16) return load8((const uint16_t*)row + c);
+    if (kind == W_F32) return _mm256_loadu_ps((const float*)row + c);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + c))));
+}
+
+INLINE float weight_at(const char* row, int64_t c, int kind) {
+    if (kind == W_BF16) return bf16_to_float(((const uint16_t*)row)[c]);
+    if (kind == W_F32) return ((const float*)row)[c];
+    return (float)((const int8_t*)row)[c];
+}
+
 /* The k % 8 tail of a dot product, in plain fp32. */
-static inline float tail_dot(const uint16_t* w, const float* x, int64_t from, int64_t k) {
+INLINE float tail_dot(const char* w, const float* x, int64_t from, int64_t k, int kind) {
     float sum = 0.0f;
-    for (int64_t c = from; c < k; c++) sum += bf16_to_float(w[c]) * x[c];
+    for (int64_t c = from; c < k; c++) sum += weight_at(w, c, kind) * x[c];
     return sum;
 }
 
+/* y[index] = sum (times the row's scale for int8), in the output's type. */
+INLINE void store(void* y, int64_t index, float sum, const float* scale, int64_t r, int out_bf16) {
+    if (scale) sum *= scale[r];
+    if (out_bf16) ((uint16_t*)y)[index] = float_to_bf16(sum);
+    else ((float*)y)[index] = sum;
+}
+
 /* One activation row against weight rows [r, r + rows), rows <= 4 (fewer only at the end). */
-static inline AVX2 void one_row_block(const uint16_t* w, const float* x, uint16_t* y, int64_t r, int rows,
-                                      int64_t n, int64_t k) {
-    const uint16_t* row[4];
-    for (int j = 0; j < 4; j++) row[j] = w + (r + (j < rows ? j : 0)) * k;
-    const char* ahead = (const char*)(w + (r + 4 < n ? r + 4 : r) * k);  /* the next block's rows, contiguous */
+INLINE AVX2 void one_row_block(const char* w, const float* scale, const float* x, void* y, int64_t r, int rows,
+                               int64_t n, int64_t k, int kind, int out_bf16) {
+    const int64_t stride = k * weight_bytes(kind);
+    const char* row[4];
+    for (int j = 0; j < 4; j++) row[j] = w + (r + (j < rows ? j : 0)) * stride;
+    const char* ahead = w + (r + 4 < n ? r + 4 : r) * stride;  /* the next block's rows, contiguous */
     __m256 a[4][2];
     for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 16 <= k; c += 16) {
-        if (c % 32 == 0)
-            for (int j = 0; j < 4; j++) _mm_prefetch(ahead + 2 * (j * k + c), _MM_HINT_T0);
+        if ((c * weight_bytes(kind)) % 64 == 0)  /* a cache line of each of the next rows */
+            for (int j = 0; j < 4; j++) _mm_prefetch(ahead + j * stride + c * weight_bytes(kind), _MM_HINT_T0);
         __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
         for (int j = 0; j < 4; j++) {
-            a[j][0] = _mm256_fmadd_ps(load8(row[j] + c), x0, a[j][0]);
-            a[j][1] = _mm256_fmadd_ps(load8(row[j] + c + 8), x1, a[j][1]);
+            a[j][0] = _mm256_fmadd_ps(load_weights(row[j], c, kind), x0, a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(load_weights(row[j], c + 8, kind), x1, a[j][1]);
         }
     }
     for (; c + 8 <= k; c += 8) {
         __m256 x0 = _mm256_loadu_ps(x + c);
-        for (int j = 0; j < 4; j++) a[j][0] = _mm256_fmadd_ps(load8(row[j] + c), x0, a[j][0]);
+        for (int j = 0; j < 4; j++) a[j][0] = _mm256_fmadd_ps(load_weights(row[j], c, kind), x0, a[j][0]);
     }
-    for (int j = 0; j < rows; j++) y[r + j] = float_to_bf16(hsum(_mm256_add_ps(a[j][0], a[j][1])) + tail_dot(row[j], x, c, k));
+    for (int j = 0; j < rows; j++)
+        store(y, r + j, hsum(_mm256_add_ps(a[j][0], a[j][1])) + tail_dot(row[j], x, c, k, kind), scale, r + j, out_bf16);
 }
 
 /* Activation rows [i, i + count), count <= 4, against weight rows [r, r + wrows), wrows <= 3. */
-static inline AVX2 void rows_block(const uint16_t* w, const float* x, uint16_t* y, int64_t r, int wrows, int64_t i,
-                                   int count, int64_t n, int64_t k) {
-    const uint16_t* wr[3];
-    for (int u = 0; u < 3; u++) wr[u] = w + (r + (u < wrows ? u : 0)) * k;
+INLINE AVX2 void rows_block(const char* w, const float* scale, const float* x, void* y, int64_t r, int wrows,
+                            int64_t i, int count, int64_t n, int64_t k, int kind, int out_bf16) {
+    const int64_t stride = k * weight_bytes(kind);
+    const char* wr[3];
+    for (int u = 0; u < 3; u++) wr[u] = w + (r + (u < wrows ? u : 0)) * stride;
     const float* xs[4];
     for (int j = 0; j < 4; j++) xs[j] = x + (i + (j < count ? j : 0)) * k;
     __m256 a[3][4];
     for (int u = 0; u < 3; u++) for (int j = 0; j < 4; j++) a[u][j] = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 8 <= k; c += 8) {
-        __m256 v0 = load8(wr[0] + c), v1 = load8(wr[1] + c), v2 = load8(wr[2] + c);
+        __m256 v0 = load_weights(wr[0], c, kind), v1 = load_weights(wr[1], c, kind), v2 = load_weights(wr[2], c, kind);
         for (int j = 0; j < 4; j++) {
             __m256 xv = _mm256_loadu_ps(xs[j] + c);
             a[0][j] = _mm256_fmadd_ps(v0, xv, a[0][j]);
@@ -108,32 +144,55 @@ static inline AVX2 void rows_block(const uint16_t* w, const float* x, uint16_t* 
     }
     for (int j = 0; j < count; j++)
         for (int u = 0; u < wrows; u++)
-            y[(i + j) * n + r + u] = float_to_bf16(hsum(a[u][j]) + tail_dot(wr[u], xs[j], c, k));
+            store(y, (i + j) * n + r + u, hsum(a[u][j]) + tail_dot(wr[u], xs[j], c, k, kind), scale, r + u, out_bf16);
 }
 
-static AVX2 void gemv(const uint16_t* w, const float* x, uint16_t* y, int64_t m, int64_t n, int64_t k, int threads) {
+INLINE AVX2 void matmul(const char* w, const float* scale, const float* x, void* y, int64_t m, int64_t n, int64_t k,
+                        int threads, int kind, int out_bf16) {
     if (m == 1) {
         #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < n; r += 4) one_row_block(w, x, y, r, n - r < 4 ? (int)(n - r) : 4, n, k);
+        for (int64_t r = 0; r < n; r += 4)
+            one_row_block(w, scale, x, y, r, n - r < 4 ? (int)(n - r) : 4, n, k, kind, out_bf16);
     } else {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n; r += 3)
             for (int64_t i = 0; i < m; i += 4)
-                rows_block(w, x, y, r, n - r < 3 ? (int)(n - r) : 3, i, m - i < 4 ? (int)(m - i) : 4, n, k);
+                rows_block(w, scale, x, y, r, n - r < 3 ? (int)(n - r) : 3, i, m - i < 4 ? (int)(m - i) : 4, n, k,
+                           kind, out_bf16);
     }
 }
 
-/* y = x @ w^T for contiguous bf16 w [n, k], x [m, k], y [m, n], on `threads` OpenMP threads.
+/* One specialised copy per weight type and output type. */
+#define MATMUL(name, kind, out_bf16) \
+    static AVX2 void name(const char* w, const float* s, const float* x, void* y, int64_t m, int64_t n, int64_t k, \
+                          int threads) { matmul(w, s, x, y, m, n, k, threads, kind, out_bf16); }
+MATMUL(matmul_bf16_bf16, W_BF16, 1)
+MATMUL(matmul_bf16_f32, W_BF16, 0)
+MATMUL(matmul_f32_bf16, W_F32, 1)
+MATMUL(matmul_f32_f32, W_F32, 0)
+MATMUL(matmul_i8_bf16, W_I8, 1)
+MATMUL(matmul_i8_f32, W_I8, 0)
+
+/* y = x @ w^T for contiguous w [n, k] of type `kind` (W_BF16, W_F32, W_I8: then times scale[n], fp32),
+ * x [m, k] and y [m, n] in bf16 (`io_bf16`) or fp32, on `threads` OpenMP threads.
  * Returns 0, or 1 when the processor lacks AVX2/FMA (checked before any AVX2 instruction runs),
- * 2 when scratch memory cannot be had. */
-int nanoserve_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t m, int64_t n, int64_t k,
-                        int threads) {
+ * 2 when scratch memory cannot be had, 3 for an unknown weight type. */
+int nanoserve_linear(const void* w, int kind, const float* scale, const void* x, void* y, int io_bf16, int64_t m,
+                     int64_t n, int64_t k, int threads) {
+    static void (*const kernels[3][2])(const char*, const float*, const float*, void*, int64_t, int64_t, int64_t, int) = {
+        {matmul_bf16_f32, matmul_bf16_bf16}, {matmul_f32_f32, matmul_f32_bf16}, {matmul_i8_f32, matmul_i8_bf16}};
     if (!nanoserve_avx2_supported()) return 1;
-    float* xf = malloc((size_t)(m * k > 0 ? m * k : 1) * sizeof(float));
-    if (xf == NULL) return 2;
-    for (int64_t e = 0; e < m * k; e++) xf[e] = bf16_to_float(x[e]);
-    gemv(w, xf, y, m, n, k, threads);
-    free(xf);
+    if (kind < 0 || kind > 2) return 3;
+    const float* xf = (const float*)x;
+    float* upcast = NULL;
+    if (io_bf16) {
+        upcast = malloc((size_t)(m * k > 0 ? m * k : 1) * sizeof(float));
+        if (upcast == NULL) return 2;
+        for (int64_t e = 0; e < m * k; e++) upcast[e] = bf16_to_float(((const uint16_t*)x)[e]);
+        xf = upcast;
+    }
+    kernels[kind][io_bf16 != 0]((const char*)w, kind == W_I8 ? scale : NULL, xf, y, m, n, k, threads);
+    free(upcast);
     return 0;
 }
 

@@ -1,10 +1,13 @@
 """The project's CPU kernels for x86-64 with AVX2 and FMA (`cpu_avx2.c`), candidates of the CPU plan.
 
-- `gemv_linear`: bf16 weights times a few bf16 rows. On a processor without native bf16 dot
-  products (AVX2-only: most laptops and many cloud VMs), ATen's bf16 `F.linear` is not limited by
-  memory: on an AVX2-only EPYC it read one row's weights at ~18 GB/s where this kernel streams
-  22-26 GB/s, and took 4x as long for 8 rows as this kernel does. It computes from the plain
-  weight, so it costs no memory.
+- `gemv_linear`: bf16 (or fp32) weights times a few rows of the same dtype. On a processor without
+  native bf16 dot products (AVX2-only: most laptops and many cloud VMs), ATen's bf16 `F.linear` is
+  not limited by memory: on an AVX2-only EPYC it read one row's weights at ~18 GB/s where this
+  kernel streams 22-26 GB/s, and took 4x as long for 8 rows as this kernel does. It computes from
+  the plain weight, so it costs no memory.
+- `int8_linear`: int8 weights with a scale per row (`--quantization int8`, `model.quant`) times
+  bf16 or fp32 rows, weight-only (the activations are not rounded): ATen's weight-only int8 kernel
+  is vectorised for AVX-512 only.
 - `decode_attention`: one query token per sequence over the paged KV cache (bf16 or fp32), read in
   place from its blocks; ATen's candidates gather the blocks into new tensors and run a handful of
   small ops per layer.
@@ -102,8 +105,9 @@ def _open() -> ctypes.CDLL:
     library = ctypes.CDLL(str(_build(compiler)))
     if not library.nanoserve_avx2_supported():
         raise Avx2Unavailable("the processor lacks AVX2 or FMA")
-    library.nanoserve_gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    library.nanoserve_gemv_bf16.restype = ctypes.c_int
+    library.nanoserve_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+                                         + [ctypes.c_int64] * 3 + [ctypes.c_int])
+    library.nanoserve_linear.restype = ctypes.c_int
     library.nanoserve_decode_attention.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6
                                                    + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     library.nanoserve_decode_attention.restype = ctypes.c_int
@@ -116,16 +120,37 @@ def unavailable_reason() -> str | None:
     return None if library is not None else reason
 
 
+# The weight element types of `nanoserve_linear` (cpu_avx2.c).
+WEIGHT_KINDS = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
+
+
 def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` for bf16 `x` [rows, in] and `weight` [out, in], accumulated in fp32, in bf16."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2 or weight.dim() != 2:
-        raise Avx2Unavailable(f"bf16 matrices only, not {x.dtype} {tuple(x.shape)} by {weight.dtype} {tuple(weight.shape)}")
-    if x.shape[1] != weight.shape[1]:
+    """`x @ weight.T` for `x` [rows, in] and `weight` [out, in] both bf16 or both fp32, accumulated
+    in fp32, in `x`'s dtype."""
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float32):
+        raise Avx2Unavailable(f"bf16 or fp32 matrices of one dtype only, not {x.dtype} {tuple(x.shape)} "
+                              f"by {weight.dtype} {tuple(weight.shape)}")
+    return _linear(x, weight, None)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x @ (weight * scale[:, None]).T` for int8 `weight` [out, in] and its rows' scales [out], and
+    bf16 or fp32 `x` [rows, in]: fp32 arithmetic, the result in `x`'s dtype."""
+    if weight.dtype != torch.int8 or x.dtype not in (torch.bfloat16, torch.float32) or scale.shape != weight.shape[:1]:
+        raise Avx2Unavailable(f"int8 weights with a scale per row times bf16 or fp32 rows only, not {x.dtype} "
+                              f"{tuple(x.shape)} by {weight.dtype} {tuple(weight.shape)} (scales {tuple(scale.shape)})")
+    return _linear(x, weight, scale.to(torch.float32).contiguous())
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"shapes {tuple(x.shape)} and {tuple(weight.shape)} cannot be multiplied")
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    _check(_library().nanoserve_gemv_bf16(weight.data_ptr(), x.data_ptr(), out.data_ptr(), x.shape[0],
-                                          weight.shape[0], weight.shape[1], torch.get_num_threads()))
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    _check(_library().nanoserve_linear(
+        weight.data_ptr(), WEIGHT_KINDS[weight.dtype], None if scale is None else scale.data_ptr(), x.data_ptr(),
+        out.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], weight.shape[0], weight.shape[1],
+        torch.get_num_threads()))
     return out
 
 

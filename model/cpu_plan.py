@@ -26,9 +26,9 @@ weights for shapes that fit in L3, which then ran 8-row decode at 0.4 GB/s, a th
 packed layout's speed.
 
 The plain weight has functions for one row (`ONE_ROW_LINEARS`: `F.linear`, `torch.mv`) and for
-several (`SEVERAL_ROW_LINEARS`: `F.linear`), and for bf16 weights both have the project's AVX2
-kernel (`gemv`, `model.cpu_avx2`): on an AVX2-only EPYC it ran one row 1.15-1.4x, 8 rows 3.6-4x
-and a 128-row prompt chunk about 6x faster than ATen's bf16 `F.linear`. The several-row function is
+several (`SEVERAL_ROW_LINEARS`: `F.linear`), and for bf16 and fp32 weights both have the
+project's AVX2 kernel (`gemv`, `model.cpu_avx2`): on an AVX2-only EPYC it ran one bf16 row
+1.15-1.4x, 8 rows 3.6-4x and a 128-row prompt chunk about 6x faster than ATen's bf16 `F.linear`. The several-row function is
 chosen by its worst ratio at the timed row counts and at a prompt chunk's PREFILL_ROWS, for it
 serves prompts too. Besides, a weight can be held in another layout, which then serves every
 batch size (`HELD_LAYOUTS`):
@@ -41,8 +41,8 @@ batch size (`HELD_LAYOUTS`):
   native bf16 dot products runs bf16 matmuls on slow conversion paths; fp32 reads twice the bytes
   but may still win. It costs the extra memory, which the startup line counts, and is refused for
   a shape whose copies would not fit in `MEMORY_SHARE` of the memory available.
-- `int8`, `int8 dynamic` (`--quantization int8` only, and then the only candidates): rows rounded
-  to int8 with a scale each, multiplied by one of two kernels (`model.quant`).
+- `int8`, `int8 dynamic`, `int8 avx2` (`--quantization int8` only, and then the only candidates):
+  rows rounded to int8 with a scale each, multiplied by one of three kernels (`model.quant`).
 Because a held layout serves every batch, layouts are compared at one row, at a speculative
 verification step's rows and at a full batch, each by its worst ratio to the fastest there
 (`_choose_linear`). The model then holds the winner in place of the plain weight
@@ -74,7 +74,8 @@ from kernels.decode_attention import paged_decode_attention_grouped, paged_decod
 from kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
 from model import cpu_memory
 from model.cpu_avx2 import decode_attention as avx2_decode_attention, gemv_linear
-from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, int8_linear
+from model.quant import (INT8, INT8_AVX2, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2, hold_int8_dynamic,
+                         int8_linear)
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AttentionFn = Callable[..., torch.Tensor]
@@ -128,7 +129,7 @@ def held_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # Functions of the plain weight, for one row and for several; the first of each is the default.
-# `gemv`: the project's AVX2 kernel (`model.cpu_avx2`), bf16 only, timed only for bf16 weights.
+# `gemv`: the project's AVX2 kernel (`model.cpu_avx2`), timed for bf16 and fp32 weights.
 GEMV = "gemv"
 ONE_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, "mv": _mv, GEMV: gemv_linear}
 SEVERAL_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, GEMV: gemv_linear}
@@ -136,6 +137,7 @@ SEVERAL_ROW_LINEARS: dict[str, LinearFn] = {"linear": _linear, GEMV: gemv_linear
 # nor the LM head, which sees only the rows sampled from), for a function chosen at a few rows
 # serves prefill as well. On an AVX2-only EPYC ATen's bf16 `F.linear` ran 128 rows at 20 GFLOP/s,
 # the AVX2 kernel at ~120; on a processor with native bf16 matmuls the order may be the reverse.
+GEMV_DTYPES = (torch.bfloat16, torch.float32)
 PREFILL_ROWS = 128
 PREFILL_ROUNDS = 2  # each ATen call there took 40-80 ms on an AVX2-only EPYC
 PLAIN, PACKED, FP32, FP32_PACKED = "plain", "packed", "fp32", "fp32 packed"
@@ -145,8 +147,9 @@ HELD_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     FP32_PACKED: lambda w: pack_weight(w.float()),
     INT8: hold_int8,
     INT8_DYNAMIC: hold_int8_dynamic,
+    INT8_AVX2: hold_int8_avx2,
 }
-HELD_ELEMENT_BYTES = {FP32: 4, FP32_PACKED: 4, INT8: 1, INT8_DYNAMIC: 1}  # the others keep the model's
+HELD_ELEMENT_BYTES = {FP32: 4, FP32_PACKED: 4, INT8: 1, INT8_DYNAMIC: 1, INT8_AVX2: 1}  # the others keep the model's
 # The attribute of a plain weight (an nn.Parameter) that holds its copy for several rows, in a split plan.
 BATCHED_COPY = "batched_copy"
 DECODE_ATTENTIONS: dict[str, AttentionFn] = {
@@ -168,13 +171,13 @@ MAX_WINDOW_ROWS = 33
 
 def plain_linears(candidates: dict[str, LinearFn], dtype: torch.dtype) -> dict[str, LinearFn]:
     """The functions of `candidates` offered for a plain weight of `dtype` (whether they run is found by running them)."""
-    return {name: fn for name, fn in candidates.items() if name != GEMV or dtype == torch.bfloat16}
+    return {name: fn for name, fn in candidates.items() if name != GEMV or dtype in GEMV_DTYPES}
 
 
 def held_layouts(dtype: torch.dtype, quantization: str | None = None) -> list[str]:
     """The layouts a weight of `dtype` may be offered in (whether they run here is found by running them)."""
     if quantization == "int8":
-        return [INT8, INT8_DYNAMIC]
+        return [INT8, INT8_DYNAMIC, INT8_AVX2]
     return [PACKED] if dtype == torch.float32 else [PACKED, FP32, FP32_PACKED]
 
 

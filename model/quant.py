@@ -15,6 +15,8 @@ offered to the CPU plan, which runs and times them on the model's shapes and kee
   pair sums cannot saturate) with one scale for the whole input. Each row is divided by its own
   absmax first and multiplied back after, so that every row is quantized at (nearly) its own
   scale and a sequence's result hardly depends on the other rows of its step.
+- `int8 avx2`: weight-only like `int8`, by the project's AVX2 kernel (`model.cpu_avx2`), which
+  widens each chunk of 8 weights to fp32 in registers and applies the row's scale to the sum.
 
 The LM head is quantized too (a tied one as a copy: the embedding lookup keeps its table). On
 CUDA there is no int8 kernel here: the flag is refused there.
@@ -24,8 +26,10 @@ import warnings
 
 import torch
 
+from model import cpu_avx2
+
 QUANTIZATIONS = ("int8",)
-INT8, INT8_DYNAMIC = "int8", "int8 dynamic"
+INT8, INT8_DYNAMIC, INT8_AVX2 = "int8", "int8 dynamic", "int8 avx2"
 
 
 # Rows quantized at a time: a chunk's fp32 copy (4 MiB at 1,024 columns) stays in the cache
@@ -69,6 +73,14 @@ def hold_int8(weight: torch.Tensor) -> torch.nn.Parameter:
     return held
 
 
+def hold_int8_avx2(weight: torch.Tensor) -> torch.nn.Parameter:
+    """`weight` as an int8 Parameter for the AVX2 kernel, its scales in fp32 on the Parameter."""
+    q, scale = quantize_rows(weight)
+    held = torch.nn.Parameter(q, requires_grad=False)
+    held.int8_layout, held.int8_scale = INT8_AVX2, scale
+    return held
+
+
 def hold_int8_dynamic(weight: torch.Tensor) -> torch.nn.Parameter:
     """`weight` prepacked for fbgemm. The Parameter itself is a stride-0 int8 view of one byte with
     the weight's shape (what the model and the plan ask of it): the packed copy is the only one kept."""
@@ -87,6 +99,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ dequantize(weight).T` in `x`'s dtype, by the kernel the weight was held for."""
     if weight.int8_layout == INT8:
         return torch.ops.aten._weight_int8pack_mm(x, weight, weight.int8_scale.to(x.dtype))
+    if weight.int8_layout == INT8_AVX2:
+        return cpu_avx2.int8_linear(x, weight, weight.int8_scale)
     rows = x.float()
     if rows.shape[0] == 1:
         return torch.ops.quantized.linear_dynamic(rows, weight.fbgemm, True).to(x.dtype)

@@ -1,5 +1,6 @@
-"""The project's AVX2 kernels (`model.cpu_avx2`): the bf16 matmul's products are the fp32 products
-rounded to bf16 at every shape (tails of rows and columns included), decode attention over the
+"""The project's AVX2 kernels (`model.cpu_avx2`): the matmul's products are the exact products
+rounded to bf16 (or fp32's, for fp32 and int8-weight matmuls) at every shape (tails of rows and
+columns included), decode attention over the
 paged cache is the fp32 reference's, a model planned onto them gives Hugging Face's greedy
 tokens, the plan chooses them by timing (a prompt chunk's rows included), and where they cannot
 be built or run the plan names why and runs without them."""
@@ -51,6 +52,39 @@ def test_products_are_the_fp32_products_rounded_to_bf16(rows, out, inner):
     assert (result == exact.bfloat16()).double().mean() >= 0.99
 
 
+SHAPES = [(1, 7, 13), (1, 1030, 200), (3, 5, 24), (9, 258, 1032), (128, 67, 96)]
+
+
+@needs_gemv
+@pytest.mark.parametrize("rows,out,inner", SHAPES)
+def test_fp32_products_are_the_exact_products_to_fp32_rounding(rows, out, inner):
+    gen = torch.Generator().manual_seed(rows * 1000 + out + inner)
+    x, weight = torch.randn(rows, inner, generator=gen), torch.randn(out, inner, generator=gen)
+    result = cpu_avx2.gemv_linear(x, weight)
+    assert result.dtype == torch.float32 and result.shape == (rows, out)
+    exact = x.double() @ weight.double().T
+    # fp32 sums of `inner` products: each adds at most ~2^-24 of the running magnitude
+    bound = inner * 2**-23 * (x.double().abs() @ weight.double().abs().T)
+    assert bool(((result.double() - exact).abs() <= bound).all())
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,out,inner", SHAPES)
+def test_int8_products_are_the_dequantized_weights_products(dtype, rows, out, inner):
+    gen = torch.Generator().manual_seed(rows * 1000 + out + inner + 1)
+    x = torch.randn(rows, inner, generator=gen).to(dtype)
+    q = torch.randint(-127, 128, (out, inner), generator=gen, dtype=torch.int8)
+    scale = torch.rand(out, generator=gen) * 0.1 + 1e-3  # rows of different scales
+    result = cpu_avx2.int8_linear(x, q, scale)
+    assert result.dtype == dtype and result.shape == (rows, out)
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T
+    bound = inner * 2**-23 * (x.double().abs() @ (q.double().abs() * scale.double()[:, None]).T)
+    if dtype == torch.bfloat16:  # and the result rounded to bf16
+        bound = bound + exact.abs() * 2**-8
+    assert bool(((result.double() - exact).abs() <= bound).all())
+
+
 @needs_gemv
 def test_strided_inputs_and_nans_are_handled():
     x = torch.randn(6, 64).bfloat16()[::2]  # rows 0, 2, 4: not contiguous
@@ -77,8 +111,12 @@ def test_decode_attention_is_the_references(dtype, batch, context, heads, kv_hea
 
 
 def test_other_dtypes_and_mismatched_shapes_are_refused():
-    with pytest.raises(cpu_avx2.Avx2Unavailable, match="bf16 matrices only"):
-        cpu_avx2.gemv_linear(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(cpu_avx2.Avx2Unavailable, match="bf16 or fp32 matrices of one dtype only"):
+        cpu_avx2.gemv_linear(torch.randn(1, 8).half(), torch.randn(4, 8).half())
+    with pytest.raises(cpu_avx2.Avx2Unavailable, match="bf16 or fp32 matrices of one dtype only"):
+        cpu_avx2.gemv_linear(torch.randn(1, 8), torch.randn(4, 8).bfloat16())
+    with pytest.raises(cpu_avx2.Avx2Unavailable, match="int8 weights with a scale per row"):
+        cpu_avx2.int8_linear(torch.randn(1, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(3))
     if REASON is None:
         with pytest.raises(ValueError, match="cannot be multiplied"):
             cpu_avx2.gemv_linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 16).bfloat16())
@@ -140,12 +178,12 @@ def test_a_model_on_the_kernels_gives_hfs_greedy_tokens(bf16_model):
     assert "(several rows: gemv)" in model.cpu_plan.describe()
 
 
-def test_the_plan_offers_the_kernel_for_bf16_weights_only():
-    assert GEMV in cpu_plan.plain_linears(cpu_plan.ONE_ROW_LINEARS, torch.bfloat16)
-    assert GEMV in cpu_plan.plain_linears(cpu_plan.SEVERAL_ROW_LINEARS, torch.bfloat16)
-    for dtype in (torch.float32, torch.float16):
-        assert GEMV not in cpu_plan.plain_linears(cpu_plan.ONE_ROW_LINEARS, dtype)
-        assert GEMV not in cpu_plan.plain_linears(cpu_plan.SEVERAL_ROW_LINEARS, dtype)
+def test_the_plan_offers_the_kernel_for_bf16_and_fp32_weights_only():
+    for dtype in (torch.bfloat16, torch.float32):
+        assert GEMV in cpu_plan.plain_linears(cpu_plan.ONE_ROW_LINEARS, dtype)
+        assert GEMV in cpu_plan.plain_linears(cpu_plan.SEVERAL_ROW_LINEARS, dtype)
+    assert GEMV not in cpu_plan.plain_linears(cpu_plan.ONE_ROW_LINEARS, torch.float16)
+    assert GEMV not in cpu_plan.plain_linears(cpu_plan.SEVERAL_ROW_LINEARS, torch.float16)
 
 
 def _timed(seconds: dict[int, dict[str, float]], calls: list[int]):

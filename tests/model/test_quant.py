@@ -15,11 +15,16 @@ from model.batch import SequenceStep, make_batch
 from model.cpu_plan import INT8_TOLERANCE, AttentionChoice, CpuPlan, held_linear
 from model.demo import write_checkpoint
 from model.load import load_model
-from model.quant import INT8, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_dynamic, quantize_rows, unpacked
+from model import cpu_avx2
+from model.quant import (INT8, INT8_AVX2, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2, hold_int8_dynamic,
+                         quantize_rows, unpacked)
 from server.engine.config import EngineConfig, resolve_config
 
 VOCAB = 384
-HOLD = {INT8: hold_int8, INT8_DYNAMIC: hold_int8_dynamic}
+HOLD = {INT8: hold_int8, INT8_DYNAMIC: hold_int8_dynamic, INT8_AVX2: hold_int8_avx2}
+AVX2_REASON = cpu_avx2.unavailable_reason()
+LAYOUTS = [INT8, INT8_DYNAMIC, pytest.param(INT8_AVX2, marks=pytest.mark.skipif(
+    AVX2_REASON is not None, reason=f"the AVX2 kernel cannot run here: {AVX2_REASON}"))]
 
 
 def test_rows_round_to_int8_within_half_a_step_of_their_own_scale():
@@ -32,7 +37,7 @@ def test_rows_round_to_int8_within_half_a_step_of_their_own_scale():
     assert bool((q[7] == 0).all()) and scale[7] == 1
 
 
-@pytest.mark.parametrize("layout", [INT8, INT8_DYNAMIC])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_kernel_gives_the_dequantized_product(layout, dtype):
     weight = torch.randn(200, 96).to(dtype)
@@ -44,7 +49,7 @@ def test_each_kernel_gives_the_dequantized_product(layout, dtype):
         reference = x.float() @ dequantize(held).T
         assert out.dtype == dtype and out.shape == (rows, 200)
         assert (out.float() - reference).abs().max() <= INT8_TOLERANCE * reference.abs().max()
-    # Both layouts hold the same int8 values (the weight-only kernel takes its scales in the model's dtype).
+    # Every layout holds the same int8 values (the weight-only kernel takes its scales in the model's dtype).
     (q, scale), (q_plain, scale_plain) = unpacked(held), unpacked(hold_int8(weight))
     assert torch.equal(q, q_plain)
     torch.testing.assert_close(scale.float(), scale_plain.float(), rtol=2**-8, atol=0)
@@ -74,7 +79,7 @@ def _last_logits(model, prompts: list[list[int]]) -> torch.Tensor:
     return model.forward(make_batch(steps, 16, "cpu"), cache)
 
 
-@pytest.mark.parametrize("layout", [INT8, INT8_DYNAMIC])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_int8_model_stays_near_the_fp32_one(checkpoint, layout):
     rng = random.Random(2)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randrange(3, 30))] for _ in range(8)]
@@ -95,7 +100,7 @@ def test_the_int8_model_stays_near_the_fp32_one(checkpoint, layout):
 def test_plan_with_int8_offers_only_int8_kernels_and_counts_the_saving(checkpoint):
     model = load_model(checkpoint, "cpu")
     plan = model.plan_cpu_ops(max_batch=4, max_context=64, quantization="int8")
-    assert set(plan.one_row_linear.values()) <= {INT8, INT8_DYNAMIC}
+    assert set(plan.one_row_linear.values()) <= {INT8, INT8_DYNAMIC, INT8_AVX2}
     assert plan.extra_bytes < 0 and "held weights save" in plan.describe()
     assert all(getattr(owner, name).dtype == torch.int8 for owner, name in model._matmul_weights())
 
