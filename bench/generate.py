@@ -40,7 +40,7 @@ import torch
 
 from bench.report import comma_ints, run_and_report
 from bench.timing import median_seconds, memory_bandwidth, on_own_thread
-from kernels import set_backend
+from nanoserve_kernels import set_backend
 from model.batch import SequenceStep, make_batch
 from model.config import parse_config
 from model.demo import DEMO_CONFIG, demo_checkpoint, hf_config

@@ -24,12 +24,12 @@ prefill attention, bound by compute, reports TFLOP/s (causal: 2 * L^2 * D * Hq m
 `--sweep` times the launch configurations each launcher could take (rows or tokens per program,
 warps; decode attention's split count) replayed from CUDA graphs, checks each against the
 heuristic's output, and prints which wins: the measurement that picks the heuristics written
-beside the launchers. Without CUDA it says so and exits with status 2 (`python -m kernels.report`
+beside the launchers. Without CUDA it says so and exits with status 2 (`python -m nanoserve_kernels.report`
 needs no GPU).
 
 `--kernels op=module:function[,...]` benches kernel plug-ins (see README, "Bring your own
 kernel"): first a correctness column, the plug-in and the built-in Triton kernel each against the
-torch reference on the load-time check's inputs (`kernels.plugins`); then, on a GPU, every case of
+torch reference on the load-time check's inputs (`nanoserve_kernels.plugins`); then, on a GPU, every case of
 each plug-in's op gets a `plug-in` row beside the built-in's (and `plug-in graph` where the
 built-in is timed from a CUDA graph). On CPU only the correctness column is printed, the built-in
 through the Triton interpreter (set TRITON_INTERPRET=1, or NANOSERVE_KERNELS=triton).
@@ -45,17 +45,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
+import nanoserve_kernels
 from bench.timing import memory_bandwidth
-from kernels._triton import Launch, interpreting
-from kernels.backend import PLUGINS, import_plugin, parse_backend
-from kernels.plugins import PluginCheckFailed, check_plugin
-from kernels.attention_frontend import attention_frontend_launch, attention_frontend_reference
-from kernels.decode_attention import choose_num_splits, paged_decode_attention_launches, paged_decode_attention_reference
-from kernels.prefill_attention import paged_prefill_attention_reference
-from kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_launch, rms_norm_reference
-from kernels.rope import apply_rope_launch, apply_rope_reference, build_cos_sin_cache
-from kernels.store_kv import store_kv_launch, store_kv_reference
+from nanoserve_kernels._triton import Launch, interpreting
+from nanoserve_kernels.backend import PLUGINS, import_plugin, parse_backend
+from nanoserve_kernels.plugins import PluginCheckFailed, check_plugin
+from nanoserve_kernels.attention_frontend import attention_frontend_launch, attention_frontend_reference
+from nanoserve_kernels.decode_attention import choose_num_splits, paged_decode_attention_launches, paged_decode_attention_reference
+from nanoserve_kernels.prefill_attention import paged_prefill_attention_reference
+from nanoserve_kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_launch, rms_norm_reference
+from nanoserve_kernels.rope import apply_rope_launch, apply_rope_reference, build_cos_sin_cache
+from nanoserve_kernels.store_kv import store_kv_launch, store_kv_reference
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, TOKENS, BLOCK_SIZE, MAX_MODEL_LEN = 4096, 32, 8, 128, 4096, 16, 40960
 DEVICE = "cuda"  # the CPU test of this module's logic runs it on the interpreter at small shapes
@@ -89,29 +89,29 @@ def row_cases(dtype: torch.dtype) -> Iterator[Case]:
     weight, head_weight = _randn(HIDDEN, dtype=dtype), _randn(HEAD_DIM, dtype=dtype)
     size = x.numel() * x.element_size()
     shape = f"{TOKENS}x{HIDDEN}"
-    yield Case("rms_norm", shape, 2 * size, lambda: kernels.rms_norm(x, weight, EPS),
+    yield Case("rms_norm", shape, 2 * size, lambda: nanoserve_kernels.rms_norm(x, weight, EPS),
                **_reference(lambda: rms_norm_reference(x, weight, EPS)))
-    yield Case("fused_add_rms_norm", shape, 4 * size, lambda: kernels.fused_add_rms_norm(x, residual, weight, EPS),
+    yield Case("fused_add_rms_norm", shape, 4 * size, lambda: nanoserve_kernels.fused_add_rms_norm(x, residual, weight, EPS),
                **_reference(lambda: fused_add_rms_norm_reference(x, residual, weight, EPS)))
     qkv = _randn(TOKENS, (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=dtype)
     q_view = qkv[:, : Q_HEADS * HEAD_DIM].view(TOKENS, Q_HEADS, HEAD_DIM)  # as the model normed it before fusing
     q_bytes = q_view.numel() * q_view.element_size()
     yield Case("rms_norm (q heads)", f"{TOKENS}x{Q_HEADS}x{HEAD_DIM}", 2 * q_bytes,
-               lambda: kernels.rms_norm(q_view, head_weight, EPS),
+               lambda: nanoserve_kernels.rms_norm(q_view, head_weight, EPS),
                **_reference(lambda: rms_norm_reference(q_view, head_weight, EPS)))
     q, k = q_view.contiguous(), _randn(TOKENS, KV_HEADS, HEAD_DIM, dtype=dtype)
     positions = torch.randint(0, MAX_MODEL_LEN, (TOKENS,), device=DEVICE)
     cos_sin = build_cos_sin_cache(MAX_MODEL_LEN, HEAD_DIM, 1e6, DEVICE)
     kv_bytes = k.numel() * k.element_size()
     yield Case("apply_rope", f"{TOKENS}x({Q_HEADS}+{KV_HEADS})x{HEAD_DIM}", 2 * (q_bytes + kv_bytes) + TOKENS * HEAD_DIM * 4,
-               lambda: kernels.apply_rope(q, k, positions, cos_sin),
+               lambda: nanoserve_kernels.apply_rope(q, k, positions, cos_sin),
                **_reference(lambda: apply_rope_reference(q, k, positions, cos_sin)))
     v = qkv[:, (Q_HEADS + KV_HEADS) * HEAD_DIM :].view(TOKENS, KV_HEADS, HEAD_DIM)  # strided, as the model passes it
     k_cache = torch.empty(2 * TOKENS // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=dtype, device=DEVICE)
     v_cache = torch.empty_like(k_cache)
     slots = torch.randperm(2 * TOKENS, device=DEVICE)[:TOKENS]
     yield Case("store_kv", f"{TOKENS}x{KV_HEADS}x{HEAD_DIM}", 4 * kv_bytes + TOKENS * 8,
-               lambda: kernels.store_kv(k, v, k_cache, v_cache, slots),
+               lambda: nanoserve_kernels.store_kv(k, v, k_cache, v_cache, slots),
                **_reference(lambda: store_kv_reference(k, v, k_cache, v_cache, slots)))
     yield frontend_case(qkv, head_weight, positions, cos_sin, k_cache, v_cache, slots)
 
@@ -125,14 +125,14 @@ def frontend_case(qkv, head_weight, positions, cos_sin, k_cache, v_cache, slots)
 
     def unfused():
         q, k, v = qkv.split([Q_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
-        q = kernels.rms_norm(q.view(tokens, Q_HEADS, HEAD_DIM), head_weight, EPS)
-        k = kernels.rms_norm(k.view(tokens, KV_HEADS, HEAD_DIM), head_weight, EPS)
-        kernels.apply_rope(q, k, positions, cos_sin)
-        kernels.store_kv(k, v.view(tokens, KV_HEADS, HEAD_DIM), k_cache, v_cache, slots)
+        q = nanoserve_kernels.rms_norm(q.view(tokens, Q_HEADS, HEAD_DIM), head_weight, EPS)
+        k = nanoserve_kernels.rms_norm(k.view(tokens, KV_HEADS, HEAD_DIM), head_weight, EPS)
+        nanoserve_kernels.apply_rope(q, k, positions, cos_sin)
+        nanoserve_kernels.store_kv(k, v.view(tokens, KV_HEADS, HEAD_DIM), k_cache, v_cache, slots)
 
     reference = lambda: attention_frontend_reference(*args)  # noqa: E731
     return Case("attention_frontend", f"{tokens}x({Q_HEADS}+2x{KV_HEADS})x{HEAD_DIM}", moved,
-                lambda: kernels.attention_frontend(*args),
+                lambda: nanoserve_kernels.attention_frontend(*args),
                 others={"triton unfused": unfused, "torch eager": reference}, compile=reference)
 
 
@@ -154,7 +154,7 @@ def decode_case(dtype: torch.dtype, batch: int, context: int) -> Case | None:
     fits_reference = _fits(2.5 * cache_bytes)
     reference = lambda: paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, scale)  # noqa: E731
     return Case("paged_decode_attention", f"B={batch} L={context}", moved,
-                lambda: kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale),
+                lambda: nanoserve_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale),
                 **(_reference(reference) if fits_reference else {}), graph=True)
 
 
@@ -182,7 +182,7 @@ def prefill_case(dtype: torch.dtype, length: int) -> Case:
     paged = (k_cache, v_cache, tables, starts, lens, length, scale)
     moved = (2 * q.numel() + 2 * k.numel()) * q.element_size()
     return Case("paged_prefill_attention", f"L={length}", moved,
-                lambda: kernels.paged_prefill_attention(q, None, None, *paged),
+                lambda: nanoserve_kernels.paged_prefill_attention(q, None, None, *paged),
                 others={"sdpa flash": sdpa_flash,
                         "torch eager": lambda: paged_prefill_attention_reference(q, k, v, *paged)},
                 flops=2 * 2 * length * length * HEAD_DIM * Q_HEADS // 2)
@@ -432,10 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                              not args.no_compile)
     if not torch.cuda.is_available():
         print("bench.kernels needs a CUDA GPU: none is visible to torch. (On CPU the kernels run "
-              "through the Triton interpreter, which says nothing about speed; `python -m kernels.report` "
+              "through the Triton interpreter, which says nothing about speed; `python -m nanoserve_kernels.report` "
               "shows what they compile to for sm_90/sm_80 without a GPU.)", file=sys.stderr)
         return 2
-    kernels.set_backend("triton")
+    nanoserve_kernels.set_backend("triton")
     dtype = DTYPES[args.dtype]
     copy_gbps = memory_bandwidth(torch.device(DEVICE)) / 1e9
     device = torch.cuda.get_device_name()
@@ -477,16 +477,16 @@ def main(argv: list[str] | None = None) -> int:
 OP_CASES = {"rms_norm": ("rms_norm", "fused_add_rms_norm", "rms_norm (q heads)"), "rope": ("apply_rope",),
             "store_kv": ("store_kv",), "attention_frontend": ("attention_frontend",),
             "decode_attention": ("paged_decode_attention",), "prefill_attention": ("paged_prefill_attention",)}
-BUILTINS = {"rms_norm": "kernels.rms_norm:rms_norm", "rope": "kernels.rope:apply_rope",
-            "store_kv": "kernels.store_kv:store_kv", "attention_frontend": "kernels.attention_frontend:attention_frontend",
-            "decode_attention": "kernels.decode_attention:paged_decode_attention",
-            "prefill_attention": "kernels.prefill_attention:paged_prefill_attention",
-            "token_bitmask": "kernels.token_bitmask:apply_token_bitmask_"}
+BUILTINS = {"rms_norm": "nanoserve_kernels.rms_norm:rms_norm", "rope": "nanoserve_kernels.rope:apply_rope",
+            "store_kv": "nanoserve_kernels.store_kv:store_kv", "attention_frontend": "nanoserve_kernels.attention_frontend:attention_frontend",
+            "decode_attention": "nanoserve_kernels.decode_attention:paged_decode_attention",
+            "prefill_attention": "nanoserve_kernels.prefill_attention:paged_prefill_attention",
+            "token_bitmask": "nanoserve_kernels.token_bitmask:apply_token_bitmask_"}
 
 
 def correctness_rows(plugins: dict[str, tuple[str, Callable]], device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Per plug-in op: the plug-in and the built-in Triton kernel against the torch reference."""
-    from kernels.plugins import HeadLayout
+    from nanoserve_kernels.plugins import HeadLayout
 
     layout = HeadLayout(HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
     rows = []
@@ -531,7 +531,7 @@ def bench_plugins(spec: str, dtype: torch.dtype, out: str, compile_reference: bo
     plugins = {op: (target, import_plugin(op, target)) for op, target in targets.items()}
     device = torch.device(DEVICE if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" or interpreting():
-        kernels.set_backend("triton")  # the built-ins' rows: their Triton kernels (on CPU, interpreted)
+        nanoserve_kernels.set_backend("triton")  # the built-ins' rows: their Triton kernels (on CPU, interpreted)
     rows = correctness_rows(plugins, device, dtype)
     print(f"{device.type}, {str(dtype).removeprefix('torch.')}: each implementation against the torch reference")
     for row in rows:

@@ -30,11 +30,11 @@ import torch
 
 from bench.report import run_and_report
 from bench.timing import on_own_thread, synchronize
-from kernels import set_backend
-from kernels._triton import HAVE_TRITON, Launch, jit, tl
-from kernels.attention_frontend import attention_frontend_launch
-from kernels.decode_attention import _sm_count, choose_num_splits, paged_decode_attention_launches
-from kernels.rms_norm import _out_like, rms_norm_launch
+from nanoserve_kernels import set_backend
+from nanoserve_kernels._triton import HAVE_TRITON, Launch, jit, tl
+from nanoserve_kernels.attention_frontend import attention_frontend_launch
+from nanoserve_kernels.decode_attention import _sm_count, choose_num_splits, paged_decode_attention_launches
+from nanoserve_kernels.rms_norm import _out_like, rms_norm_launch
 from model import qwen3
 from model.batch import SequenceStep, make_batch
 from model.config import parse_config

@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.profile needs a CUDA GPU: none is visible to torch. (`--device cpu` profiles a CPU "
               "decode step beside HF's.)", file=sys.stderr)
         return 2
-    import kernels
+    import nanoserve_kernels
     from bench.timing import memory_bandwidth
     from model.batch import SequenceStep, make_batch
 
-    kernels.set_backend(args.kernels)
+    nanoserve_kernels.set_backend(args.kernels)
     model = build_model(args)
     c = model.config
     block_size = 16
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     source = args.model or args.shape
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s; {source} {args.dtype}, batch {args.batch}, "
-          f"context {args.context}, kernels {kernels.get_backend()}")
+          f"context {args.context}, kernels {nanoserve_kernels.get_backend()}")
     report = {}
     phases = {
         "prefill": ([prefill], args.batch * args.context, args.batch, [args.context] * args.batch, False),

@@ -162,7 +162,7 @@ def _check(status: int) -> None:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode attention of `q` [B, H, D] over the paged caches [blocks, block_size, Hk, D] (the
-    contract of `kernels.decode_attention`), read in place; bf16 or fp32, fp32 arithmetic."""
+    contract of `nanoserve_kernels.decode_attention`), read in place; bf16 or fp32, fp32 arithmetic."""
     batch, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     if q.dtype not in (torch.bfloat16, torch.float32) or not q.dtype == k_cache.dtype == v_cache.dtype:

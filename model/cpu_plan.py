@@ -70,8 +70,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
-from kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
+from nanoserve_kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
+from nanoserve_kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
 from model import cpu_memory
 from model.cpu_avx2 import decode_attention as avx2_decode_attention, gemv_linear
 from model.quant import (INT8, INT8_AVX2, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2, hold_int8_dynamic,

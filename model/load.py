@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from kernels import get_backend
-from kernels.plugins import HeadLayout, check_plugins
+from nanoserve_kernels import get_backend
+from nanoserve_kernels.plugins import HeadLayout, check_plugins
 from model.config import DTYPES, Qwen3Config, load_config
 from model.demo import demo_checkpoint
 from model.parallel import Collectives, Shard, shard_of
@@ -64,7 +64,7 @@ def load_model(
 def check_kernel_plugins(config: Qwen3Config, device: torch.device, dtype: torch.dtype, block_size: int,
                          shard: Shard | None = None) -> None:
     """Every plug-in of the kernel spec against its op's torch reference, at the dtype, device and
-    head layout this model (or this rank's `shard` of it) gives it (`kernels.plugins.PluginCheckFailed`
+    head layout this model (or this rank's `shard` of it) gives it (`nanoserve_kernels.plugins.PluginCheckFailed`
     names the first that differs); the startup line then names each plug-in and how close it came."""
     shard = shard or shard_of(config)
     layout = HeadLayout(config.hidden_size, shard.num_heads, shard.num_kv_heads, config.head_dim, block_size)

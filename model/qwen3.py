@@ -6,7 +6,7 @@ context length. Attention starts with `attention_frontend` (q/k norm, rotary emb
 K/V cache write: one kernel on CUDA). Sequences that bring one token (decodes) come first and run
 `paged_decode_attention` over the cache; prompt chunks after them run `paged_prefill_attention`
 over the prefix the cache already holds and themselves; one step may hold both. Every op beyond
-matmuls and the embedding lookup goes through `kernels`, so the same code runs Triton kernels on
+matmuls and the embedding lookup goes through `nanoserve_kernels`, so the same code runs Triton kernels on
 CUDA and torch references on CPU.
 
 Weights are stored fused where that saves launches: `qkv_proj` is q, k and v stacked by rows,
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import (
+from nanoserve_kernels import (
     attention_frontend,
     build_cos_sin_cache,
     fused_add_rms_norm,
@@ -31,7 +31,7 @@ from kernels import (
     paged_prefill_attention,
     rms_norm,
 )
-from kernels.backend import PLUGINS, use_triton
+from nanoserve_kernels.backend import PLUGINS, use_triton
 from model import batch as batches
 from model.batch import ForwardBatch
 from model.config import Qwen3Config

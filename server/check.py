@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from kernels import get_backend, set_backend
-from kernels.backend import parse_backend, plugin_targets
-from kernels.plugins import PluginCheckFailed
+from nanoserve_kernels import get_backend, set_backend
+from nanoserve_kernels.backend import parse_backend, plugin_targets
+from nanoserve_kernels.plugins import PluginCheckFailed
 from model.batch import SequenceStep, make_batch
 from model.config import load_config
 from model.load import check_kernel_plugins, load_model, model_dir_or_demo, resolve_device, resolve_dtype

@@ -276,10 +276,10 @@ def _check_server_flags(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_logs()
-    # Must be set before `kernels` is imported: the Triton interpreter is chosen at import time.
+    # Must be set before `nanoserve_kernels` is imported: the Triton interpreter is chosen at import time.
     os.environ["NANOSERVE_KERNELS"] = args.kernels
     try:
-        from kernels import set_backend
+        from nanoserve_kernels import set_backend
 
         set_backend(args.kernels)
     except (ValueError, RuntimeError) as err:

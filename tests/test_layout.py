@@ -1,4 +1,4 @@
-"""The package layout's rules, read from the source: `kernels` <- `model` <- `server.engine` <-
+"""The package layout's rules, read from the source: `nanoserve_kernels` <- `model` <- `server.engine` <-
 `server.api` <- the CLI, no module importing upward, and no import circle anywhere.
 
 Every import counts, also those inside functions and under `TYPE_CHECKING`: a circle that only
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "model", "server")
+PACKAGES = ("nanoserve_kernels", "model", "server")
 
 # Lower layers never import higher ones; a module may import its own layer and any below it.
-LAYERS = ("kernels", "model", "server.engine", "server.api", "server")
+LAYERS = ("nanoserve_kernels", "model", "server.engine", "server.api", "server")
 # What each layer may import from outside the project (besides the standard library).
 THIRD_PARTY = {
-    "kernels": {"torch", "triton", "numpy"},
+    "nanoserve_kernels": {"torch", "triton", "numpy"},
     "server.api": {"quart", "hypercorn", "werkzeug", "pydantic", "prometheus_client", "jinja2", "psycopg"},
 }
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from kernels.backend import use_triton
+from nanoserve_kernels.backend import use_triton
 from model.batch import ForwardBatch
 from model.qwen3 import KVCache, Qwen3Model
 

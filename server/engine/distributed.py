@@ -240,7 +240,7 @@ def _worker_main(args: _WorkerArgs, pipe: connection.Connection) -> None:
     try:
         from tqdm import tqdm
 
-        from kernels import set_backend
+        from nanoserve_kernels import set_backend
 
         tqdm.set_lock(threading.RLock())  # not tqdm's default, a multiprocessing lock that outlives os._exit
 

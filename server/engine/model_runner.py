@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels._triton import interpreting
-from kernels.backend import use_triton
+from nanoserve_kernels._triton import interpreting
+from nanoserve_kernels.backend import use_triton
 from model.batch import ForwardBatch, SequenceStep, make_batch, to_device
 from model.qwen3 import KVCache, Qwen3Model
 from server.engine.config import EngineConfig
@@ -114,7 +114,7 @@ class ModelRunner:
         """Where the attention kernels are Triton's: one eager step of every kind the engine can
         run, so each kernel variant the serving path reaches compiles now, before the server says
         it is ready, not seconds into a request. The kernels leave the arguments that vary between
-        steps unspecialised (see `kernels._triton.jit`), so these steps reach them all: decode with
+        steps unspecialised (see `nanoserve_kernels._triton.jit`), so these steps reach them all: decode with
         many splits (batch 1, a full-width table) and with one (a full batch of one-block tables), a
         mixed step (prompt chunk tables and lengths as views past the decode rows), a prefill. They
         read block 0 and store nothing. The interpreter compiles nothing, so it skips them."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import apply_token_bitmask_
+from nanoserve_kernels import apply_token_bitmask_
 from model.batch import to_device
 from server.engine.request import SamplingParams
 from server.engine.sequence import Sequence, SequenceSampling

@@ -196,7 +196,7 @@ def _bit(j: int) -> int:
 class TokenBitmask:
     """The step's mask rows: one per constrained row of the batch, filled on the host by a thread of
     their own while the caller runs the forward pass, then applied on the device
-    (`kernels.apply_token_bitmask_`). The thread only runs the grammar engine: no torch op that
+    (`nanoserve_kernels.apply_token_bitmask_`). The thread only runs the grammar engine: no torch op that
     could start an OpenMP team of its own (see the README's Engine section)."""
 
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device):

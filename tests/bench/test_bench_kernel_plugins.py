@@ -6,7 +6,7 @@ import json
 import pytest
 
 import bench.kernels as bench
-import kernels
+import nanoserve_kernels
 from tests.bench.test_bench_kernels import SMALL
 from tests.kernels.common import kernel_backend
 
@@ -42,7 +42,7 @@ def test_bench_generate_takes_the_kernel_spec(capsys):
 
     with kernel_backend("auto"):
         bench.generate.parse_args(["--kernels", "torch,rms_norm=tests.plugins.rms_norm_torch:rms_norm"])
-        assert kernels.get_backend() == "torch,rms_norm=tests.plugins.rms_norm_torch:rms_norm"
+        assert nanoserve_kernels.get_backend() == "torch,rms_norm=tests.plugins.rms_norm_torch:rms_norm"
     with pytest.raises(SystemExit):
         bench.generate.parse_args(["--kernels", "rms_norm=tests.plugins.rms_norm_torch:nope"])
     assert "--kernels: plug-in rms_norm=tests.plugins.rms_norm_torch:nope: " in capsys.readouterr().err

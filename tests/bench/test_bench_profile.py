@@ -32,7 +32,7 @@ def test_table_groups_kernels_and_reports_share_and_bandwidth():
 
 def test_triton_kernel_names_are_the_kernels_own():
     # (the package's names rms_norm etc. are the functions: fetch the modules themselves)
-    modules = [importlib.import_module(f"kernels.{op}") for op in ("rms_norm", "attention_frontend", "decode_attention",
+    modules = [importlib.import_module(f"nanoserve_kernels.{op}") for op in ("rms_norm", "attention_frontend", "decode_attention",
                                                                   "prefill_attention", "rope", "store_kv")]
     defined = {name for module in modules for name in vars(module) if name.endswith("_kernel")}
     assert set(TRITON_KERNELS) == defined

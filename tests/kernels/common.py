@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-import kernels
+import nanoserve_kernels
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -41,9 +41,9 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def kernel_backend(name: str) -> Iterator[None]:
     """Runs the block on one kernel backend (on CPU, `triton` is the interpreter), then restores it."""
-    before = kernels.get_backend()
-    kernels.set_backend(name)
+    before = nanoserve_kernels.get_backend()
+    nanoserve_kernels.set_backend(name)
     try:
         yield
     finally:
-        kernels.set_backend(before)
+        nanoserve_kernels.set_backend(before)

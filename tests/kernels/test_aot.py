@@ -20,7 +20,7 @@ OPS = {"rms_norm", "fused_add_rms_norm", "rms_norm (q/k heads)", "apply_rope", "
 def report(tmp_path_factory) -> list[dict]:
     path = tmp_path_factory.mktemp("aot") / "report.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOSERVE_KERNELS")}
-    result = subprocess.run([sys.executable, "-m", "kernels.report", "--json", str(path)],
+    result = subprocess.run([sys.executable, "-m", "nanoserve_kernels.report", "--json", str(path)],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     return json.loads(path.read_text())

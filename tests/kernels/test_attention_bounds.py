@@ -15,10 +15,10 @@ import random
 import pytest
 import torch
 
-import kernels
-from kernels._triton import cdiv
-from kernels.decode_attention import paged_decode_attention_launches, paged_decode_attention_reference
-from kernels.prefill_attention import paged_prefill_attention_reference
+import nanoserve_kernels
+from nanoserve_kernels._triton import cdiv
+from nanoserve_kernels.decode_attention import paged_decode_attention_launches, paged_decode_attention_reference
+from nanoserve_kernels.prefill_attention import paged_prefill_attention_reference
 from tests.kernels.common import assert_close, nan_like, randn
 
 MARGIN_ROWS, MARGIN_COLUMNS = 2, 3  # rows before and after the view, columns past its width
@@ -66,7 +66,7 @@ def test_decode_attention_reads_only_inside_views_of_its_tables_and_lengths(trit
     k_cache, v_cache, tables, context_lens = _canary_inputs(contexts, 2, 64, 16, dtype)
     q = randn(len(contexts), 8, 64, dtype=dtype)
     expected = paged_decode_attention_reference(q, k_cache, v_cache, *_compact(tables, context_lens), 0.125)
-    _finite_and_close(kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125), expected)
+    _finite_and_close(nanoserve_kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125), expected)
     for splits in (1, 3):
         out = nan_like(q)
         for launch in paged_decode_attention_launches(q, k_cache, v_cache, tables, context_lens, 0.125, out, splits):
@@ -87,4 +87,4 @@ def test_prefill_attention_reads_only_inside_views_of_its_tables_and_lengths(tri
     args = (k_cache, v_cache, tables, query_start_loc, context_lens, max(query_lens), 0.125)
     expected = paged_prefill_attention_reference(
         q, None, None, k_cache, v_cache, *_compact(tables, query_start_loc, context_lens), max(query_lens), 0.125)
-    _finite_and_close(kernels.paged_prefill_attention(q, None, None, *args), expected)
+    _finite_and_close(nanoserve_kernels.paged_prefill_attention(q, None, None, *args), expected)

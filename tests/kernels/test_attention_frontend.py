@@ -4,9 +4,9 @@ torch references run in sequence, through the interpreter on CPU."""
 import pytest
 import torch
 
-import kernels
-from kernels.attention_frontend import attention_frontend_launch, attention_frontend_reference, attention_frontend_torch
-from kernels.rope import build_cos_sin_cache
+import nanoserve_kernels
+from nanoserve_kernels.attention_frontend import attention_frontend_launch, attention_frontend_reference, attention_frontend_torch
+from nanoserve_kernels.rope import build_cos_sin_cache
 from tests.kernels.common import DTYPE_IDS, DTYPES, TOLERANCES, nan_like, randn
 
 EPS = 1e-6
@@ -76,7 +76,7 @@ def test_public_frontend_returns_q_and_writes_the_cache(triton_backend):
     qkv, *rest, k_cache, v_cache, slots = args
     want_k, want_v = k_cache.clone(), v_cache.clone()
     want_q, _, _ = attention_frontend_reference(qkv, *rest, want_k, want_v, slots)
-    q, k, v = kernels.attention_frontend(*args)
+    q, k, v = nanoserve_kernels.attention_frontend(*args)
     assert k is None and v is None  # the kernel writes k and v into the cache only
     assert_close(q, want_q)
     _assert_caches(k_cache, v_cache, want_k, want_v, slots)
@@ -99,7 +99,7 @@ def test_cpu_frontend_gives_the_references_results_bit_for_bit(shape, dtype):
 
 def test_reference_returns_k_and_v_as_stored():
     qkv, *rest, k_cache, v_cache, slots = _inputs(6, 4, 2, 64, 16, torch.float32)
-    q, k, v = kernels.attention_frontend(qkv, *rest, k_cache, v_cache, slots)
+    q, k, v = nanoserve_kernels.attention_frontend(qkv, *rest, k_cache, v_cache, slots)
     assert q.shape == (6, 4, 64) and k.shape == v.shape == (6, 2, 64)
     stored = slots >= 0
     assert torch.equal(k_cache.flatten(0, 1)[slots[stored]], k[stored])

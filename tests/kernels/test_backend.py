@@ -1,5 +1,5 @@
 """Kernel backends: per-op specs (`triton,decode_attention=torch`) and their dispatch; without
-triton (it is Linux-only) `kernels` still imports and every op runs its reference."""
+triton (it is Linux-only) `nanoserve_kernels` still imports and every op runs its reference."""
 
 import subprocess
 import sys
@@ -7,21 +7,21 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels._triton import Launch
-from kernels.backend import OPS, parse_backend, use_triton
+import nanoserve_kernels
+from nanoserve_kernels._triton import Launch
+from nanoserve_kernels.backend import OPS, parse_backend, use_triton
 from tests.kernels.common import kernel_backend, randn
 
 SCRIPT = """
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
 import torch
-import kernels
-from kernels.rms_norm import rms_norm_reference
+import nanoserve_kernels
+from nanoserve_kernels.rms_norm import rms_norm_reference
 x, w = torch.randn(3, 8), torch.randn(8)
-assert torch.equal(kernels.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+assert torch.equal(nanoserve_kernels.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
 try:
-    kernels.set_backend("triton")
+    nanoserve_kernels.set_backend("triton")
 except RuntimeError as err:
     print(err)
 """
@@ -58,7 +58,7 @@ def test_each_op_follows_its_own_backend():
     cpu = torch.empty(1, device="cpu")
     for op in OPS:
         with kernel_backend(f"triton,{op}=torch"):
-            assert kernels.get_backend() == f"triton,{op}=torch"
+            assert nanoserve_kernels.get_backend() == f"triton,{op}=torch"
             assert [use_triton(cpu, other) for other in OPS] == [other != op for other in OPS]
         with kernel_backend(f"torch,{op}=triton"):
             assert [use_triton(cpu, other) for other in OPS] == [other == op for other in OPS]
@@ -75,10 +75,10 @@ def test_public_ops_dispatch_per_op(monkeypatch):
     k = randn(2, 1, 64, dtype=torch.float32)
     cache = torch.zeros(1, 4, 1, 64)
     with kernel_backend("triton,rms_norm=torch"):
-        kernels.rms_norm(x, weight, 1e-6)
-        kernels.fused_add_rms_norm(x, x, weight, 1e-6)
+        nanoserve_kernels.rms_norm(x, weight, 1e-6)
+        nanoserve_kernels.fused_add_rms_norm(x, x, weight, 1e-6)
         assert launched == []
-        kernels.store_kv(k, k, cache, cache.clone(), torch.tensor([0, 3]))
+        nanoserve_kernels.store_kv(k, k, cache, cache.clone(), torch.tensor([0, 3]))
         assert launched == ["_store_kv_kernel"]
 
 

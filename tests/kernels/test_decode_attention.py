@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-import kernels
-from kernels.decode_attention import (
+import nanoserve_kernels
+from nanoserve_kernels.decode_attention import (
     choose_num_splits,
     paged_decode_attention_launches,
     paged_decode_attention_reference,
@@ -122,7 +122,7 @@ def test_cache_over_2_31_elements():
 def test_public_function_chooses_splits_itself(triton_backend):
     k_cache, v_cache, tables, lens = _paged([1, 600, 1100], 2, 64, 16, torch.float16)
     q = randn(3, 8, 64, dtype=torch.float16)
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    out = nanoserve_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
     assert_close(out, paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.125))
 
 
@@ -189,7 +189,7 @@ def _replay_and_compare(steps: list[list[int]], max_model_len: int) -> None:
         for launch in captured:
             launch()
         with kernel_backend("triton"):
-            fresh = kernels.paged_decode_attention(*buffers, 0.125)
+            fresh = nanoserve_kernels.paged_decode_attention(*buffers, 0.125)
         assert torch.equal(out, fresh), lens
         real = [seq for seq, n in enumerate(lens) if not (n == 1 and seq % 2)]
         want = paged_decode_attention_reference(q[real], k_cache, v_cache, tables[real], context_lens[real], 0.125)

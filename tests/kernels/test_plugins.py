@@ -4,11 +4,11 @@ reference, and the dispatch that then runs them wherever the op runs."""
 import pytest
 import torch
 
-import kernels
+import nanoserve_kernels
 import tests.plugins.rms_norm_torch as example
-from kernels.backend import parse_backend
-from kernels.plugins import HeadLayout, PluginCheckFailed, check_plugins
-from kernels.rms_norm import rms_norm_reference
+from nanoserve_kernels.backend import parse_backend
+from nanoserve_kernels.plugins import HeadLayout, PluginCheckFailed, check_plugins
+from nanoserve_kernels.rms_norm import rms_norm_reference
 from tests.kernels.common import kernel_backend, randn
 
 EXAMPLE = "rms_norm=tests.plugins.rms_norm_torch:rms_norm"
@@ -30,10 +30,10 @@ def test_plugin_specs_parse_beside_backends():
     ("triton,tests.plugins.rms_norm_torch:rms_norm", r"a plug-in needs the op it implements"),
 ])
 def test_bad_plugin_specs_are_clear_errors_and_change_nothing(spec, message):
-    before = kernels.get_backend()
+    before = nanoserve_kernels.get_backend()
     with pytest.raises(ValueError, match=message):
-        kernels.set_backend(spec)
-    assert kernels.get_backend() == before
+        nanoserve_kernels.set_backend(spec)
+    assert nanoserve_kernels.get_backend() == before
 
 
 def test_a_plugin_given_as_a_file_path_loads():
@@ -74,29 +74,29 @@ def test_every_call_of_the_op_goes_to_the_plugin(monkeypatch):
     x, residual, weight = randn(3, 64, dtype=torch.float32), randn(3, 64, dtype=torch.float32), randn(64, dtype=torch.float32)
     qkv = randn(3, (4 + 2 * 2) * 16, dtype=torch.float32)
     caches = [torch.zeros(2, 4, 2, 16) for _ in range(2)]
-    cos_sin = kernels.build_cos_sin_cache(8, 16, 1e4)
+    cos_sin = nanoserve_kernels.build_cos_sin_cache(8, 16, 1e4)
     with kernel_backend(EXAMPLE):
-        kernels.rms_norm(x, weight, 1e-6)
-        out, summed = kernels.fused_add_rms_norm(x, residual, weight, 1e-6)
-        q, k, v = kernels.attention_frontend(qkv, weight[:16], weight[16:32], 1e-6, torch.tensor([0, 3, 5]), cos_sin,
+        nanoserve_kernels.rms_norm(x, weight, 1e-6)
+        out, summed = nanoserve_kernels.fused_add_rms_norm(x, residual, weight, 1e-6)
+        q, k, v = nanoserve_kernels.attention_frontend(qkv, weight[:16], weight[16:32], 1e-6, torch.tensor([0, 3, 5]), cos_sin,
                                              *caches, torch.tensor([0, 1, 6]))
     assert seen == [2, 2, 3, 3]  # hidden, hidden + residual, q heads, k heads
     torch.testing.assert_close(summed, x + residual)
     torch.testing.assert_close(out, rms_norm_reference(x + residual, weight, 1e-6))
     assert k is not None and v is not None  # the unfused front-end returns what it stored
     with kernel_backend(f"{EXAMPLE},attention_frontend=torch"):  # a backend named for it keeps it fused
-        kernels.attention_frontend(qkv, weight[:16], weight[16:32], 1e-6, torch.tensor([0, 3, 5]), cos_sin,
+        nanoserve_kernels.attention_frontend(qkv, weight[:16], weight[16:32], 1e-6, torch.tensor([0, 3, 5]), cos_sin,
                                    *caches, torch.tensor([0, 1, 6]))
     assert seen == [2, 2, 3, 3]
 
 
 def test_the_environment_names_plugins_too():
-    """`NANOSERVE_KERNELS` is read when `kernels` is imported; a plug-in module may import kernels itself."""
+    """`NANOSERVE_KERNELS` is read when `nanoserve_kernels` is imported; a plug-in module may import it itself."""
     import os
     import subprocess
     import sys
 
-    script = "import kernels, kernels.backend as b; print(kernels.get_backend(), sorted(b.PLUGINS))"
+    script = "import nanoserve_kernels, nanoserve_kernels.backend as b; print(nanoserve_kernels.get_backend(), sorted(b.PLUGINS))"
     env = os.environ | {"NANOSERVE_KERNELS": "torch,decode_attention=tests.plugins.wrong:scaled_decode_attention"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.stdout == "torch,decode_attention=tests.plugins.wrong:scaled_decode_attention ['decode_attention']\n"

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from kernels import paged_prefill_attention
-from kernels.prefill_attention import paged_prefill_attention_grouped
+from nanoserve_kernels import paged_prefill_attention
+from nanoserve_kernels.prefill_attention import paged_prefill_attention_grouped
 from tests.kernels.common import DTYPE_IDS, DTYPES, assert_close, kernel_backend, randn
 
 # How the tests call the op: the torch reference with the new tokens' k/v and without them (read

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
-from kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
-from kernels.rope import apply_rope_reference, build_cos_sin_cache
-from kernels.store_kv import store_kv_reference
+from nanoserve_kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
+from nanoserve_kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
+from nanoserve_kernels.rope import apply_rope_reference, build_cos_sin_cache
+from nanoserve_kernels.store_kv import store_kv_reference
 
 
 def test_rms_norm_reference():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_launch, rms_norm_reference
+import nanoserve_kernels
+from nanoserve_kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_launch, rms_norm_reference
 from tests.kernels.common import DTYPE_IDS, DTYPES, assert_close, nan_like, randn
 
 EPS = 1e-6
@@ -55,16 +55,16 @@ def test_fused_add_rms_norm_matches_reference(name, dtype):
 def test_public_functions_dispatch_to_the_kernel(triton_backend):
     x, residual = randn(5, 3, 64, dtype=torch.bfloat16), randn(5, 3, 64, dtype=torch.bfloat16)
     weight = randn(64, dtype=torch.bfloat16)
-    assert_close(kernels.rms_norm(x, weight, EPS), rms_norm_reference(x, weight, EPS))
-    out, residual_out = kernels.fused_add_rms_norm(x, residual, weight, EPS)
+    assert_close(nanoserve_kernels.rms_norm(x, weight, EPS), rms_norm_reference(x, weight, EPS))
+    out, residual_out = nanoserve_kernels.fused_add_rms_norm(x, residual, weight, EPS)
     assert_close(residual_out, fused_add_rms_norm_reference(x, residual, weight, EPS)[1])
     assert_close(out, rms_norm_reference(residual_out, weight, EPS))
 
 
 def test_cpu_tensors_use_the_reference_by_default():
     x, weight = randn(4, 32, dtype=torch.float32).cpu(), randn(32, dtype=torch.float32).cpu()
-    assert kernels.get_backend() == "auto"
-    assert torch.equal(kernels.rms_norm(x, weight, EPS), rms_norm_reference(x, weight, EPS))
+    assert nanoserve_kernels.get_backend() == "auto"
+    assert torch.equal(nanoserve_kernels.rms_norm(x, weight, EPS), rms_norm_reference(x, weight, EPS))
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.rope import apply_rope_launch, apply_rope_reference, build_cos_sin_cache
+import nanoserve_kernels
+from nanoserve_kernels.rope import apply_rope_launch, apply_rope_reference, build_cos_sin_cache
 from tests.kernels.common import DTYPE_IDS, DTYPES, assert_close, randn
 
 MAX_POSITION = 4096
@@ -51,7 +51,7 @@ def test_public_apply_rope_rotates_in_place(triton_backend):
     want_q, want_k = q.clone(), k.clone()
     positions = _positions(9)
     apply_rope_reference(want_q, want_k, positions, cache)
-    out_q, out_k = kernels.apply_rope(q, k, positions, cache)
+    out_q, out_k = nanoserve_kernels.apply_rope(q, k, positions, cache)
     assert out_q is q and out_k is k
     assert_close(q, want_q)
     assert_close(k, want_k)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.store_kv import store_kv_launch, store_kv_reference
+import nanoserve_kernels
+from nanoserve_kernels.store_kv import store_kv_launch, store_kv_reference
 from tests.kernels.common import DTYPE_IDS, DTYPES, randn
 
 
@@ -60,7 +60,7 @@ def test_public_store_kv(triton_backend):
     k_cache = torch.full((3, 4, 2, 64), float("nan"), dtype=torch.bfloat16)
     v_cache = k_cache.clone()
     slots = torch.tensor([11, -1, 0, 5, 4])
-    kernels.store_kv(k, v, k_cache, v_cache, slots)
+    nanoserve_kernels.store_kv(k, v, k_cache, v_cache, slots)
     for token, slot in enumerate(slots.tolist()):
         if slot >= 0:
             assert torch.equal(k_cache[slot // 4, slot % 4], k[token])

@@ -4,7 +4,7 @@ bit layout grammar engines write (bit j of word w allows token 32 * w + j)."""
 import pytest
 import torch
 
-import kernels.token_bitmask as tb
+import nanoserve_kernels.token_bitmask as tb
 from tests.kernels.common import randn
 
 

@@ -2,7 +2,7 @@
 
     nanoserve generate --kernels rms_norm=tests.plugins.rms_norm_torch:rms_norm "Hello"
 
-It keeps the contract of `kernels.rms_norm`: x [..., H] (any leading shape; the last dimension
+It keeps the contract of `nanoserve_kernels.rms_norm`: x [..., H] (any leading shape; the last dimension
 contiguous, the rest possibly strided), weight [H], a new tensor back in x's dtype. Statistics in
 fp32, the normalised value cast back to x's dtype, then times the weight, as HF's Qwen3RMSNorm.
 """

@@ -2,8 +2,8 @@
 
 import torch
 
-from kernels.decode_attention import paged_decode_attention_reference
-from kernels.rms_norm import rms_norm_reference
+from nanoserve_kernels.decode_attention import paged_decode_attention_reference
+from nanoserve_kernels.rms_norm import rms_norm_reference
 
 FACTOR = 1.01  # 1 %: past every fp32 tolerance, small enough to look like a rounding question
 

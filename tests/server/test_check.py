@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import kernels
+import nanoserve_kernels
 from server.check import run_check
 from server.cli import main
 
@@ -13,10 +13,10 @@ from server.cli import main
 @pytest.fixture
 def restore_kernels(monkeypatch):
     """`main` sets the process's kernel spec (and its environment variable): put both back after."""
-    before = kernels.get_backend()
+    before = nanoserve_kernels.get_backend()
     monkeypatch.setenv("NANOSERVE_KERNELS", before)
     yield
-    kernels.set_backend(before)
+    nanoserve_kernels.set_backend(before)
 
 
 def test_check_passes_a_healthy_fp32_checkpoint(chat_checkpoint, restore_kernels, capsys, tmp_path):
@@ -47,7 +47,7 @@ def test_check_names_the_op_and_first_layer_of_a_slightly_wrong_norm(chat_checkp
 
 def test_check_names_attention_for_a_wrong_decode_attention(chat_checkpoint, restore_kernels):
     """Decode attention runs only on the continuation's tokens: check's decode steps reach it."""
-    kernels.set_backend("decode_attention=tests.plugins.wrong:scaled_decode_attention")
+    nanoserve_kernels.set_backend("decode_attention=tests.plugins.wrong:scaled_decode_attention")
     report = run_check(chat_checkpoint, "cpu", "float32", ["Hello there"], 3)
     assert not report.passed
     assert report.diagnosis["layer"] == 0 and report.diagnosis["op"] == "attention"

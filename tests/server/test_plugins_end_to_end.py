@@ -9,7 +9,7 @@ import sys
 import torch
 from transformers import Qwen3ForCausalLM
 
-import kernels
+import nanoserve_kernels
 from model.batch import SequenceStep, make_batch
 from model.load import load_model
 from model.tokenizer import Tokenizer
@@ -29,14 +29,14 @@ def test_generate_with_a_plugin_equals_hf_greedy_text(chat_checkpoint):
     hf = Qwen3ForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
     ids = tokenizer.encode(prompt)
     expected = tokenizer.decode(hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist())
-    spec = f"{EXAMPLE},decode_attention=kernels.decode_attention:paged_decode_attention_reference"
+    spec = f"{EXAMPLE},decode_attention=nanoserve_kernels.decode_attention:paged_decode_attention_reference"
     result = _generate("--model", str(chat_checkpoint), "--kernels", spec, "--no-enforce-eager", "--max-tokens", "12",
                        prompt)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
     [line] = [line for line in result.stderr.splitlines() if line.startswith("nanoserve: kernels ")]
     assert f"plug-in {EXAMPLE} matches its torch reference (max |Δ| " in line
-    assert "plug-in decode_attention=kernels.decode_attention:paged_decode_attention_reference matches" in line
+    assert "plug-in decode_attention=nanoserve_kernels.decode_attention:paged_decode_attention_reference matches" in line
 
 
 def test_a_plugin_that_fails_its_check_stops_the_start_in_one_line(chat_checkpoint, monkeypatch, capsys):
@@ -55,7 +55,7 @@ def test_a_plugin_that_fails_its_check_stops_the_start_in_one_line(chat_checkpoi
 
 def test_a_decode_attention_plugin_runs_in_place_of_the_cpu_plan(chat_checkpoint, monkeypatch):
     """On CPU the engine times decode-attention candidates (`model.cpu_plan`); a plug-in overrides that choice."""
-    import kernels.decode_attention as builtin
+    import nanoserve_kernels.decode_attention as builtin
 
     calls = []
     reference = builtin.paged_decode_attention_reference
@@ -64,8 +64,8 @@ def test_a_decode_attention_plugin_runs_in_place_of_the_cpu_plan(chat_checkpoint
     model = load_model(chat_checkpoint, "cpu", "float32")
     model.plan_cpu_ops(max_batch=2, max_context=64)
     cache = model.allocate_kv_cache(4, 16)
-    with kernel_backend("decode_attention=kernels.decode_attention:paged_decode_attention_reference"):
+    with kernel_backend("decode_attention=nanoserve_kernels.decode_attention:paged_decode_attention_reference"):
         model.forward(make_batch([SequenceStep([1, 2, 3], 0, [0])], 16, "cpu"), cache)
         model.forward(make_batch([SequenceStep([4], 3, [0])], 16, "cpu"), cache)
     assert calls == [torch.Size([1, 4, 64])] * 2  # decode only, once per layer
-    assert kernels.get_backend() == "auto"
+    assert nanoserve_kernels.get_backend() == "auto"

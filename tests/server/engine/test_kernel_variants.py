@@ -3,7 +3,7 @@ while others decode, chunked prompts, batches that grow and shrink, preemption) 
 kernels are launched in no variant that the runner's warm-up did not launch before the engine
 was ready, and each kernel stays within a small budget of variants.
 
-A variant is what @triton.jit compiles one binary per (`kernels._triton.variant_key`: constexpr
+A variant is what @triton.jit compiles one binary per (`nanoserve_kernels._triton.variant_key`: constexpr
 values, pointer dtypes and alignment, integer value classes, less what the kernel leaves
 unspecialised). On CPU the launches are recorded, not run, and the model's logits replaced by
 zeros: the engine's batches depend on token counts only, and the test needs no interpreter."""
@@ -12,8 +12,8 @@ from collections import Counter
 
 import torch
 
-from kernels import decode_attention
-from kernels._triton import Launch, variant_key
+from nanoserve_kernels import decode_attention
+from nanoserve_kernels._triton import Launch, variant_key
 from model.qwen3 import Qwen3Model
 from server.engine.config import EngineConfig, resolve_config
 from server.engine import model_runner

@@ -169,7 +169,7 @@ def test_a_grammar_allows_escapes_and_refuses_raw_control_characters(demo):
         bitmask.start_fill([matcher])
         masks, rows = bitmask.finish_fill()
         logits = torch.zeros(1, 151936)
-        from kernels import apply_token_bitmask_
+        from nanoserve_kernels import apply_token_bitmask_
         apply_token_bitmask_(logits, masks, rows)
         return torch.isfinite(logits[0])
 

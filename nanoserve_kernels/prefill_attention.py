@@ -27,9 +27,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._attention import attend_tile, check_layout
-from kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
-from kernels.backend import use_triton
+from nanoserve_kernels._attention import attend_tile, check_layout
+from nanoserve_kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
+from nanoserve_kernels.backend import use_triton
 
 BLOCK_M = 128  # rows of a query tile: BLOCK_M // GROUP tokens times the GROUP heads of a kv head
 

@@ -1,4 +1,4 @@
-"""`python -m kernels.report`: what each kernel compiles to on sm_90 and sm_80, without a GPU.
+"""`python -m nanoserve_kernels.report`: what each kernel compiles to on sm_90 and sm_80, without a GPU.
 
 For every kernel in the specialisations the model launches: registers per thread, spilled bytes,
 shared memory per program, and how many of its global loads and stores are 128-bit wide (the
@@ -13,14 +13,14 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
-from kernels._triton import interpreting
+from nanoserve_kernels._triton import interpreting
 
 COLUMNS = ("kernel", "specialisation", "target", "regs", "spill B", "smem B", "128-bit ld", "128-bit st")
 
 
 def compile_all(targets: list[str]) -> list:
     """Every variant for every target, compiled in parallel processes (ptxas is single-threaded)."""
-    from kernels.aot import variants
+    from nanoserve_kernels.aot import variants
 
     jobs = [(index, target) for index in range(len(list(variants()))) for target in targets]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
@@ -28,7 +28,7 @@ def compile_all(targets: list[str]) -> list:
 
 
 def _compile_job(job: tuple[int, str]):
-    from kernels.aot import compile_variant, variants
+    from nanoserve_kernels.aot import compile_variant, variants
 
     index, target = job
     return compile_variant(list(variants())[index], target)
@@ -46,7 +46,7 @@ def format_table(rows: list) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m nanoserve_kernels.report", description=__doc__)
     parser.add_argument("--target", action="append", choices=["sm_90", "sm_80"], help="default: both")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         # Interpreter functions cannot be compiled: run again in a process that builds real ones.
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOSERVE_KERNELS")}
         argv = sys.argv[1:] if argv is None else argv
-        return subprocess.run([sys.executable, "-m", "kernels.report", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "nanoserve_kernels.report", *argv], env=env).returncode
     rows = compile_all(args.target or ["sm_90", "sm_80"])
     print(format_table(rows))
     if args.json:

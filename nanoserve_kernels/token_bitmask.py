@@ -12,8 +12,8 @@ One program per (mask row, block of 32 * WORDS tokens) loads its words once, spr
 import numpy as np
 import torch
 
-from kernels._triton import Launch, cdiv, jit, tl
-from kernels.backend import use_triton
+from nanoserve_kernels._triton import Launch, cdiv, jit, tl
+from nanoserve_kernels.backend import use_triton
 
 WORDS_PER_PROGRAM = 64  # 2048 tokens: 75 programs per row for Qwen3's 151,936-token vocabulary
 

@@ -15,8 +15,8 @@ Launch heuristic (first principles; still to be measured on a GPU with
 
 import torch
 
-from kernels._triton import Launch, cdiv, jit, next_power_of_2, tl
-from kernels.backend import use_triton
+from nanoserve_kernels._triton import Launch, cdiv, jit, next_power_of_2, tl
+from nanoserve_kernels.backend import use_triton
 
 
 @jit

@@ -17,8 +17,8 @@ two 128-bit loads per tensor, and 8 KB per program in flight to cover DRAM laten
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import Launch, jit, next_power_of_2, tl
-from kernels.backend import use_triton
+from nanoserve_kernels._triton import Launch, jit, next_power_of_2, tl
+from nanoserve_kernels.backend import use_triton
 
 ELEMENTS_PER_PROGRAM = 2048  # enough per program to hide latency, small enough to stay in registers
 

@@ -1,11 +1,11 @@
 """What the kernel modules share: the optional triton import and the `Launch` record.
 
 triton is a Linux-only dependency. Without it `jit` leaves the kernel functions as plain
-(never called) Python functions and `kernels.backend.use_triton` is always False, so the torch
+(never called) Python functions and `nanoserve_kernels.backend.use_triton` is always False, so the torch
 references serve every op.
 
 A launcher builds a `Launch` (kernel, grid, every argument by name, launch options) before running
-it, so that `kernels.aot` can compile exactly what the launcher would launch, with no GPU.
+it, so that `nanoserve_kernels.aot` can compile exactly what the launcher would launch, with no GPU.
 """
 
 import os

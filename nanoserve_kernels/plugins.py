@@ -1,7 +1,7 @@
 """The load-time check of kernel plug-ins: each against its op's torch reference, once.
 
-A plug-in (`op=module:function` in a kernel spec, imported by `kernels.backend.set_backend`) must
-keep the contract of the op's public function in `kernels` (same arguments, shapes, dtypes, the
+A plug-in (`op=module:function` in a kernel spec, imported by `nanoserve_kernels.backend.set_backend`) must
+keep the contract of the op's public function in `nanoserve_kernels` (same arguments, shapes, dtypes, the
 same outputs and in-place writes); the torch reference is the specification. Before a model runs
 it, `check_plugins` feeds the plug-in and the reference the same small random inputs, in the
 model's dtype, device and head layout (so a plug-in written for one head size or block size is
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_frontend import attention_frontend_reference
-from kernels.backend import PLUGINS, plugin_targets
-from kernels.decode_attention import paged_decode_attention_reference
-from kernels.prefill_attention import paged_prefill_attention_reference
-from kernels.rms_norm import rms_norm_reference
-from kernels.rope import apply_rope_reference, build_cos_sin_cache
-from kernels.store_kv import store_kv_reference
-from kernels.token_bitmask import apply_token_bitmask_reference
+from nanoserve_kernels.attention_frontend import attention_frontend_reference
+from nanoserve_kernels.backend import PLUGINS, plugin_targets
+from nanoserve_kernels.decode_attention import paged_decode_attention_reference
+from nanoserve_kernels.prefill_attention import paged_prefill_attention_reference
+from nanoserve_kernels.rms_norm import rms_norm_reference
+from nanoserve_kernels.rope import apply_rope_reference, build_cos_sin_cache
+from nanoserve_kernels.store_kv import store_kv_reference
+from nanoserve_kernels.token_bitmask import apply_token_bitmask_reference
 
 # |plug-in - reference| <= TOLERANCES[dtype] x max |reference|, per output: fp32 allows
 # summation-order differences; fp16 and bf16 three ulps of the largest value, as the kernels' own

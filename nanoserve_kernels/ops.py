@@ -1,4 +1,4 @@
-"""The public ops: each runs its plug-in when the kernel spec names one (`kernels.backend.PLUGINS`),
+"""The public ops: each runs its plug-in when the kernel spec names one (`nanoserve_kernels.backend.PLUGINS`),
 else the built-in (Triton kernel or torch reference, as `use_triton` decides).
 
 A plug-in is called with exactly the arguments the built-in gets, so nothing else changes: the
@@ -15,16 +15,16 @@ Two ops reach further than their own function:
 
 import torch
 
-from kernels.attention_frontend import attention_frontend as builtin_attention_frontend
-from kernels.attention_frontend import unfused_attention_frontend
-from kernels.decode_attention import paged_decode_attention as builtin_decode_attention
-from kernels.prefill_attention import paged_prefill_attention as builtin_prefill_attention
-from kernels.rms_norm import fused_add_rms_norm as builtin_fused_add_rms_norm
-from kernels.rms_norm import rms_norm as builtin_rms_norm
-from kernels.rope import apply_rope as builtin_apply_rope
-from kernels.store_kv import store_kv as builtin_store_kv
-from kernels.token_bitmask import apply_token_bitmask_ as builtin_apply_token_bitmask_
-from kernels.backend import PLUGINS, overridden
+from nanoserve_kernels.attention_frontend import attention_frontend as builtin_attention_frontend
+from nanoserve_kernels.attention_frontend import unfused_attention_frontend
+from nanoserve_kernels.decode_attention import paged_decode_attention as builtin_decode_attention
+from nanoserve_kernels.prefill_attention import paged_prefill_attention as builtin_prefill_attention
+from nanoserve_kernels.rms_norm import fused_add_rms_norm as builtin_fused_add_rms_norm
+from nanoserve_kernels.rms_norm import rms_norm as builtin_rms_norm
+from nanoserve_kernels.rope import apply_rope as builtin_apply_rope
+from nanoserve_kernels.store_kv import store_kv as builtin_store_kv
+from nanoserve_kernels.token_bitmask import apply_token_bitmask_ as builtin_apply_token_bitmask_
+from nanoserve_kernels.backend import PLUGINS, overridden
 
 UNFUSE_FRONTEND = ("rms_norm", "rope", "store_kv")  # ops whose plug-in runs the front-end unfused
 
@@ -71,7 +71,7 @@ def attention_frontend(
     slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """q-norm, k-norm, RoPE at `positions` and the K/V cache store for qkv [T, (Hq + 2Hk) * D];
-    returns (q, k, v) as `kernels.attention_frontend.attention_frontend` does."""
+    returns (q, k, v) as `nanoserve_kernels.attention_frontend.attention_frontend` does."""
     args = (qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
     if PLUGINS:
         plugin = PLUGINS.get("attention_frontend")

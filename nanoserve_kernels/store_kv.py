@@ -15,8 +15,8 @@ moves eight 16-bit elements (one 128-bit access) of the [heads, head_dim] tile. 
 
 import torch
 
-from kernels._triton import Launch, cdiv, jit, next_power_of_2, tl
-from kernels.backend import use_triton
+from nanoserve_kernels._triton import Launch, cdiv, jit, next_power_of_2, tl
+from nanoserve_kernels.backend import use_triton
 
 
 @jit(do_not_specialize=("num_tokens",))

@@ -8,7 +8,7 @@ by 16 marked so, integers equal to 1 made constants). The cuobjdump that the tri
 then reads registers, spills and the SASS from the cubin.
 
 `@triton.jit` builds interpreter functions when TRITON_INTERPRET=1, which cannot be compiled:
-run this in a process without it (`python -m kernels.report` re-runs itself so).
+run this in a process without it (`python -m nanoserve_kernels.report` re-runs itself so).
 """
 
 import re
@@ -22,14 +22,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels._triton import Launch
-from kernels.attention_frontend import attention_frontend_launch
-from kernels.decode_attention import choose_num_splits, paged_decode_attention_launches
-from kernels.prefill_attention import paged_prefill_attention_launch
-from kernels.rms_norm import rms_norm_launch
-from kernels.rope import apply_rope_launch
-from kernels.store_kv import store_kv_launch
-from kernels.token_bitmask import apply_token_bitmask_launch
+from nanoserve_kernels._triton import Launch
+from nanoserve_kernels.attention_frontend import attention_frontend_launch
+from nanoserve_kernels.decode_attention import choose_num_splits, paged_decode_attention_launches
+from nanoserve_kernels.prefill_attention import paged_prefill_attention_launch
+from nanoserve_kernels.rms_norm import rms_norm_launch
+from nanoserve_kernels.rope import apply_rope_launch
+from nanoserve_kernels.store_kv import store_kv_launch
+from nanoserve_kernels.token_bitmask import apply_token_bitmask_launch
 
 # name -> (compute capability, SM count the split heuristic plans for)
 TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}

@@ -25,9 +25,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._attention import attend_tile, check_layout
-from kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
-from kernels.backend import use_triton
+from nanoserve_kernels._attention import attend_tile, check_layout
+from nanoserve_kernels._triton import Launch, cdiv, interpreting, jit, next_power_of_2, tl
+from nanoserve_kernels.backend import use_triton
 
 MAX_SPLITS = 128  # enough to fill any GPU at batch 1; more would make the merge the longer stage
 SPLITS_CHUNK = 16  # the merge reads the splits' partials [16, D] at a time

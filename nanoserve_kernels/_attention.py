@@ -3,7 +3,7 @@ read through a block table, and the layout both kernels need."""
 
 import torch
 
-from kernels._triton import jit, tl
+from nanoserve_kernels._triton import jit, tl
 
 
 @jit

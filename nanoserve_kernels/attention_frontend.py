@@ -17,11 +17,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import Launch, jit, next_power_of_2, tl
-from kernels.backend import use_triton
-from kernels.rms_norm import rms_norm_reference
-from kernels.rope import _rotate_, apply_rope_reference
-from kernels.store_kv import store_kv_reference
+from nanoserve_kernels._triton import Launch, jit, next_power_of_2, tl
+from nanoserve_kernels.backend import use_triton
+from nanoserve_kernels.rms_norm import rms_norm_reference
+from nanoserve_kernels.rope import _rotate_, apply_rope_reference
+from nanoserve_kernels.store_kv import store_kv_reference
 
 
 @jit
@@ -129,7 +129,7 @@ def unfused_attention_frontend(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The front-end as its three ops, `norm`, `rope` and `store`, one after another (the reference's
-    and, with plug-ins among them, `kernels.ops`'); returns (q, k, v), k and v as stored."""
+    and, with plug-ins among them, `nanoserve_kernels.ops`'); returns (q, k, v), k and v as stored."""
     tokens, (kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
     kv_size = kv_heads * head_dim
     q, k, v = qkv.split([qkv.shape[1] - 2 * kv_size, kv_size, kv_size], dim=-1)

@@ -6,7 +6,7 @@ on Triton. Backends: `auto` runs Triton on CUDA tensors and the torch reference 
 `triton` forces the Triton kernels everywhere (on CPU tensors only through the Triton
 interpreter); `torch` forces the references (to A/B a kernel on a GPU). An override may also name
 a plug-in, `op=module:function` (or `op=path/to/file.py:function`): that function then runs the
-op (see `kernels.plugins` for its contract and load-time check, `kernels.ops` for the dispatch).
+op (see `nanoserve_kernels.plugins` for its contract and load-time check, `nanoserve_kernels.ops` for the dispatch).
 Ops are named after their modules (`OPS`). The spec comes from `NANOSERVE_KERNELS` (default
 `auto`) or `set_backend`. The interpreter is read when the kernel modules are imported, so when
 the environment's spec runs any op on Triton without CUDA, `TRITON_INTERPRET=1` is set here,
@@ -25,7 +25,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 # Ops by kernel module: `rms_norm` covers rms_norm and fused_add_rms_norm, `rope` apply_rope.
 OPS = ("attention_frontend", "decode_attention", "prefill_attention", "rms_norm", "rope", "store_kv", "token_bitmask")
-# The plug-ins in force, by op. `kernels.ops` reads this very dict on every call: it is changed in
+# The plug-ins in force, by op. `nanoserve_kernels.ops` reads this very dict on every call: it is changed in
 # place, never rebound.
 PLUGINS: dict[str, Callable] = {}
 
@@ -69,7 +69,7 @@ _overrides = _builtin_overrides(_overrides)
 if "triton" in (_default, *_overrides.values()) and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels._triton import HAVE_TRITON  # noqa: E402  (imports triton: after TRITON_INTERPRET is set)
+from nanoserve_kernels._triton import HAVE_TRITON  # noqa: E402  (imports triton: after TRITON_INTERPRET is set)
 
 
 def import_plugin(op: str, target: str) -> Callable:
@@ -105,7 +105,7 @@ def import_plugin(op: str, target: str) -> Callable:
 
 def set_backend(spec: str) -> None:
     """Select the kernel backends for the whole process (a spec, as in the module docstring).
-    Plug-ins are imported here; `kernels.plugins.check_plugins` checks them before a model runs them."""
+    Plug-ins are imported here; `nanoserve_kernels.plugins.check_plugins` checks them before a model runs them."""
     global _default, _overrides, _plugin_targets
     default, overrides = parse_backend(spec)
     builtin = _builtin_overrides(overrides)
@@ -125,8 +125,8 @@ def set_backend(spec: str) -> None:
 
 
 def load_environment_plugins() -> None:
-    """Imports the plug-ins that `NANOSERVE_KERNELS` names (run once `kernels` is whole, so that a
-    plug-in module may itself import `kernels`)."""
+    """Imports the plug-ins that `NANOSERVE_KERNELS` names (run once `nanoserve_kernels` is whole, so that a
+    plug-in module may itself import `nanoserve_kernels`)."""
     if _plugin_targets and not PLUGINS:
         set_backend(get_backend())
 
