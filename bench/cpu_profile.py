@@ -97,12 +97,18 @@ def instrument_nanoserve(model, clock: StepClock):
     qwen3.attention_frontend = clock.timed("attention front", patched["attention_frontend"])
     qwen3.rms_norm = clock.timed("norms", patched["rms_norm"])
     qwen3.fused_add_rms_norm = clock.timed("norms", patched["fused_add_rms_norm"])
+    # the plan's C passes for the same ops, when it chose them (`CpuPlan.small_ops`)
+    c_passes = {name: getattr(qwen3.cpu_avx2, name) for name in ("attention_front", "add_rms_norm")}
+    qwen3.cpu_avx2.attention_front = clock.timed("attention front", c_passes["attention_front"])
+    qwen3.cpu_avx2.add_rms_norm = clock.timed("norms", c_passes["add_rms_norm"])
     try:
         yield
     finally:
         del model._linear, model.decode_attention_for
         for name, fn in patched.items():
             setattr(qwen3, name, fn)
+        for name, fn in c_passes.items():
+            setattr(qwen3.cpu_avx2, name, fn)
 
 
 @contextmanager

@@ -70,10 +70,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nanoserve_kernels.attention_frontend import attention_frontend_torch
 from nanoserve_kernels.decode_attention import paged_decode_attention_grouped, paged_decode_attention_reference
 from nanoserve_kernels.prefill_attention import paged_prefill_attention_grouped, paged_prefill_attention_reference
+from nanoserve_kernels.rms_norm import fused_add_rms_norm_reference
+from nanoserve_kernels.rope import build_cos_sin_cache
 from model import cpu_memory
-from model.cpu_avx2 import decode_attention as avx2_decode_attention, gemv_linear
+from model.cpu_avx2 import add_rms_norm, attention_front, decode_attention as avx2_decode_attention, gemv_linear
 from model.quant import (INT8, INT8_AVX2, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2, hold_int8_dynamic,
                          int8_linear)
 
@@ -169,6 +172,31 @@ WINDOW_ATTENTIONS: dict[str, AttentionFn] = {
 MAX_WINDOW_ROWS = 33
 
 
+def torch_small_ops(x, residual, norm_weight, eps, qkv, q_norm_weight, k_norm_weight, positions, cos_sin_cache,
+                    k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """A layer's small ops as torch runs them on CPU (the references): the fused add + RMSNorm, then
+    the attention front-end; returns what they computed, flat, in fp32, for the plan's check."""
+    normed, summed = fused_add_rms_norm_reference(x, residual, norm_weight, eps)
+    q, k, _ = attention_frontend_torch(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache,
+                                       v_cache, slot_mapping)
+    return torch.cat([t.flatten().float() for t in (normed, summed, q, k)])
+
+
+def avx2_small_ops(x, residual, norm_weight, eps, qkv, q_norm_weight, k_norm_weight, positions, cos_sin_cache,
+                   k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """The same by the project's C passes (`model.cpu_avx2.add_rms_norm`, `.attention_front`)."""
+    normed, summed = add_rms_norm(x, residual, norm_weight, eps)
+    q, k, _ = attention_front(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
+                              slot_mapping)
+    return torch.cat([t.flatten().float() for t in (normed, summed, q, k)])
+
+
+# A layer's RMSNorms and attention front-end (timed together, one choice for both): torch's ops,
+# or one C pass each (`model.cpu_avx2`), which at decode sizes skips torch's per-op dispatch and
+# thread-pool wake-ups.
+SMALL_OPS: dict[str, Callable[..., torch.Tensor]] = {"torch": torch_small_ops, "avx2": avx2_small_ops}
+
+
 def plain_linears(candidates: dict[str, LinearFn], dtype: torch.dtype) -> dict[str, LinearFn]:
     """The functions of `candidates` offered for a plain weight of `dtype` (whether they run is found by running them)."""
     return {name: fn for name, fn in candidates.items() if name != GEMV or dtype in GEMV_DTYPES}
@@ -238,6 +266,7 @@ class CpuPlan:
     batched_layout: dict[tuple[int, int], str] = field(default_factory=dict)
     # weight shape -> the plain weight's function for several rows, where not F.linear
     several_rows_linear: dict[tuple[int, int], str] = field(default_factory=dict)
+    small_ops: str = "torch"  # the winner of SMALL_OPS (the norms and the attention front-end)
 
     def __post_init__(self) -> None:
         self._one_row = {shape: ONE_ROW_LINEARS[name] for shape, name in self.one_row_linear.items()
@@ -280,6 +309,7 @@ class CpuPlan:
         text = (f"CPU ops chosen by timing them here ({self.seconds:.1f} s, {torch.get_num_threads()} threads, "
                 f"ATen {torch.backends.cpu.get_cpu_capability()}): "
                 f"one-row matmul: {linears}; decode attention: {attention}")
+        text += f"; norms and attention front-end: {self.small_ops}"
         if self.window_attention:
             text += "; verification window attention: " + ", ".join(
                 f"Q={c.batch} L={c.context} {c.name}" for c in self.window_attention)
@@ -534,10 +564,12 @@ def _times(operands: _Operands, rows: int, plain: dict[str, LinearFn], skipped: 
 def measure_cpu_plan(
     weights: list[PlannedWeight], dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
     max_batch: int, max_context: int, quantization: str | None = None, verify_rows: int = VERIFY_ROWS,
+    hidden_size: int | None = None,
 ) -> CpuPlan:
     """Time the candidates on `weights` (one per weight shape) at one row, `verify_rows` and
     `max_batch` rows, and on decode attention over scratch caches at batch 1 and `max_batch`,
-    contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT)."""
+    contexts SHORT_CONTEXT and `max_context` (at most LONG_CONTEXT); with `hidden_size`, a layer's
+    small ops (SMALL_OPS) at one row and `max_batch` rows too."""
     started = time.perf_counter()
     long_context = min(max_context, LONG_CONTEXT)
     # first, so that every timing below runs under the allocator settings the model will run under
@@ -576,8 +608,42 @@ def measure_cpu_plan(
                   _window_inputs(verify_rows, context, num_heads, num_kv_heads, head_dim, dtype), skipped))
               # a window's context holds at least its own tokens
               for context in sorted({max(min(SHORT_CONTEXT, long_context), verify_rows), max(long_context, verify_rows)})]
+    small_ops = "torch" if hidden_size is None else _choose_small_ops(
+        hidden_size, num_heads, num_kv_heads, head_dim, dtype, sorted({1, max_batch}), skipped)
     return CpuPlan(one_row, attention, time.perf_counter() - started, extra_bytes, skipped, window, freed_memory,
-                   batched, several)
+                   batched, several, small_ops)
+
+
+def _choose_small_ops(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      row_counts: list[int], skipped: dict[str, str]) -> str:
+    """The SMALL_OPS candidate with the best worst ratio over `row_counts` rows, among those that
+    run and give the references' results at every row count (torch, the default, always does)."""
+    times: dict[str, list[float]] = {name: [] for name in SMALL_OPS}
+    for rows in row_counts:
+        args = _small_ops_inputs(rows, hidden_size, num_heads, num_kv_heads, head_dim, dtype)
+        candidates = {name: (lambda fn=fn: fn(*args)) for name, fn in SMALL_OPS.items() if name in times}
+        dropped: dict[str, str] = {}
+        kept = runnable(candidates, torch_small_ops(*args), dtype, dropped)
+        for name, reason in dropped.items():
+            skipped.setdefault(f"small ops {name}", f"norms and attention front-end {reason}")
+            times.pop(name, None)
+        for name, seconds in _fastest_seconds(kept, ROUNDS).items():
+            times[name].append(seconds)
+    return _pick(_worst_ratios(times)) if len(times) > 1 else "torch"
+
+
+def _small_ops_inputs(rows: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype) -> tuple:
+    """Random arguments of SMALL_OPS for `rows` tokens: a hidden row and residual each, their QKV
+    row, norm weights, positions and distinct cache slots over a scratch cache."""
+    blocks = -(-rows // BLOCK_SIZE) + 1
+    qkv = torch.randn(rows, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    x, residual = torch.randn(rows, hidden_size, dtype=dtype), torch.randn(rows, hidden_size, dtype=dtype)
+    k_cache = torch.randn(blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype)
+    return (x, residual, 1 + 0.1 * torch.randn(hidden_size, dtype=dtype), 1e-6, qkv,
+            1 + 0.1 * torch.randn(head_dim, dtype=dtype), 1 + 0.1 * torch.randn(head_dim, dtype=dtype),
+            torch.randint(0, LONG_CONTEXT, (rows,)), build_cos_sin_cache(LONG_CONTEXT, head_dim, 1e6),
+            k_cache, torch.randn_like(k_cache), torch.randperm(blocks * BLOCK_SIZE)[:rows])
 
 
 def _choose_attention(args: tuple, skipped: dict[str, str]) -> str:

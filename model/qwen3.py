@@ -32,7 +32,7 @@ from nanoserve_kernels import (
     rms_norm,
 )
 from nanoserve_kernels.backend import PLUGINS, use_triton
-from model import batch as batches
+from model import batch as batches, cpu_avx2
 from model.batch import ForwardBatch
 from model.config import Qwen3Config
 from model.cpu_plan import BATCHED_COPY, HELD_LAYOUTS, AttentionFn, CpuPlan, PlannedWeight, layout_of, measure_cpu_plan
@@ -95,7 +95,7 @@ class Qwen3Model(nn.Module):
         thread that runs the model (see `server.engine.async_engine.create_engine`)."""
         c = self.config
         plan = measure_cpu_plan(self._planned_weights(), self.dtype, self.shard.num_heads, self.shard.num_kv_heads,
-                                c.head_dim, max_batch, max_context, quantization)
+                                c.head_dim, max_batch, max_context, quantization, hidden_size=c.hidden_size)
         self._hold_weights(plan)
         self.cpu_plan = plan
         return plan
@@ -191,16 +191,30 @@ class Qwen3Model(nn.Module):
         which stores k and v in the layer's cache at `slot_mapping`. Returns (q, k, v, residual);
         k and v as `attention_frontend` returns them."""
         layer, (k_cache, v_cache), c = self.layers[index], kv_cache[index], self.config
-        if residual is None:
-            residual = hidden
-            x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
-        else:
-            x, residual = fused_add_rms_norm(hidden, residual, layer.input_norm, c.rms_norm_eps)
+        x, residual = self._add_norm(hidden, residual, layer.input_norm)
         # k and v come back only where the unfused references ran (on CPU); the fused kernel
         # writes them into the cache alone, and attention reads them from there.
-        q, k, v = attention_frontend(self._linear(x, layer.qkv_proj), layer.q_norm, layer.k_norm, c.rms_norm_eps,
-                                     positions, self.cos_sin_cache, k_cache, v_cache, slot_mapping)
+        front = cpu_avx2.attention_front if self._c_small_ops(hidden) else attention_frontend
+        q, k, v = front(self._linear(x, layer.qkv_proj), layer.q_norm, layer.k_norm, c.rms_norm_eps, positions,
+                        self.cos_sin_cache, k_cache, v_cache, slot_mapping)
         return q, k, v, residual
+
+    def _c_small_ops(self, x: torch.Tensor) -> bool:
+        """Whether the norms and the attention front-end run the plan's C passes (`model.cpu_avx2`):
+        when the CPU plan timed them faster, and no plug-in or Triton backend claims those ops."""
+        return (self.cpu_plan is not None and self.cpu_plan.small_ops == "avx2" and not PLUGINS
+                and not use_triton(x, "rms_norm") and not use_triton(x, "attention_frontend"))
+
+    def _add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, residual): `hidden` added to `residual` and RMS-normed; a `residual` of None
+        (the first layer's) makes `hidden` itself the residual."""
+        eps = self.config.rms_norm_eps
+        if self._c_small_ops(hidden):
+            return cpu_avx2.add_rms_norm(hidden, residual, weight, eps)
+        if residual is None:
+            return rms_norm(hidden, weight, eps), hidden
+        return fused_add_rms_norm(hidden, residual, weight, eps)
 
     def attention(self, index: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                   batch: ForwardBatch, kv_cache: KVCache, decode_attention: AttentionFn,
@@ -216,7 +230,7 @@ class Qwen3Model(nn.Module):
         the MLP. Returns the layer's (hidden, residual)."""
         layer = self.layers[index]
         hidden = self._all_reduce(self._linear(out.reshape(out.shape[0], -1), layer.o_proj))
-        x, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_norm, self.config.rms_norm_eps)
+        x, residual = self._add_norm(hidden, residual, layer.post_attention_norm)
         hidden = self._all_reduce(self._mlp(layer, x))
         if self.layer_hook is not None:
             hidden, residual = self._call_layer_hook(index, hidden, residual)
@@ -224,7 +238,7 @@ class Qwen3Model(nn.Module):
 
     def final_logits(self, hidden: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """fp32 logits of `rows`: only the rows that need logits go through the final norm and the LM head."""
-        x, _ = fused_add_rms_norm(hidden[rows], residual[rows], self.norm, self.config.rms_norm_eps)
+        x, _ = self._add_norm(hidden[rows], residual[rows], self.norm)
         return self._logits(x)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ rounded to bf16 (or fp32's, for fp32 and int8-weight matmuls) at every shape (ta
 columns included), decode attention over the
 paged cache is the fp32 reference's, a model planned onto them gives Hugging Face's greedy
 tokens, the plan chooses them by timing (a prompt chunk's rows included), and where they cannot
-be built or run the plan names why and runs without them."""
+be built or run the plan names why and runs without them. The small ops (RMSNorm with its residual
+add, the attention front-end) compute what the torch references compute: bf16 to the bit but for
+rare ties after a sum in another order, fp32 to a few ulps."""
 
 import random
 
@@ -16,6 +18,9 @@ import model.cpu_plan as cpu_plan
 from model.batch import SequenceStep, make_batch
 from model.cpu_plan import FP32, GEMV, AttentionChoice, CpuPlan, PlannedWeight, _attention_inputs, _attention_reference
 from model.demo import write_checkpoint
+from nanoserve_kernels.attention_frontend import attention_frontend_torch
+from nanoserve_kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
+from nanoserve_kernels.rope import build_cos_sin_cache
 from model.load import load_model
 
 REASON = cpu_avx2.unavailable_reason()
@@ -35,6 +40,85 @@ def unbuildable(monkeypatch, tmp_path):
     yield
     monkeypatch.undo()
     cpu_avx2._load.cache_clear()
+
+
+def _same(result: torch.Tensor, expected: torch.Tensor) -> None:
+    """bf16: equal but for rare ties (a sum in another order than ATen's); fp32: within a few ulps."""
+    assert result.dtype == expected.dtype and result.shape == expected.shape
+    if result.dtype == torch.bfloat16:
+        assert (result == expected).double().mean() >= 0.999
+        torch.testing.assert_close(result, expected, rtol=2**-7, atol=1e-5)
+    else:
+        torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,size", [(1, 64), (5, 1024), (9, 136), (37, 512)])
+def test_add_rms_norm_is_the_references(dtype, rows, size):
+    gen = torch.Generator().manual_seed(rows * 100 + size)
+    x, residual = (torch.randn(rows, size, generator=gen).to(dtype) for _ in range(2))
+    weight = (1 + 0.3 * torch.randn(size, generator=gen)).to(dtype)
+    normed, summed = cpu_avx2.add_rms_norm(x, residual, weight, 1e-6)
+    expected_normed, expected_summed = fused_add_rms_norm_reference(x, residual, weight, 1e-6)
+    assert torch.equal(summed, expected_summed)
+    _same(normed, expected_normed)
+    normed, same = cpu_avx2.add_rms_norm(x, None, weight, 1e-6)  # the first layer's: no residual yet
+    _same(normed, rms_norm_reference(x, weight, 1e-6))
+    assert torch.equal(same, x)
+
+
+def _front_inputs(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q_weight, k_weight = ((1 + 0.3 * torch.randn(head_dim, generator=gen)).to(dtype) for _ in range(2))
+    positions = torch.randint(0, 300, (tokens,), generator=gen)
+    cos_sin = build_cos_sin_cache(300, head_dim, 1e6)
+    k_cache = torch.randn(6, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    slots = torch.randperm(6 * 16, generator=gen)[:tokens]
+    return qkv, q_weight, k_weight, 1e-6, positions, cos_sin, k_cache, torch.randn(k_cache.shape, generator=gen).to(dtype), slots
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 16, 8, 128), (3, 8, 2, 64), (9, 4, 4, 16),
+                                                            (33, 16, 8, 128)])
+def test_attention_front_is_the_references(dtype, tokens, heads, kv_heads, head_dim):
+    args = _front_inputs(tokens, heads, kv_heads, head_dim, dtype, seed=tokens + heads + head_dim)
+    if tokens > 1:
+        args[-1][1] = -1  # a padding token: computed, not stored
+    k_cache, v_cache, slots = args[6], args[7], args[8]
+    expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
+    q, k, v = cpu_avx2.attention_front(*args)
+    keep = slots >= 0
+    qkv = args[0]
+    expected = attention_frontend_torch(qkv[keep], *args[1:4], args[4][keep], args[5], expected_k_cache,
+                                        expected_v_cache, slots[keep])
+    _same(q[keep], expected[0])
+    _same(k[keep], expected[1])
+    assert torch.equal(v, qkv[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim))
+    _same(k_cache, expected_k_cache)  # the stored keys, and every other slot as it was
+    assert torch.equal(v_cache, expected_v_cache)
+
+
+@needs_gemv
+def test_the_small_ops_refuse_what_they_cannot_run_and_write_nothing():
+    args = list(_front_inputs(4, 8, 2, 64, torch.bfloat16, seed=3))
+    with pytest.raises(cpu_avx2.Avx2Unavailable, match="bf16 or fp32 tensors of one dtype only"):
+        cpu_avx2.add_rms_norm(torch.randn(2, 64).half(), None, torch.ones(64).half(), 1e-6)
+    with pytest.raises(cpu_avx2.Avx2Unavailable, match="multiple of 8"):
+        cpu_avx2.add_rms_norm(torch.randn(2, 60), None, torch.ones(60), 1e-6)
+    with pytest.raises(ValueError, match="RMSNorm of"):
+        cpu_avx2.add_rms_norm(torch.randn(2, 64), None, torch.ones(32), 1e-6)
+    with pytest.raises(cpu_avx2.Avx2Unavailable, match="head_dim a multiple"):
+        cpu_avx2.attention_front(*_front_inputs(2, 4, 2, 8, torch.float32, seed=4))
+    k_cache, v_cache = args[6].clone(), args[7].clone()
+    for index, bad in ((4, torch.tensor([0, 1, 300, 2])), (4, torch.tensor([0, -1, 2, 3])), (8, torch.tensor([0, 1, 2, 96]))):
+        broken = list(args)
+        broken[index] = bad
+        with pytest.raises(IndexError, match="outside the cos/sin cache's 300 rows or a slot past the KV cache's 96"):
+            cpu_avx2.attention_front(*broken)
+        assert torch.equal(args[6], k_cache) and torch.equal(args[7], v_cache)
 
 
 @needs_gemv
@@ -164,7 +248,7 @@ def _greedy(model, prompt: list[int], steps: int) -> list[int]:
 
 
 @needs_gemv
-def test_a_model_on_the_kernels_gives_hfs_greedy_tokens(bf16_model):
+def test_a_model_on_the_kernels_gives_hfs_greedy_tokens(bf16_model, monkeypatch):
     directory, model = bf16_model
     prompt = [random.Random(5).randrange(VOCAB) for _ in range(21)]
     hf = Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
@@ -172,10 +256,18 @@ def test_a_model_on_the_kernels_gives_hfs_greedy_tokens(bf16_model):
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
     shapes = _shapes(model)
     # the prompt's 21 rows and every decode row through the matmul kernel, every decode step's attention through its own
+    # and the norms and attention front-ends through the C passes
     model.cpu_plan = CpuPlan({shape: GEMV for shape in shapes}, [AttentionChoice(1, 64, "avx2")], 0.0,
-                             several_rows_linear={shape: GEMV for shape in shapes})
+                             several_rows_linear={shape: GEMV for shape in shapes}, small_ops="avx2")
+    calls = []
+    for name in ("add_rms_norm", "attention_front"):
+        original = getattr(cpu_avx2, name)
+        monkeypatch.setattr(cpu_avx2, name, lambda *args, fn=original, name=name: calls.append(name) or fn(*args))
     assert _greedy(model, prompt, 16) == expected
+    # per step: 2 layers' two norms and front-end each, and the final norm
+    assert calls.count("add_rms_norm") == 16 * 5 and calls.count("attention_front") == 16 * 2
     assert "(several rows: gemv)" in model.cpu_plan.describe()
+    assert "norms and attention front-end: avx2" in model.cpu_plan.describe()
 
 
 def test_the_plan_offers_the_kernel_for_bf16_and_fp32_weights_only():
@@ -248,6 +340,26 @@ def test_a_plan_without_the_kernel_names_it_and_runs(unbuildable, bf16_model):
         assert all(choice.name != "avx2" for choice in plan.decode_attention)
         for name in (GEMV, "avx2"):
             assert f"{name}: unavailable here ({cpu_avx2.unavailable_reason()[:100]}" in plan.describe()
+        assert plan.small_ops == "torch"
+        assert "norms and attention front-end avx2: unavailable here" in plan.describe()
         assert _greedy(model, prompt, 12) == expected
     finally:
         model.cpu_plan = None
+
+
+@pytest.mark.parametrize("avx2_seconds,winner", [({1: 0.2, 8: 0.5}, "avx2"), ({1: 0.5, 8: 5.0}, "torch"),
+                                                 ({1: 0.98, 8: 0.97}, "torch")])
+def test_the_small_ops_are_chosen_by_their_worst_ratio(monkeypatch, avx2_seconds, winner):
+    """Faster at both batch sizes: chosen; a worse worst ratio (2x faster at one, 5x slower at the other)
+    or within MARGIN: torch stays."""
+    rows_seen = []
+
+    def timed(candidates, rounds):
+        rows = len(rows_seen) and 8 or 1
+        rows_seen.append(rows)
+        return {name: {"torch": 1.0, "avx2": avx2_seconds[rows]}[name] for name in candidates}
+
+    monkeypatch.setattr(cpu_plan, "runnable", lambda candidates, reference, dtype, dropped: candidates)
+    monkeypatch.setattr(cpu_plan, "_fastest_seconds", timed)
+    assert cpu_plan._choose_small_ops(64, 8, 2, 64, torch.bfloat16, [1, 8], {}) == winner
+    assert rows_seen == [1, 8]
