@@ -206,8 +206,9 @@ int nanoserve_linear(const void* w, int kind, const float* scale, const void* x,
  * products), then a softmax in fp32, pass 2 sums the values weighted by the probabilities.
  * K/V in bf16 (widened as above) or fp32; q and the output in the cache's dtype. */
 
-static inline AVX2 __m256 load_kv(const void* p, int64_t index, int bf16) {
-    return bf16 ? load8((const uint16_t*)p + index) : _mm256_loadu_ps((const float*)p + index);
+/* 8 values of the dtype (bf16 or fp32) at p + i, as fp32: K/V here, the small ops' rows below. */
+INLINE AVX2 __m256 load_as_float(const void* p, int64_t i, int bf16) {
+    return bf16 ? load8((const uint16_t*)p + i) : _mm256_loadu_ps((const float*)p + i);
 }
 
 static AVX2 void attend(const void* q, const void* k_cache, const void* v_cache, const int32_t* table,
@@ -225,7 +226,7 @@ static AVX2 void attend(const void* q, const void* k_cache, const void* v_cache,
         for (int64_t g = 0; g < group; g++) {
             __m256 sum = _mm256_setzero_ps();
             for (int64_t d = 0; d < dim; d += 8)
-                sum = _mm256_fmadd_ps(load_kv(k_cache, row + d, bf16), _mm256_loadu_ps(qf + g * dim + d), sum);
+                sum = _mm256_fmadd_ps(load_as_float(k_cache, row + d, bf16), _mm256_loadu_ps(qf + g * dim + d), sum);
             scores[g * len + t] = hsum(sum) * scale;
         }
     }
@@ -242,7 +243,7 @@ static AVX2 void attend(const void* q, const void* k_cache, const void* v_cache,
             __m256 p = _mm256_set1_ps(scores[g * len + t]);
             for (int64_t d = 0; d < dim; d += 8) {
                 float* a = acc + g * dim + d;
-                _mm256_storeu_ps(a, _mm256_fmadd_ps(p, load_kv(v_cache, row + d, bf16), _mm256_loadu_ps(a)));
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(p, load_as_float(v_cache, row + d, bf16), _mm256_loadu_ps(a)));
             }
         }
     }
@@ -302,11 +303,7 @@ int nanoserve_decode_attention(const void* q, const void* k_cache, const void* v
 
 #define SMALL_OPS_PARALLEL_ROWS 8
 
-/* 8 values of the dtype at p + i, as fp32; and back, rounded to nearest even (NaN stays NaN). */
-INLINE AVX2 __m256 load_as_float(const void* p, int64_t i, int bf16) {
-    return bf16 ? load8((const uint16_t*)p + i) : _mm256_loadu_ps((const float*)p + i);
-}
-
+/* 8 fp32 values rounded to bf16 as `float_to_bf16` rounds them (nearest even, NaN stays NaN). */
 INLINE AVX2 __m256i bf16_bits(__m256 v) {  /* the rounded bf16 in the top half of each lane, zeros below */
     __m256i b = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));

@@ -172,29 +172,23 @@ WINDOW_ATTENTIONS: dict[str, AttentionFn] = {
 MAX_WINDOW_ROWS = 33
 
 
-def torch_small_ops(x, residual, norm_weight, eps, qkv, q_norm_weight, k_norm_weight, positions, cos_sin_cache,
-                    k_cache, v_cache, slot_mapping) -> torch.Tensor:
-    """A layer's small ops as torch runs them on CPU (the references): the fused add + RMSNorm, then
-    the attention front-end; returns what they computed, flat, in fp32, for the plan's check."""
-    normed, summed = fused_add_rms_norm_reference(x, residual, norm_weight, eps)
-    q, k, _ = attention_frontend_torch(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache,
-                                       v_cache, slot_mapping)
+# A layer's RMSNorms and attention front-end (timed together, one choice for both), as
+# (fused add + RMSNorm, front-end): torch's ops (the references), or one C pass each
+# (`model.cpu_avx2`), which at decode sizes skips torch's per-op dispatch and thread-pool wake-ups.
+SMALL_OPS: dict[str, tuple[Callable, Callable]] = {
+    "torch": (fused_add_rms_norm_reference, attention_frontend_torch),
+    "avx2": (add_rms_norm, attention_front),
+}
+
+
+def run_small_ops(ops: tuple[Callable, Callable], x, residual, norm_weight, eps, *front_args) -> torch.Tensor:
+    """The norm of `x` + `residual`, then the front-end on `front_args` (qkv, q/k norm weights, eps
+    and the rest of `attention_frontend`'s arguments), by `ops` (a SMALL_OPS entry); what they
+    computed, flat, in fp32, for the plan's check."""
+    norm, front = ops
+    normed, summed = norm(x, residual, norm_weight, eps)
+    q, k, _ = front(*front_args)
     return torch.cat([t.flatten().float() for t in (normed, summed, q, k)])
-
-
-def avx2_small_ops(x, residual, norm_weight, eps, qkv, q_norm_weight, k_norm_weight, positions, cos_sin_cache,
-                   k_cache, v_cache, slot_mapping) -> torch.Tensor:
-    """The same by the project's C passes (`model.cpu_avx2.add_rms_norm`, `.attention_front`)."""
-    normed, summed = add_rms_norm(x, residual, norm_weight, eps)
-    q, k, _ = attention_front(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
-                              slot_mapping)
-    return torch.cat([t.flatten().float() for t in (normed, summed, q, k)])
-
-
-# A layer's RMSNorms and attention front-end (timed together, one choice for both): torch's ops,
-# or one C pass each (`model.cpu_avx2`), which at decode sizes skips torch's per-op dispatch and
-# thread-pool wake-ups.
-SMALL_OPS: dict[str, Callable[..., torch.Tensor]] = {"torch": torch_small_ops, "avx2": avx2_small_ops}
 
 
 def plain_linears(candidates: dict[str, LinearFn], dtype: torch.dtype) -> dict[str, LinearFn]:
@@ -621,9 +615,9 @@ def _choose_small_ops(hidden_size: int, num_heads: int, num_kv_heads: int, head_
     times: dict[str, list[float]] = {name: [] for name in SMALL_OPS}
     for rows in row_counts:
         args = _small_ops_inputs(rows, hidden_size, num_heads, num_kv_heads, head_dim, dtype)
-        candidates = {name: (lambda fn=fn: fn(*args)) for name, fn in SMALL_OPS.items() if name in times}
+        candidates = {name: (lambda ops=ops: run_small_ops(ops, *args)) for name, ops in SMALL_OPS.items() if name in times}
         dropped: dict[str, str] = {}
-        kept = runnable(candidates, torch_small_ops(*args), dtype, dropped)
+        kept = runnable(candidates, run_small_ops(SMALL_OPS["torch"], *args), dtype, dropped)
         for name, reason in dropped.items():
             skipped.setdefault(f"small ops {name}", f"norms and attention front-end {reason}")
             times.pop(name, None)
@@ -634,14 +628,14 @@ def _choose_small_ops(hidden_size: int, num_heads: int, num_kv_heads: int, head_
 
 def _small_ops_inputs(rows: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype) -> tuple:
-    """Random arguments of SMALL_OPS for `rows` tokens: a hidden row and residual each, their QKV
-    row, norm weights, positions and distinct cache slots over a scratch cache."""
+    """Random arguments of `run_small_ops` after its `ops`, for `rows` tokens: a hidden row and
+    residual each, their QKV row, norm weights, positions and distinct cache slots over a scratch cache."""
     blocks = -(-rows // BLOCK_SIZE) + 1
     qkv = torch.randn(rows, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
     x, residual = torch.randn(rows, hidden_size, dtype=dtype), torch.randn(rows, hidden_size, dtype=dtype)
     k_cache = torch.randn(blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype)
     return (x, residual, 1 + 0.1 * torch.randn(hidden_size, dtype=dtype), 1e-6, qkv,
-            1 + 0.1 * torch.randn(head_dim, dtype=dtype), 1 + 0.1 * torch.randn(head_dim, dtype=dtype),
+            1 + 0.1 * torch.randn(head_dim, dtype=dtype), 1 + 0.1 * torch.randn(head_dim, dtype=dtype), 1e-6,
             torch.randint(0, LONG_CONTEXT, (rows,)), build_cos_sin_cache(LONG_CONTEXT, head_dim, 1e6),
             k_cache, torch.randn_like(k_cache), torch.randperm(blocks * BLOCK_SIZE)[:rows])
 
