@@ -41,8 +41,9 @@ batch size (`HELD_LAYOUTS`):
   native bf16 dot products runs bf16 matmuls on slow conversion paths; fp32 reads twice the bytes
   but may still win. It costs the extra memory, which the startup line counts, and is refused for
   a shape whose copies would not fit in `MEMORY_SHARE` of the memory available.
-- `int8`, `int8 dynamic`, `int8 avx2` (`--quantization int8` only, and then the only candidates):
-  rows rounded to int8 with a scale each, multiplied by one of three kernels (`model.quant`).
+- `int8`, `int8 dynamic`, `int8 avx2`, `int8 avx2 dynamic` (`--quantization int8` only, and then
+  the only candidates): rows rounded to int8 with a scale each, multiplied by one of four kernels
+  (`model.quant`).
 Because a held layout serves every batch, layouts are compared at one row, at a speculative
 verification step's rows and at a full batch, each by its worst ratio to the fastest there
 (`_choose_linear`). The model then holds the winner in place of the plain weight
@@ -77,8 +78,8 @@ from nanoserve_kernels.rms_norm import fused_add_rms_norm_reference
 from nanoserve_kernels.rope import build_cos_sin_cache
 from model import cpu_memory
 from model.cpu_avx2 import add_rms_norm, attention_front, decode_attention as avx2_decode_attention, gemv_linear
-from model.quant import (INT8, INT8_AVX2, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2, hold_int8_dynamic,
-                         int8_linear)
+from model.quant import (INT8, INT8_AVX2, INT8_AVX2_DYNAMIC, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2,
+                         hold_int8_avx2_dynamic, hold_int8_dynamic, int8_linear)
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AttentionFn = Callable[..., torch.Tensor]
@@ -151,8 +152,9 @@ HELD_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     INT8: hold_int8,
     INT8_DYNAMIC: hold_int8_dynamic,
     INT8_AVX2: hold_int8_avx2,
+    INT8_AVX2_DYNAMIC: hold_int8_avx2_dynamic,
 }
-HELD_ELEMENT_BYTES = {FP32: 4, FP32_PACKED: 4, INT8: 1, INT8_DYNAMIC: 1, INT8_AVX2: 1}  # the others keep the model's
+HELD_ELEMENT_BYTES = {FP32: 4, FP32_PACKED: 4, INT8: 1, INT8_DYNAMIC: 1, INT8_AVX2: 1, INT8_AVX2_DYNAMIC: 1}  # the others keep the model's
 # The attribute of a plain weight (an nn.Parameter) that holds its copy for several rows, in a split plan.
 BATCHED_COPY = "batched_copy"
 DECODE_ATTENTIONS: dict[str, AttentionFn] = {
@@ -199,7 +201,7 @@ def plain_linears(candidates: dict[str, LinearFn], dtype: torch.dtype) -> dict[s
 def held_layouts(dtype: torch.dtype, quantization: str | None = None) -> list[str]:
     """The layouts a weight of `dtype` may be offered in (whether they run here is found by running them)."""
     if quantization == "int8":
-        return [INT8, INT8_DYNAMIC, INT8_AVX2]
+        return [INT8, INT8_DYNAMIC, INT8_AVX2, INT8_AVX2_DYNAMIC]
     return [PACKED] if dtype == torch.float32 else [PACKED, FP32, FP32_PACKED]
 
 

@@ -17,6 +17,10 @@ offered to the CPU plan, which runs and times them on the model's shapes and kee
   scale and a sequence's result hardly depends on the other rows of its step.
 - `int8 avx2`: weight-only like `int8`, by the project's AVX2 kernel (`model.cpu_avx2`), which
   widens each chunk of 8 weights to fp32 in registers and applies the row's scale to the sum.
+- `int8 avx2 dynamic`: the project's AVX2 kernel with each activation row rounded to int8 (8 bits,
+  at the row's own scale, so a sequence's result never depends on the other rows), the products
+  summed exactly in integers; at one row it reads the weights at about the memory's speed, where
+  widening them to fp32 is bound by the instructions.
 
 The LM head is quantized too (a tied one as a copy: the embedding lookup keeps its table). On
 CUDA there is no int8 kernel here: the flag is refused there.
@@ -29,7 +33,7 @@ import torch
 from model import cpu_avx2
 
 QUANTIZATIONS = ("int8",)
-INT8, INT8_DYNAMIC, INT8_AVX2 = "int8", "int8 dynamic", "int8 avx2"
+INT8, INT8_DYNAMIC, INT8_AVX2, INT8_AVX2_DYNAMIC = "int8", "int8 dynamic", "int8 avx2", "int8 avx2 dynamic"
 
 
 # Rows quantized at a time: a chunk's fp32 copy (4 MiB at 1,024 columns) stays in the cache
@@ -73,12 +77,17 @@ def hold_int8(weight: torch.Tensor) -> torch.nn.Parameter:
     return held
 
 
-def hold_int8_avx2(weight: torch.Tensor) -> torch.nn.Parameter:
-    """`weight` as an int8 Parameter for the AVX2 kernel, its scales in fp32 on the Parameter."""
+def hold_int8_avx2(weight: torch.Tensor, layout: str = INT8_AVX2) -> torch.nn.Parameter:
+    """`weight` as an int8 Parameter for the AVX2 kernels (`layout`: INT8_AVX2 or INT8_AVX2_DYNAMIC),
+    its scales in fp32 on the Parameter."""
     q, scale = quantize_rows(weight)
     held = torch.nn.Parameter(q, requires_grad=False)
-    held.int8_layout, held.int8_scale = INT8_AVX2, scale
+    held.int8_layout, held.int8_scale = layout, scale
     return held
+
+
+def hold_int8_avx2_dynamic(weight: torch.Tensor) -> torch.nn.Parameter:
+    return hold_int8_avx2(weight, INT8_AVX2_DYNAMIC)
 
 
 def hold_int8_dynamic(weight: torch.Tensor) -> torch.nn.Parameter:
@@ -101,6 +110,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, weight, weight.int8_scale.to(x.dtype))
     if weight.int8_layout == INT8_AVX2:
         return cpu_avx2.int8_linear(x, weight, weight.int8_scale)
+    if weight.int8_layout == INT8_AVX2_DYNAMIC:
+        return cpu_avx2.int8_dot_linear(x, weight, weight.int8_scale)
     rows = x.float()
     if rows.shape[0] == 1:
         return torch.ops.quantized.linear_dynamic(rows, weight.fbgemm, True).to(x.dtype)

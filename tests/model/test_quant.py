@@ -16,15 +16,16 @@ from model.cpu_plan import INT8_TOLERANCE, AttentionChoice, CpuPlan, held_linear
 from model.demo import write_checkpoint
 from model.load import load_model
 from model import cpu_avx2
-from model.quant import (INT8, INT8_AVX2, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2, hold_int8_dynamic,
-                         quantize_rows, unpacked)
+from model.quant import (INT8, INT8_AVX2, INT8_AVX2_DYNAMIC, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2,
+                         hold_int8_avx2_dynamic, hold_int8_dynamic, quantize_rows, unpacked)
 from server.engine.config import EngineConfig, resolve_config
 
 VOCAB = 384
-HOLD = {INT8: hold_int8, INT8_DYNAMIC: hold_int8_dynamic, INT8_AVX2: hold_int8_avx2}
+HOLD = {INT8: hold_int8, INT8_DYNAMIC: hold_int8_dynamic, INT8_AVX2: hold_int8_avx2,
+        INT8_AVX2_DYNAMIC: hold_int8_avx2_dynamic}
 AVX2_REASON = cpu_avx2.unavailable_reason()
-LAYOUTS = [INT8, INT8_DYNAMIC, pytest.param(INT8_AVX2, marks=pytest.mark.skipif(
-    AVX2_REASON is not None, reason=f"the AVX2 kernel cannot run here: {AVX2_REASON}"))]
+NEEDS_AVX2 = pytest.mark.skipif(AVX2_REASON is not None, reason=f"the AVX2 kernel cannot run here: {AVX2_REASON}")
+LAYOUTS = [INT8, INT8_DYNAMIC, pytest.param(INT8_AVX2, marks=NEEDS_AVX2), pytest.param(INT8_AVX2_DYNAMIC, marks=NEEDS_AVX2)]
 
 
 def test_rows_round_to_int8_within_half_a_step_of_their_own_scale():
@@ -53,6 +54,33 @@ def test_each_kernel_gives_the_dequantized_product(layout, dtype):
     (q, scale), (q_plain, scale_plain) = unpacked(held), unpacked(hold_int8(weight))
     assert torch.equal(q, q_plain)
     torch.testing.assert_close(scale.float(), scale_plain.float(), rtol=2**-8, atol=0)
+
+
+@NEEDS_AVX2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, out_features, in_features", [(1, 300, 1000), (1, 7, 75), (6, 301, 96), (9, 64, 1037)])
+def test_the_int8_dot_kernel_sums_the_rounded_rows_exactly(rows, out_features, in_features, dtype):
+    """`int8 avx2 dynamic`: each activation row rounded to int8 at its own absmax / 127, the integer
+    products summed exactly, scaled by both scales: the result is that computation's, but for the
+    final rounding to bf16 (shapes with row and column tails off the kernel's blocks)."""
+    weight = torch.randn(out_features, in_features) * torch.logspace(-2, 0, out_features)[:, None]
+    held = hold_int8_avx2_dynamic(weight.to(dtype))
+    x = (torch.randn(rows, in_features) * torch.logspace(-1, 1, rows)[:, None]).to(dtype)
+    x_scale = x.float().abs().amax(dim=1, keepdim=True) / 127
+    x_q = (x.float() * (1 / x_scale)).round().clamp(-127, 127)  # as the kernel: times the fp32 reciprocal
+    q, w_scale = unpacked(held)
+    exact = (x_q.double() @ q.double().T) * x_scale.double() * w_scale.double()  # integer sums: exact in fp64
+    got = held_linear(x, held)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
+    torch.testing.assert_close(got.double(), exact.to(dtype).double(), rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+@NEEDS_AVX2
+def test_a_row_of_the_int8_dot_kernel_does_not_depend_on_the_other_rows():
+    held = hold_int8_avx2_dynamic(torch.randn(300, 128))
+    row = torch.randn(1, 128)
+    for others in (100 * torch.randn(1, 128), torch.randn(7, 128)):  # the one-row and the several-row paths
+        assert torch.equal(held_linear(torch.cat([row, others]), held)[:1], held_linear(row, held))
 
 
 def test_a_row_of_the_dynamic_kernel_hardly_depends_on_the_other_rows():
@@ -100,7 +128,7 @@ def test_the_int8_model_stays_near_the_fp32_one(checkpoint, layout):
 def test_plan_with_int8_offers_only_int8_kernels_and_counts_the_saving(checkpoint):
     model = load_model(checkpoint, "cpu")
     plan = model.plan_cpu_ops(max_batch=4, max_context=64, quantization="int8")
-    assert set(plan.one_row_linear.values()) <= {INT8, INT8_DYNAMIC, INT8_AVX2}
+    assert set(plan.one_row_linear.values()) <= {INT8, INT8_DYNAMIC, INT8_AVX2, INT8_AVX2_DYNAMIC}
     assert plan.extra_bytes < 0 and "held weights save" in plan.describe()
     assert all(getattr(owner, name).dtype == torch.int8 for owner, name in model._matmul_weights())
 
