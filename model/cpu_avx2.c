@@ -152,25 +152,26 @@ INLINE AVX2 void rows_block(const char* w, const float* scale, const float* x, v
             store(y, (i + j) * n + r + u, hsum(a[u][j]) + tail_dot(wr[u], xs[j], c, k, kind), scale, r + u, out_bf16);
 }
 
-INLINE AVX2 void matmul(const char* w, const float* scale, const float* x, void* y, int64_t m, int64_t n, int64_t k,
-                        int threads, int kind, int out_bf16) {
-    if (m == 1) {
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < n; r += 4)
-            one_row_block(w, scale, x, y, r, n - r < 4 ? (int)(n - r) : 4, n, k, kind, out_bf16);
-    } else {
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < n; r += 3)
-            for (int64_t i = 0; i < m; i += 4)
-                rows_block(w, scale, x, y, r, n - r < 3 ? (int)(n - r) : 3, i, m - i < 4 ? (int)(m - i) : 4, n, k,
-                           kind, out_bf16);
-    }
-}
-
-/* One specialised copy per weight type and output type. */
+/* One specialised copy per weight type and output type. The parallel loops are written out in each
+ * (a macro, not an inlined function): OpenMP outlines a loop's body before inlining, so a loop in a
+ * shared function runs its blocks with the weight type as a variable and a branch on it in every
+ * load, which on an AVX2-only EPYC cost the fp32 8-row matmul a third of its speed (23.5 GMAC/s,
+ * 31-32 as written here). */
 #define MATMUL(name, kind, out_bf16) \
-    static AVX2 void name(const char* w, const float* s, const float* x, void* y, int64_t m, int64_t n, int64_t k, \
-                          int threads) { matmul(w, s, x, y, m, n, k, threads, kind, out_bf16); }
+    static AVX2 void name(const char* w, const float* scale, const float* x, void* y, int64_t m, int64_t n, int64_t k, \
+                          int threads) { \
+        if (m == 1) { \
+            _Pragma("omp parallel for num_threads(threads) schedule(static)") \
+            for (int64_t r = 0; r < n; r += 4) \
+                one_row_block(w, scale, x, y, r, n - r < 4 ? (int)(n - r) : 4, n, k, kind, out_bf16); \
+        } else { \
+            _Pragma("omp parallel for num_threads(threads) schedule(static)") \
+            for (int64_t r = 0; r < n; r += 3) \
+                for (int64_t i = 0; i < m; i += 4) \
+                    rows_block(w, scale, x, y, r, n - r < 3 ? (int)(n - r) : 3, i, m - i < 4 ? (int)(m - i) : 4, n, k, \
+                               kind, out_bf16); \
+        } \
+    }
 MATMUL(matmul_bf16_bf16, W_BF16, 1)
 MATMUL(matmul_bf16_f32, W_BF16, 0)
 MATMUL(matmul_f32_bf16, W_F32, 1)
@@ -375,7 +376,7 @@ INLINE AVX2 void prefetch_row(const void* cache, int64_t row, int64_t elem, int6
  * One chain per dot product, a scalar expf and the weighted sum's accumulators in memory made the
  * kernel wait on latencies: on an AVX2-only EPYC (fp32, 16 query heads over 8 of 128 dims) 8
  * sequences of 128 tokens took 1.43 ms so and take 0.79 now, one of 1,024 1.61 and 1.13 ms. */
-static AVX2 void attend(const void* q, const void* k_cache, const void* v_cache, const int32_t* table,
+INLINE AVX2 void attend(const void* q, const void* k_cache, const void* v_cache, const int32_t* table,
                         int64_t len, int64_t block_size, int64_t kv_heads, int64_t head, int64_t group,
                         int64_t dim, float scale, int bf16, float* qf, float* scores, int64_t* rows, void* out) {
     const int64_t padded = (len + 7) / 8 * 8, elem = bf16 ? 2 : 4;
@@ -442,6 +443,17 @@ static AVX2 void attend(const void* q, const void* k_cache, const void* v_cache,
     }
 }
 
+/* One copy per dtype, called from the parallel loop (see MATMUL: the loop's body would otherwise
+ * carry the dtype as a variable into every load). */
+#define ATTEND(name, is_bf16) \
+    static AVX2 void name(const void* q, const void* k_cache, const void* v_cache, const int32_t* table, int64_t len, \
+                          int64_t block_size, int64_t kv_heads, int64_t head, int64_t group, int64_t dim, float scale, \
+                          float* qf, float* scores, int64_t* rows, void* out) { \
+        attend(q, k_cache, v_cache, table, len, block_size, kv_heads, head, group, dim, scale, is_bf16, qf, scores, \
+               rows, out); }
+ATTEND(attend_bf16, 1)
+ATTEND(attend_f32, 0)
+
 static AVX2 int decode_attention(const void* q, const void* k_cache, const void* v_cache, const int32_t* tables,
                                  const int32_t* lens, void* out, int64_t batch, int64_t heads, int64_t kv_heads,
                                  int64_t dim, int64_t block_size, int64_t width, float scale, int bf16, int threads) {
@@ -460,8 +472,9 @@ static AVX2 int decode_attention(const void* q, const void* k_cache, const void*
             int64_t* rows = malloc((size_t)len * sizeof(int64_t) + (size_t)(group * dim + group * ((len + 7) / 8 * 8)) * sizeof(float));
             if (rows == NULL) { failed = 1; continue; }
             float* qf = (float*)(rows + len);
-            attend((const char*)q + offset, k_cache, v_cache, tables + b * width, len, block_size, kv_heads, h,
-                   group, dim, scale, bf16, qf, qf + group * dim, rows, (char*)out + offset);
+            (bf16 ? attend_bf16 : attend_f32)((const char*)q + offset, k_cache, v_cache, tables + b * width, len,
+                                              block_size, kv_heads, h, group, dim, scale, qf, qf + group * dim, rows,
+                                              (char*)out + offset);
             free(rows);
         }
     }
