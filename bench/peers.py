@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer(model_dir)
     processes = {}
     rounds = []
+    failure = None
     try:
         for side, command in commands.items():
             print(f"starting {side} ...", file=sys.stderr)
@@ -218,19 +219,33 @@ def main(argv: list[str] | None = None) -> int:
             for side in order:
                 print(f"round {index + 1}: {side} ...", file=sys.stderr)
                 fmt = theirs_format if side == theirs else ours_format
-                one, eight = asyncio.run(_measure(f"http://127.0.0.1:{ports[side]}", "peer", prompts, args.output_tokens))
+                try:
+                    one, eight = asyncio.run(_measure(f"http://127.0.0.1:{ports[side]}", "peer", prompts, args.output_tokens))
+                except (httpx.HTTPError, RuntimeError) as err:
+                    status = processes[side].poll()
+                    state = "is still running" if status is None else f"exited with status {status}"
+                    failure = (f"bench.peers: {side} failed in round {index + 1} ({type(err).__name__}: {err}); its server "
+                               f"{state}, log: {work / (side.replace(' ', '-') + '.log')}")
+                    break
                 figures[side] = round_metrics(one, eight, args.output_tokens, prompt_tokens, floors[fmt])
+            if failure:
+                break
             rounds.append({side: figures[side] for side in (theirs, ours)})
     finally:
         for process in processes.values():
             process.terminate()
             process.wait(timeout=30)
+    if failure:
+        print(failure, file=sys.stderr)
+        if not rounds:
+            return 1
+        print(f"the {len(rounds)} round(s) that finished:", file=sys.stderr)
     medians = median_table(rounds)
     print(f"\n{model_dir.name}: memory bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, "
           f"{args.output_tokens} tokens per request, {prompt_tokens}-token prompts")
     print(format_table(medians, len(rounds), ours, theirs))
     (work / "peers.json").write_text(json.dumps({"rounds": rounds, "medians": medians}, indent=1) + "\n")
-    return 0
+    return 1 if failure else 0
 
 
 if __name__ == "__main__":

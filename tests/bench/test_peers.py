@@ -89,3 +89,55 @@ def test_gguf_export_writes_what_llama_cpp_reads(tmp_path):
                                                                      gguf.TokenType.UNUSED]
         assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 298
         assert int(fields["qwen3.block_count"].parts[-1][0]) == 2
+
+
+def test_a_server_that_dies_mid_run_is_named_and_the_finished_rounds_are_kept(tmp_path, monkeypatch, capsys):
+    """llama-server exiting during round 2: bench.peers names the side, its exit status and its log,
+    prints the table of round 1 and exits 1 (no traceback)."""
+    import httpx
+
+    import bench.peers as peers
+    import bench.timing
+    import model.tokenizer
+
+    pytest.importorskip("gguf")
+    model_dir = tmp_path / "ckpt"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(QWEN3_06B))
+    (tmp_path / "ckpt-F32.gguf").write_bytes(b"")  # already converted: nothing to write
+    server = tmp_path / "llama-server"
+    server.write_text("")
+
+    class Process:
+        def __init__(self, command):
+            self.llama = command[0] == str(server)
+
+        def poll(self):
+            return 1 if self.llama else None
+
+        def terminate(self):
+            pass
+
+        def wait(self, timeout=None):
+            return 0
+
+    calls = []
+
+    async def measure(url, model, prompts, tokens):
+        calls.append(url)
+        if len(calls) == 4:  # round 2, llama.cpp's turn (after ours)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return Stream(0.0, 0.5, 3.5, 3.6), [Stream(0.0, 1.0, 7.2, 7.5) for _ in range(8)]
+
+    monkeypatch.setattr(peers, "_start", lambda command, url, log, timeout: Process(command))
+    monkeypatch.setattr(peers, "_measure", measure)
+    monkeypatch.setattr(bench.timing, "memory_bandwidth", lambda device: 20e9)
+    monkeypatch.setattr(model.tokenizer, "Tokenizer", lambda directory: type("T", (), {"encode": lambda self, s: s.split()})())
+    status = main(["--model", str(model_dir), "--dtype", "float32", "--rounds", "3", "--llama-server", str(server),
+                   "--work-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == 1 and len(calls) == 4
+    assert "bench.peers: llama.cpp F32 failed in round 2 (RemoteProtocolError: Server disconnected" in err
+    assert "its server exited with status 1, log: " in err and "llama.cpp-F32.log" in err
+    assert "the 1 round(s) that finished:" in err and "Traceback" not in err
+    assert out.splitlines()[2].split()[:3] == ["metric", "(median", "of"] and "1-stream tok/s" in out

@@ -15,7 +15,7 @@ from model.batch import SequenceStep, make_batch
 from model.cpu_plan import INT8_TOLERANCE, AttentionChoice, CpuPlan, held_linear
 from model.demo import write_checkpoint
 from model.load import load_model
-from model import cpu_avx2
+from model import cpu_avx2, cpu_plan
 from model.quant import (INT8, INT8_AVX2, INT8_AVX2_DYNAMIC, INT8_DYNAMIC, dequantize, hold_int8, hold_int8_avx2,
                          hold_int8_avx2_dynamic, hold_int8_dynamic, quantize_rows, unpacked)
 from server.engine.config import EngineConfig, resolve_config
@@ -129,6 +129,9 @@ def test_plan_with_int8_offers_only_int8_kernels_and_counts_the_saving(checkpoin
     model = load_model(checkpoint, "cpu")
     plan = model.plan_cpu_ops(max_batch=4, max_context=64, quantization="int8")
     assert set(plan.one_row_linear.values()) <= {INT8, INT8_DYNAMIC, INT8_AVX2, INT8_AVX2_DYNAMIC}
+    assert cpu_plan.held_layouts(torch.float32, "int8") == [INT8, INT8_DYNAMIC, INT8_AVX2, INT8_AVX2_DYNAMIC]
+    if AVX2_REASON is None:  # all four ran and were timed: none is named among the skipped
+        assert not any(reason.startswith("int8") for reason in plan.skipped.values()), plan.describe()
     assert plan.extra_bytes < 0 and "held weights save" in plan.describe()
     assert all(getattr(owner, name).dtype == torch.int8 for owner, name in model._matmul_weights())
 
