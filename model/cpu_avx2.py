@@ -150,19 +150,22 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`x @ (weight * scale[:, None]).T` for int8 `weight` [out, in] and its rows' scales [out], and
     bf16 or fp32 `x` [rows, in]: fp32 arithmetic, the result in `x`'s dtype."""
-    if weight.dtype != torch.int8 or x.dtype not in (torch.bfloat16, torch.float32) or scale.shape != weight.shape[:1]:
-        raise Avx2Unavailable(f"int8 weights with a scale per row times bf16 or fp32 rows only, not {x.dtype} "
-                              f"{tuple(x.shape)} by {weight.dtype} {tuple(weight.shape)} (scales {tuple(scale.shape)})")
-    return _linear(x, weight, scale.to(torch.float32).contiguous())
+    return _linear(x, weight, _int8_scale(x, weight, scale))
 
 
 def int8_dot_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """As `int8_linear`, with each row of `x` first rounded to int8 at its own absmax / 127: the
     products summed exactly in int32, then scaled by the row's and the weight row's scales."""
+    return _linear(x, weight, _int8_scale(x, weight, scale), INT8_DOT_KIND)
+
+
+def _int8_scale(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The scales as the kernel takes them (fp32, contiguous); raises unless the operands are int8 weights with a
+    scale per row and bf16 or fp32 rows."""
     if weight.dtype != torch.int8 or x.dtype not in (torch.bfloat16, torch.float32) or scale.shape != weight.shape[:1]:
         raise Avx2Unavailable(f"int8 weights with a scale per row times bf16 or fp32 rows only, not {x.dtype} "
                               f"{tuple(x.shape)} by {weight.dtype} {tuple(weight.shape)} (scales {tuple(scale.shape)})")
-    return _linear(x, weight, scale.to(torch.float32).contiguous(), INT8_DOT_KIND)
+    return scale.to(torch.float32).contiguous()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, kind: int | None = None) -> torch.Tensor:
@@ -171,9 +174,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, k
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     _check(_library().nanoserve_linear(
-        weight.data_ptr(), WEIGHT_KINDS[weight.dtype] if kind is None else kind, None if scale is None else scale.data_ptr(), x.data_ptr(),
-        out.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], weight.shape[0], weight.shape[1],
-        torch.get_num_threads()))
+        weight.data_ptr(), WEIGHT_KINDS[weight.dtype] if kind is None else kind,
+        None if scale is None else scale.data_ptr(), x.data_ptr(), out.data_ptr(), x.dtype == torch.bfloat16,
+        x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads()))
     return out
 
 

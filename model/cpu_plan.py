@@ -154,7 +154,8 @@ HELD_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     INT8_AVX2: hold_int8_avx2,
     INT8_AVX2_DYNAMIC: hold_int8_avx2_dynamic,
 }
-HELD_ELEMENT_BYTES = {FP32: 4, FP32_PACKED: 4, INT8: 1, INT8_DYNAMIC: 1, INT8_AVX2: 1, INT8_AVX2_DYNAMIC: 1}  # the others keep the model's
+# bytes an element of a held layout takes; the others keep the model's dtype
+HELD_ELEMENT_BYTES = {FP32: 4, FP32_PACKED: 4, INT8: 1, INT8_DYNAMIC: 1, INT8_AVX2: 1, INT8_AVX2_DYNAMIC: 1}
 # The attribute of a plain weight (an nn.Parameter) that holds its copy for several rows, in a split plan.
 BATCHED_COPY = "batched_copy"
 DECODE_ATTENTIONS: dict[str, AttentionFn] = {

@@ -41,7 +41,17 @@ from server.api.response_store import UNFINISHED, ResponseStore, StoredResponse
 from server.api.sealed_reasoning import ReasoningSeal
 from server.api.serving import ServingContext, json_response, sse_response
 from server.api.serving_render import generate_request
-from server.engine.request import GenerationRequest
+from server.engine.request import ChoiceDelta, GenerationRequest, TokenLogprob
+
+
+def text_logprobs(delta: ChoiceDelta) -> list[TokenLogprob]:
+    """The delta's token logprobs less a stop token's (the EOS or a stop token id that ended the
+    choice): its text is never shown, so an output_text's logprobs spell out its text. Its entry
+    would otherwise go out with the held-back bytes the end of a reply flushes in the same delta."""
+    logprobs = delta.logprobs or []
+    if delta.finish_reason == "stop" and isinstance(delta.stop_reason, int) and logprobs:
+        return logprobs[:-1]
+    return logprobs
 
 
 @dataclass
@@ -215,7 +225,7 @@ class ResponsesAPI:
                 prompt_tokens, cached_tokens = output.prompt_tokens, output.num_cached_tokens
                 for delta in output.choices:
                     token_ids += delta.token_ids
-                    logprobs = self._ctx.logprobs.chat(delta.logprobs) if delta.logprobs else None
+                    logprobs = self._ctx.logprobs.chat(text_logprobs(delta)) if delta.logprobs else None
                     events = builder.add(reply.add(delta), reply.tool_calls, logprobs)
                     if delta.finish_reason is not None:
                         terminal = self._terminal(builder, delta.finish_reason, usage())

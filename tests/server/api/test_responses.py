@@ -159,3 +159,20 @@ def test_cancel_a_finished_response(client, http, server):
     refused = http.post(f"/v1/responses/{response.id}/cancel")
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_id"
     assert http.post("/v1/responses/resp_unknown/cancel").status_code == 404
+
+
+def test_output_text_logprobs_leave_out_the_stop_token():
+    """A reply whose last text (held-back bytes flushed at the end) comes in the same delta as the EOS
+    that ends it: the EOS's entry is dropped, so the output_text's logprobs spell out its text; a stop
+    string (no stop token) or a length finish keeps every entry."""
+    from server.api.serving_responses import text_logprobs
+    from server.engine.request import ChoiceDelta, TokenLogprob
+
+    last, eos = TokenLogprob(17, -0.3, [(17, -0.3)]), TokenLogprob(2, -0.1, [(2, -0.1)])
+    by_token = ChoiceDelta(0, "\ufffd", [2], [last, eos], finish_reason="stop", stop_reason=2)
+    assert text_logprobs(by_token) == [last]
+    assert text_logprobs(ChoiceDelta(0, "", [2], [eos], finish_reason="stop", stop_reason=2)) == []
+    by_string = ChoiceDelta(0, "ab", [17, 2], [last, eos], finish_reason="stop", stop_reason="\n\n")
+    assert text_logprobs(by_string) == [last, eos]
+    assert text_logprobs(ChoiceDelta(0, "ab", [17, 2], [last, eos], finish_reason="length")) == [last, eos]
+    assert text_logprobs(ChoiceDelta(0, "ab", [17], None)) == []
