@@ -15,15 +15,16 @@
  * How: the activations are upcast to fp32 once per call; a weight chunk of 8 values becomes 8 fp32
  * values (bf16: widened to 32 bits and shifted left by 16, bf16 being the top half of an fp32; int8:
  * sign-extended to 32 bits and converted), then one FMA per row it meets. One row: 4 weight rows at a
- * time, two accumulators each (two FMA chains in flight per row), and the next 4 rows prefetched a
- * cache line at a time. Several rows: 3 weight rows against 4 activation rows, so each converted
+ * time, two accumulators each (two FMA chains in flight per row), and for bf16 and int8 weights the
+ * next 4 rows prefetched a cache line at a time (fp32 rows read faster without). Several rows: 3 weight rows against 4 activation rows, so each converted
  * weight chunk serves 4 rows from registers (12 accumulators, 3 weight vectors and one activation
  * vector: all 16 ymm registers; 7 loads per 12 FMAs, where 2 x 4 took 6 per 8 and ran 128 rows
  * 1.16-1.46x slower on an AVX2-only EPYC). Sums are fp32 in a fixed order, an int8 row's scale
  * applied to its sum; bf16 results are rounded to nearest even, as torch rounds.
  *
  * The weight's type is a compile-time constant of each specialised copy (`always_inline` bodies
- * called with a literal), so the inner loops carry no branch on it.
+ * called with a literal inside each copy's own parallel loop: see MATMUL), so the inner loops carry
+ * no branch on it.
  *
  * Every function that may run AVX2 instructions carries the `AVX2` target attribute and the file is
  * compiled without -mavx2, so `nanoserve_avx2_supported` (plain x86-64) can ask the processor first.
