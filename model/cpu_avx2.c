@@ -3,8 +3,8 @@
  *
  * The matmul: y[m, n] = x[m, k] @ w[n, k]^T for weights in bf16, fp32 or int8 with a scale per row
  * (`--quantization int8`: y[., r] = scale[r] * sum_c x[., c] * q[r, c]), activations and results in
- * bf16 or fp32; for int8 weights also with the activations rounded to int8 (after the
- * plain matmul).
+ * bf16 or fp32; for int8 weights also with the activations rounded to int8 (`int8_dot_matmul`,
+ * after the float matmul).
  *
  * Loaded by model/cpu_avx2.py (ctypes), timed by the CPU plan against ATen's kernels. Decode reads
  * each weight once per step, so the speed limit is memory bandwidth; ATen's bf16 kernels on a
@@ -13,14 +13,15 @@
  * kernel is scalar code below AVX-512.
  *
  * How: the activations are upcast to fp32 once per call; a weight chunk of 8 values becomes 8 fp32
- * values (bf16: widened to 32 bits and shifted left by 16, bf16 being the top half of an fp32; int8:
- * sign-extended to 32 bits and converted), then one FMA per row it meets. One row: 4 weight rows at a
- * time, two accumulators each (two FMA chains in flight per row), and for bf16 and int8 weights the
- * next 4 rows prefetched a cache line at a time (fp32 rows read faster without). Several rows: 3 weight rows against 4 activation rows, so each converted
- * weight chunk serves 4 rows from registers (12 accumulators, 3 weight vectors and one activation
- * vector: all 16 ymm registers; 7 loads per 12 FMAs, where 2 x 4 took 6 per 8 and ran 128 rows
- * 1.16-1.46x slower on an AVX2-only EPYC). Sums are fp32 in a fixed order, an int8 row's scale
- * applied to its sum; bf16 results are rounded to nearest even, as torch rounds.
+ * values (bf16: widened to 32 bits and shifted left by 16, bf16 being the top half of an fp32;
+ * int8: sign-extended to 32 bits and converted), then one FMA per row it meets. One row: 4 weight
+ * rows at a time, two accumulators each (two FMA chains in flight per row), and for bf16 and int8
+ * weights the next 4 rows prefetched a cache line at a time (fp32 rows read faster without).
+ * Several rows: 3 weight rows against 4 activation rows, so each converted weight chunk serves 4
+ * rows from registers (12 accumulators, 3 weight vectors and one activation vector: all 16 ymm
+ * registers; 7 loads per 12 FMAs, where 2 x 4 took 6 per 8 and ran 128 rows 1.16-1.46x slower on an
+ * AVX2-only EPYC). Sums are fp32 in a fixed order, an int8 row's scale applied to its sum; bf16
+ * results are rounded to nearest even, as torch rounds.
  *
  * The weight's type is a compile-time constant of each specialised copy (`always_inline` bodies
  * called with a literal inside each copy's own parallel loop: see MATMUL), so the inner loops carry
@@ -412,7 +413,8 @@ INLINE AVX2 void attend(const void* q, const void* k_cache, const void* v_cache,
                         int64_t len, int64_t block_size, int64_t kv_heads, int64_t head, int64_t group,
                         int64_t dim, float scale, int bf16, float* qf, float* scores, int64_t* rows, void* out) {
     const int64_t padded = (len + 7) / 8 * 8, elem = bf16 ? 2 : 4;
-    for (int64_t e = 0; e < group * dim; e++) qf[e] = bf16 ? bf16_to_float(((const uint16_t*)q)[e]) : ((const float*)q)[e];
+    for (int64_t e = 0; e < group * dim; e++)
+        qf[e] = bf16 ? bf16_to_float(((const uint16_t*)q)[e]) : ((const float*)q)[e];
     for (int64_t t = 0; t < len; t++)
         rows[t] = (((int64_t)table[t / block_size] * block_size + t % block_size) * kv_heads + head) * dim;
     /* Query heads two at a time (a pair shares each K and V load; an odd last head is paired with itself). */
@@ -456,7 +458,8 @@ INLINE AVX2 void attend(const void* q, const void* k_cache, const void* v_cache,
             for (int j = 0; j < 4; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
             if (width == 4) {
                 for (t = 0; t < len; t++) {
-                    if (bf16 && g == 0 && d == 0 && t + PREFETCH_TOKENS < len) prefetch_row(v_cache, rows[t + PREFETCH_TOKENS], elem, dim * elem);
+                    if (bf16 && g == 0 && d == 0 && t + PREFETCH_TOKENS < len)
+                        prefetch_row(v_cache, rows[t + PREFETCH_TOKENS], elem, dim * elem);
                     const __m256 p0 = _mm256_set1_ps(s0[t]), p1 = _mm256_set1_ps(s1[t]);
                     for (int j = 0; j < 4; j++) {
                         const __m256 vv = load_as_float(v_cache, rows[t] + d + 8 * j, bf16);
@@ -506,7 +509,8 @@ static AVX2 int decode_attention(const void* q, const void* k_cache, const void*
                 continue;
             }
             /* rows [len] int64, then q [group][dim] and scores [group][len rounded up to 8] fp32 */
-            int64_t* rows = malloc((size_t)len * sizeof(int64_t) + (size_t)(group * dim + group * ((len + 7) / 8 * 8)) * sizeof(float));
+            int64_t* rows = malloc((size_t)len * sizeof(int64_t)
+                                   + (size_t)(group * dim + group * ((len + 7) / 8 * 8)) * sizeof(float));
             if (rows == NULL) { failed = 1; continue; }
             float* qf = (float*)(rows + len);
             (bf16 ? attend_bf16 : attend_f32)((const char*)q + offset, k_cache, v_cache, tables + b * width, len,
