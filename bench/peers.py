@@ -204,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     tokenizer = Tokenizer(model_dir)
     processes = {}
+    logs = {side: work / f"{side.replace(' ', '-')}.log" for side in commands}
     rounds = []
     failure = None
     try:
         for side, command in commands.items():
             print(f"starting {side} ...", file=sys.stderr)
-            processes[side] = _start(command, f"http://127.0.0.1:{ports[side]}", work / f"{side.replace(' ', '-')}.log", 900)
+            processes[side] = _start(command, f"http://127.0.0.1:{ports[side]}", logs[side], 900)
         for index in range(args.rounds):
             rng = random.Random(index)
             prompts = [" ".join(rng.choice(WORDS) for _ in range(args.prompt_words)) for _ in range(9)]
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     status = processes[side].poll()
                     state = "is still running" if status is None else f"exited with status {status}"
                     failure = (f"bench.peers: {side} failed in round {index + 1} ({type(err).__name__}: {err}); its server "
-                               f"{state}, log: {work / (side.replace(' ', '-') + '.log')}")
+                               f"{state}, log: {logs[side]}")
                     break
                 figures[side] = round_metrics(one, eight, args.output_tokens, prompt_tokens, floors[fmt])
             if failure:
